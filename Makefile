@@ -1,0 +1,76 @@
+# l2sweep: the two commands are `make run` and `make test`; the rest are conveniences.
+# Every target is idempotent: a second call reuses the venv, the data and DVC's cache.
+
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export PATH := $(abspath $(BIN)):$(PATH)
+# TensorFlow's C++ start-up chatter is noise for users; errors still show.
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+HOST ?= 127.0.0.1
+PORT ?= 5000
+TRACKING_URI ?= sqlite:///mlruns/mlflow.db
+
+# Debian packages: the default dataset, and what the test suite drives (browser, PostgreSQL).
+DATA_PKGS := dataset-fashion-mnist
+TEST_PKGS := chromium chromium-driver postgresql
+CAN_APT := $(shell [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && echo yes)
+
+.PHONY: help install data sysdeps-test run repro test test-fast ui server bench clean
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+$(STAMP): requirements.lock pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	@touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install the locked dependencies
+
+# Debian ships Fashion-MNIST; elsewhere `prepare` downloads it from the Keras mirror.
+data:  ## make the default dataset available (apt on Debian/Ubuntu as root)
+	@if [ -d /usr/share/datasets/fashion-mnist ] || ls data/raw/fashion_mnist/*ubyte* >/dev/null 2>&1; then \
+	  echo "Fashion-MNIST: present"; \
+	elif [ "$(CAN_APT)" = yes ]; then \
+	  (apt-get install -y -qq $(DATA_PKGS) || (apt-get update -qq && apt-get install -y -qq $(DATA_PKGS))) >/dev/null; \
+	else \
+	  echo "Fashion-MNIST: not installed locally; prepare will download it from the Keras mirror"; \
+	fi
+
+sysdeps-test:
+	@if [ "$(CAN_APT)" = yes ]; then \
+	  missing=""; for p in $(DATA_PKGS) $(TEST_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	  if [ -n "$$missing" ]; then echo "apt-get install$$missing"; \
+	    (apt-get install -y -qq $$missing || (apt-get update -qq && apt-get install -y -qq $$missing)) >/dev/null; fi; \
+	else echo "not root or no apt: tests needing chromium/postgresql will skip"; fi
+
+run: install data  ## set up, then run the whole pipeline (dvc repro)
+	dvc repro
+	@echo
+	@echo "Report:     reports/report.md  (figures in reports/figures/)"
+	@echo "Metrics:    dvc metrics show   |  plots: dvc plots show"
+	@echo "MLflow UI:  make ui  ->  http://$(HOST):$(PORT)"
+
+repro: install  ## dvc repro without the setup steps
+	dvc repro
+
+test: install sysdeps-test  ## set up, then run the test suite
+	pytest
+
+test-fast: install  ## the suite without tests marked slow
+	pytest -m "not slow"
+
+ui: install  ## serve the MLflow UI for the embedded store on 127.0.0.1:5000
+	mlflow ui --backend-store-uri $(TRACKING_URI) --host $(HOST) --port $(PORT)
+
+bench: install data  ## side-by-side speed benchmark (see bench/README.md)
+	python -m bench.run $(BENCH_ARGS)
+
+clean:  ## remove generated outputs (keeps .venv, data/raw and the MLflow store)
+	rm -rf outputs .pytest_cache

@@ -1,0 +1,409 @@
+"""Typed configuration: the schema every entry point composes and validates against.
+
+Layering, lowest first: the dataclass defaults below, ``conf/`` (Hydra defaults list and
+config groups), ``params.yaml`` (the values DVC tracks), then command-line overrides.
+A misspelt key or a wrong type fails at compose time with the key named (Hydra structured
+configs); values that are well-typed but out of range fail in :func:`validate`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+#: The repository's ``conf/`` folder (the package is installed editable from the repo).
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+#: Where entry points look for the DVC-tracked values; ``L2SWEEP_PARAMS`` overrides it.
+DEFAULT_PARAMS_FILE = "params.yaml"
+#: Config groups whose ``name`` key selects a file in ``conf/<group>/``.
+GROUPS = ("dataset", "model", "regularizer")
+
+DATASETS = ("fashion_mnist", "mnist", "idx_dir", "npz")
+MODELS = ("mlp", "cnn")
+REGULARIZERS = ("l2", "l1", "l1_l2", "weight_decay", "none")
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range; the message names key, value and what is allowed."""
+
+    def __init__(self, key: str, value: Any, allowed: str) -> None:
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"{key}={value!r} is not allowed: {allowed}")
+
+
+@dataclass
+class DatasetConfig:
+    """Which images to train on and where they may be found.
+
+    Attributes:
+        name: ``fashion_mnist`` (default), ``mnist``, ``idx_dir`` or ``npz``.
+        format: ``idx`` (four IDX files, gzipped or not) or ``npz`` (one archive).
+        path: for ``idx_dir``/``npz``: the user's folder or file.
+        files: role (``x_train``, ``y_train``, ``x_test``, ``y_test`` or ``archive``) -> file name.
+        sha256: role -> pinned SHA-256 of the decompressed content (IDX) or of the archive (npz).
+        search: local folders tried in order before downloading (``~`` is expanded).
+        url: base URL of a mirror to download ``files`` from (IDX files as ``<name>.gz``);
+            null = never download.
+    """
+
+    name: str = MISSING
+    format: str = "idx"
+    path: Optional[str] = None
+    files: dict[str, str] = field(default_factory=dict)
+    sha256: dict[str, str] = field(default_factory=dict)
+    search: list[str] = field(default_factory=list)
+    url: Optional[str] = None
+
+
+@dataclass
+class DataConfig:
+    """How the official training set is split and trimmed.
+
+    Attributes:
+        val_fraction: share of the official training set held out for validation (stratified).
+        limit: cap on the number of training examples after the split; null = all.
+        seed: seed of the stratified split.
+    """
+
+    val_fraction: float = 1 / 6
+    limit: Optional[int] = None
+    seed: int = 42
+
+
+@dataclass
+class ModelConfig:
+    """The network.
+
+    Attributes:
+        name: ``mlp`` (the seeds' model) or ``cnn`` (seed 004's small CNN).
+        hidden_units: width of the regularized hidden Dense layer.
+        conv_filters: filters of each 3x3 conv layer (``cnn`` only).
+    """
+
+    name: str = "mlp"
+    hidden_units: int = 128
+    conv_filters: list[int] = field(default_factory=list)
+
+
+@dataclass
+class RegularizerConfig:
+    """The penalty under study.
+
+    Attributes:
+        name: ``l2``, ``l1``, ``l1_l2``, ``weight_decay`` (decoupled, AdamW) or ``none``.
+        strength: lambda. For ``weight_decay`` it is AdamW's ``weight_decay``.
+        l1_ratio: ``l1_l2`` only: share of lambda given to the L1 term.
+    """
+
+    name: str = "l2"
+    strength: float = 0.001
+    l1_ratio: float = 0.5
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings (the seeds': Adam, batch 32, 10 epochs).
+
+    Attributes:
+        epochs: passes over the training split.
+        batch_size: examples per gradient step.
+        learning_rate: Adam's (or AdamW's) learning rate.
+        seed: seeds weights, shuffling and TF ops; every lambda of a sweep shares it.
+        steps_per_execution: batches per compiled call; changes speed, not results.
+        jit_compile: compile the train step with XLA (Keras' "auto" leaves it off on CPU).
+        deterministic: enable TensorFlow op determinism (same seed -> same metrics).
+        fused: train every lambda of the grid at once as one vectorized model.
+    """
+
+    epochs: int = 10
+    batch_size: int = 32
+    learning_rate: float = 0.001
+    seed: int = 42
+    steps_per_execution: int = 32
+    jit_compile: bool = True
+    deterministic: bool = True
+    fused: bool = False
+
+
+@dataclass
+class SweepConfig:
+    """The lambda grid.
+
+    Attributes:
+        strengths: the values of ``regularizer.strength`` one multirun trains.
+    """
+
+    strengths: list[float] = field(default_factory=lambda: [0.0001, 0.001, 0.01])
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow.
+
+    Attributes:
+        uri: tracking URI; the ``MLFLOW_TRACKING_URI`` environment variable wins.
+        experiment: experiment name.
+        enabled: log to MLflow at all (off only for benchmarks).
+        log_model: log the trained model as an MLflow model.
+        histogram_bins: bins of the per-epoch weight histograms.
+    """
+
+    uri: str = "sqlite:///mlruns/mlflow.db"
+    experiment: str = "l2-sweep"
+    enabled: bool = True
+    log_model: bool = True
+    histogram_bins: int = 50
+
+
+@dataclass
+class PathsConfig:
+    """Where stages read and write (relative to the repository root); dvc.yaml uses the same keys.
+
+    Attributes:
+        raw: downloaded or user-placed raw datasets.
+        prepared: split data and meta.json written by ``prepare``.
+        models: one folder per run (``models/<run_name>/``) written by ``train``.
+        metrics: the DVC metrics file written by ``evaluate``.
+        plots: DVC plot data written by ``evaluate``.
+        reports: the report and its figures.
+        outputs: Hydra's run/sweep folders (logs, resolved configs).
+    """
+
+    raw: str = "data/raw"
+    prepared: str = "data/prepared"
+    models: str = "models"
+    metrics: str = "metrics/eval.json"
+    plots: str = "plots"
+    reports: str = "reports"
+    outputs: str = "outputs"
+
+
+@dataclass
+class GateConfig:
+    """The CI regression gate.
+
+    Attributes:
+        baseline: metrics file to compare ``metrics/eval.json`` against.
+        max_accuracy_drop: largest allowed drop of test accuracy for any lambda (0.005 = 0.5 point).
+        max_loss_increase: largest allowed relative rise of test loss for any lambda (0.05 = 5%).
+    """
+
+    baseline: str = "metrics/baseline.json"
+    max_accuracy_drop: float = 0.005
+    max_loss_increase: float = 0.05
+
+
+@dataclass
+class Config:
+    """The whole configuration of one run (see the dataclasses above for each section)."""
+
+    run_name: str = MISSING
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    regularizer: RegularizerConfig = field(default_factory=RegularizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+
+
+def register_configs() -> None:
+    """Registers the schema as ``schema`` in Hydra's ConfigStore (idempotent)."""
+    ConfigStore.instance().store(name="schema", node=Config)
+
+
+register_configs()
+
+
+# --- params.yaml -> Hydra overrides ------------------------------------------------------
+
+
+def params_file() -> Optional[Path]:
+    """The params file entry points layer over ``conf/``, or None when there is none."""
+    path = Path(os.environ.get("L2SWEEP_PARAMS", DEFAULT_PARAMS_FILE))
+    return path if path.is_file() else None
+
+
+def format_override_value(value: Any) -> str:
+    """Renders a YAML value in Hydra's override grammar (quoted where needed)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(format_override_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{format_override_value(v)}" for k, v in value.items()) + "}"
+    text = str(value).replace("\\", "\\\\").replace("'", "\\'")
+    return f"'{text}'"
+
+
+def params_overrides(params: dict[str, Any]) -> list[str]:
+    """Turns params.yaml's nested values into Hydra overrides.
+
+    ``<group>.name`` of a config group selects the group's file (``dataset: {name: mnist}``
+    becomes ``dataset=mnist``); every other leaf becomes ``key=value``.
+
+    Args:
+        params: the parsed params.yaml.
+
+    Returns:
+        Overrides in Hydra's grammar, group choices first.
+    """
+    choices: list[str] = []
+    values: list[str] = []
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict) and node:
+            for key, child in node.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), child)
+        else:
+            values.append(f"{prefix}={format_override_value(node)}")
+
+    for key, node in (params or {}).items():
+        if key in GROUPS and isinstance(node, dict):
+            node = dict(node)
+            if "name" in node:
+                choices.append(f"{key}={node.pop('name')}")
+            if node:
+                walk(key, node)
+        elif key in GROUPS and isinstance(node, str):
+            choices.append(f"{key}={node}")
+        else:
+            walk(str(key), node)
+    return choices + values
+
+
+def override_key(override: str) -> str:
+    """The key an override sets: ``+a.b=1`` -> ``a.b``, ``hydra/launcher=joblib`` -> ``hydra/launcher``."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def merge_overrides(base: list[str], top: list[str]) -> list[str]:
+    """Overrides of ``base`` that ``top`` does not set again, followed by ``top``."""
+    top_keys = {override_key(o) for o in top}
+    return [o for o in base if override_key(o) not in top_keys] + list(top)
+
+
+def load_params(path: Optional[Path] = None) -> dict[str, Any]:
+    """Reads params.yaml (``path``, else :func:`params_file`); {} when there is none."""
+    path = path or params_file()
+    if path is None:
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return yaml.safe_load(f) or {}
+
+
+def project_overrides(cli: list[str], params_path: Optional[Path] = None) -> list[str]:
+    """params.yaml's overrides, then ``cli`` (command-line overrides win)."""
+    return merge_overrides(params_overrides(load_params(params_path)), cli)
+
+
+# --- composing and validating ------------------------------------------------------------
+
+
+def compose_config(overrides: list[str] | None = None, *, with_params: bool = True,
+                   params_path: Optional[Path] = None) -> DictConfig:
+    """Composes ``conf/`` (+ params.yaml) + ``overrides`` outside a Hydra app.
+
+    Args:
+        overrides: Hydra overrides, applied last.
+        with_params: layer params.yaml under the overrides.
+        params_path: which params file (default: :func:`params_file`).
+
+    Returns:
+        The composed config, typed by :class:`Config`, with interpolations resolved.
+    """
+    overrides = list(overrides or [])
+    if with_params:
+        overrides = project_overrides(overrides, params_path)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+def _finite_number(key: str, value: Any, *, minimum: float, inclusive: bool = True) -> None:
+    op = ">=" if inclusive else ">"
+    allowed = f"a finite number {op} {minimum:g}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(key, value, allowed)
+    if value < minimum or (not inclusive and value == minimum):
+        raise ConfigError(key, value, allowed)
+
+
+def _positive_int(key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(key, value, "a positive integer")
+
+
+def validate_strengths(strengths: Any, key: str = "sweep.strengths") -> list[float]:
+    """Checks a lambda grid: non-empty, finite, >= 0, no duplicates. Returns it as floats."""
+    if not isinstance(strengths, (list, tuple)) or not strengths:
+        raise ConfigError(key, strengths, "a non-empty list of numbers >= 0")
+    for value in strengths:
+        _finite_number(key, value, minimum=0.0)
+    floats = [float(v) for v in strengths]
+    if len(set(floats)) != len(floats):
+        dupes = sorted({v for v in floats if floats.count(v) > 1})
+        raise ConfigError(key, list(strengths), f"each lambda once (repeated: {dupes})")
+    return floats
+
+
+def validate(cfg: DictConfig | Config) -> None:
+    """Checks value ranges the schema's types cannot express.
+
+    Raises:
+        ConfigError: naming the first bad key, its value and what is allowed.
+    """
+    choice = {"dataset.name": (cfg.dataset.name, DATASETS), "model.name": (cfg.model.name, MODELS),
+              "regularizer.name": (cfg.regularizer.name, REGULARIZERS)}
+    for key, (value, allowed) in choice.items():
+        if value not in allowed:
+            raise ConfigError(key, value, f"one of {', '.join(allowed)}")
+    if cfg.dataset.name in ("idx_dir", "npz") and not cfg.dataset.path:
+        raise ConfigError("dataset.path", cfg.dataset.path, f"the path of your {cfg.dataset.name} data")
+    vf = cfg.data.val_fraction
+    if isinstance(vf, bool) or not isinstance(vf, (int, float)) or not 0 < vf < 1:
+        raise ConfigError("data.val_fraction", vf, "a number strictly between 0 and 1")
+    if cfg.data.limit is not None:
+        _positive_int("data.limit", cfg.data.limit)
+    _finite_number("regularizer.strength", cfg.regularizer.strength, minimum=0.0)
+    if not 0 <= cfg.regularizer.l1_ratio <= 1:
+        raise ConfigError("regularizer.l1_ratio", cfg.regularizer.l1_ratio, "a number in [0, 1]")
+    _positive_int("train.epochs", cfg.train.epochs)
+    _positive_int("train.batch_size", cfg.train.batch_size)
+    _positive_int("train.steps_per_execution", cfg.train.steps_per_execution)
+    _finite_number("train.learning_rate", cfg.train.learning_rate, minimum=0.0, inclusive=False)
+    validate_strengths(list(cfg.sweep.strengths))
+    _positive_int("model.hidden_units", cfg.model.hidden_units)
+
+
+def to_object(cfg: DictConfig) -> Config:
+    """The composed config as a :class:`Config` instance."""
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, Any]:
+    """Flattens a config to ``{"a.b.c": value}`` (lists kept as values), e.g. for MLflow params."""
+    node = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
