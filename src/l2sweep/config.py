@@ -17,7 +17,7 @@ from typing import Any, Optional
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 #: The repository's ``conf/`` folder (the package is installed editable from the repo).
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -29,6 +29,7 @@ GROUPS = ("dataset", "model", "regularizer")
 DATASETS = ("fashion_mnist", "mnist", "idx_dir", "npz")
 MODELS = ("mlp", "cnn")
 REGULARIZERS = ("l2", "l1", "l1_l2", "weight_decay", "none")
+_ABSENT = object()
 
 
 class ConfigError(ValueError):
@@ -306,9 +307,34 @@ def load_params(path: Optional[Path] = None) -> dict[str, Any]:
         return yaml.safe_load(f) or {}
 
 
+def drop_defaults(overrides: list[str]) -> list[str]:
+    """``overrides`` less those that set what ``conf/`` already gives (shorter logs and
+    Hydra job lines; the composed config is the same)."""
+    choices = [o for o in overrides if override_key(o) in GROUPS]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        defaults = compose(config_name="config", overrides=choices)
+        plain = compose(config_name="config")
+    kept = [o for o in choices if OmegaConf.select(plain, f"{override_key(o)}.name") != o.split("=", 1)[1]]
+    for o in overrides:
+        key, _, text = o.partition("=")
+        if key in GROUPS:
+            continue
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            kept.append(o)
+            continue
+        current = OmegaConf.select(defaults, key, default=_ABSENT, throw_on_resolution_failure=False)
+        if isinstance(current, (DictConfig, ListConfig)):
+            current = OmegaConf.to_container(current)
+        if current is _ABSENT or current != value:
+            kept.append(o)
+    return kept
+
+
 def project_overrides(cli: list[str], params_path: Optional[Path] = None) -> list[str]:
-    """params.yaml's overrides, then ``cli`` (command-line overrides win)."""
-    return merge_overrides(params_overrides(load_params(params_path)), cli)
+    """params.yaml's overrides (those that change something), then ``cli`` (which wins)."""
+    return merge_overrides(drop_defaults(params_overrides(load_params(params_path))), cli)
 
 
 # --- composing and validating ------------------------------------------------------------

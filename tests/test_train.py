@@ -1,0 +1,175 @@
+"""The `train` stage: a real Hydra multirun over lambda, tracked in a real sqlite MLflow store."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from conftest import override, write_idx_dir
+
+GRID = [0.001, 0.01, 0.1]
+EPOCHS = 2
+METRICS = ["loss", "accuracy", "val_loss", "val_accuracy", "data_loss", "val_data_loss", "penalty",
+           "weight_norm/hidden", "weight_norm/output", "learning_rate", "epoch_time"]
+
+
+def cli_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "L2SWEEP_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def write_project_params(root: Path, idx_dir: Path, **sections: dict) -> Path:
+    """A params.yaml in ``root`` for the tiny dataset; ``sections`` update its sections."""
+    params = {
+        "dataset": {"name": "idx_dir", "path": str(idx_dir)},
+        "train": {"epochs": EPOCHS},
+        "sweep": {"strengths": GRID},
+    }
+    for key, value in sections.items():
+        params.setdefault(key, {}).update(value)
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def run_cli(root: Path, module: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=root, env=cli_env(),
+                          capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{module} {args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory: pytest.TempPathFactory, tiny_arrays_module) -> dict:
+    """One real `python -m l2sweep.train -m` over GRID on tiny data (shared by this module)."""
+    root = tmp_path_factory.mktemp("project")
+    idx_dir = write_idx_dir(root / "raw_tiny", tiny_arrays_module)
+    write_project_params(root, idx_dir)
+    run_cli(root, "l2sweep.prepare")
+    proc = run_cli(root, "l2sweep.train", "-m")
+    client = MlflowClient(f"sqlite:///{root / 'mlruns' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("l2-sweep")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = {r.info.run_name: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    return {"root": root, "client": client, "parents": parents, "children": children,
+            "log": proc.stdout + proc.stderr}
+
+
+@pytest.fixture(scope="module")
+def tiny_arrays_module():
+    from conftest import make_images
+
+    x_train, y_train = make_images(400, seed=0)
+    x_test, y_test = make_images(100, seed=1)
+    return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
+
+
+pytestmark = pytest.mark.slow
+
+
+def test_one_parent_with_a_child_per_lambda(sweep):
+    assert len(sweep["parents"]) == 1
+    parent = sweep["parents"][0]
+    assert parent.info.status == "FINISHED"
+    assert "0.001,0.01,0.1" in parent.data.params["grid"]
+    assert sorted(sweep["children"]) == sorted(f"l2-{s}" for s in GRID)
+    for child in sweep["children"].values():
+        assert child.info.status == "FINISHED"
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+
+
+def test_progress_names_job_and_lambda(sweep):
+    assert "job 1/3 l2-0.001" in sweep["log"] and "job 3/3 l2-0.1" in sweep["log"]
+    assert "\r" not in sweep["log"]  # no progress-bar spam when output is not a terminal
+
+
+def test_every_metric_has_one_point_per_epoch(sweep):
+    client = sweep["client"]
+    for child in sweep["children"].values():
+        for key in METRICS:
+            history = client.get_metric_history(child.info.run_id, key)
+            assert [m.step for m in history] == list(range(EPOCHS)), key
+
+
+def test_params_are_the_resolved_config(sweep):
+    for name, child in sweep["children"].items():
+        params = child.data.params
+        assert float(params["regularizer.strength"]) == float(name.split("-", 1)[1])
+        assert params["train.epochs"] == str(EPOCHS)
+        assert params["model.name"] == "mlp" and params["dataset.name"] == "idx_dir"
+        inputs = child.inputs.dataset_inputs
+        assert inputs and inputs[0].dataset.name == "idx_dir" and inputs[0].dataset.digest
+
+
+def test_artifacts(sweep):
+    client = sweep["client"]
+    for child in sweep["children"].values():
+        run_id = child.info.run_id
+        paths = {a.path for folder in ("histograms", "plots", "model", "hydra")
+                 for a in client.list_artifacts(run_id, folder)}
+        assert {"histograms/hidden.json", "histograms/hidden.png", "histograms/output.png",
+                "plots/curves.png", "model/MLmodel", "hydra/config.yaml"} <= paths
+        hist = json.loads(Path(client.download_artifacts(run_id, "histograms/hidden.json")).read_text())
+        assert len(hist["counts"]) == EPOCHS + 1  # the initial weights, then every epoch
+
+
+def test_model_loads_through_pyfunc_and_agrees_with_keras_file(sweep):
+    import keras
+    import mlflow
+    import mlflow.pyfunc
+
+    from l2sweep.data import load_split, to_float
+
+    root = sweep["root"]
+    mlflow.set_tracking_uri(sweep["client"].tracking_uri)
+    x, _ = load_split(root / "data" / "prepared", "test")
+    x = to_float(x[:20])
+    for name, child in sweep["children"].items():
+        pyfunc = mlflow.pyfunc.load_model(f"runs:/{child.info.run_id}/model")
+        assert pyfunc.metadata.signature is not None
+        served = np.asarray(pyfunc.predict(x))
+        local = keras.saving.load_model(root / "models" / name / "model.keras").predict(x, verbose=0)
+        np.testing.assert_array_equal(served.argmax(axis=1), local.argmax(axis=1))
+
+
+def test_outputs_on_disk_and_manifest(sweep):
+    models = sweep["root"] / "models"
+    manifest = json.loads((models / "sweep.json").read_text())
+    assert manifest["strengths"] == GRID
+    assert manifest["parent_run_id"] == sweep["parents"][0].info.run_id
+    for run in manifest["runs"]:
+        history = json.loads((models / run["dir"] / "history.json").read_text())
+        assert (models / run["dir"] / "model.keras").is_file()
+        assert history["status"] == "FINISHED" and history["epochs"] == list(range(EPOCHS))
+        assert set(METRICS) <= set(history["metrics"])
+    # Hydra's folders are fixed: no timestamps anywhere under outputs/.
+    assert sorted(p.name for p in (sweep["root"] / "outputs" / "sweep").iterdir()) == \
+        sorted(f"l2-{s}" for s in GRID) + ["multirun.yaml"]
+
+
+def test_larger_lambda_gives_smaller_weights(sweep):
+    norms = [sweep["children"][f"l2-{s}"].data.metrics["weight_norm/hidden"] for s in GRID]
+    assert norms == sorted(norms, reverse=True)
+    penalties = [sweep["children"][f"l2-{s}"].data.metrics["penalty"] for s in GRID]
+    assert penalties == sorted(penalties)
+
+
+def test_bad_grid_fails_before_anything_runs(tmp_path, tiny_arrays_module):
+    idx_dir = write_idx_dir(tmp_path / "raw_tiny", tiny_arrays_module)
+    write_project_params(tmp_path, idx_dir, sweep={"strengths": [0.01, -0.1]})
+    proc = run_cli(tmp_path, "l2sweep.train", "-m", check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines == ["error: sweep.strengths=-0.1 is not allowed: a finite number >= 0"]
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "models").exists()
