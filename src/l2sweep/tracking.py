@@ -51,9 +51,14 @@ def install_sigterm_handler() -> None:
     signal.signal(signal.SIGTERM, _raise)
 
 
+#: The user's MLFLOW_TRACKING_URI, read once: ``mlflow.set_tracking_uri`` writes that variable
+#: itself, so reading it later would return whatever store this process used last.
+_ENV_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
+
+
 def tracking_uri(cfg: DictConfig) -> str:
-    """The tracking URI: ``MLFLOW_TRACKING_URI`` wins over ``tracking.uri``."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri
+    """The tracking URI: the ``MLFLOW_TRACKING_URI`` environment variable wins over ``tracking.uri``."""
+    return _ENV_TRACKING_URI or cfg.tracking.uri
 
 
 def _sqlite_path(uri: str) -> Optional[Path]:
