@@ -1,0 +1,299 @@
+"""The `evaluate` stage: every model of the sweep on the untouched test split, and the report.
+
+Run (from the repository root; params.yaml is layered over conf/, the command line wins):
+    python -m l2sweep.evaluate                    # what `dvc repro evaluate` runs
+    python -m l2sweep.evaluate paths.models=elsewhere/models
+
+Reads ``<paths.models>/sweep.json`` (else every ``<paths.models>/*/history.json``), each
+run's ``history.json`` and ``model.keras``, and ``<paths.prepared>/test.npz``. Writes:
+
+* ``paths.metrics`` (``metrics/eval.json``): per run, test loss/accuracy, per-class accuracy,
+  confusion matrix and the summary figures of :func:`l2sweep.report.summarize_history`;
+  the sweep's settings; the best λ by validation loss.
+* ``paths.plots``: DVC plot data (``epochs.json``, ``accuracy.json``, ``by_lambda.json``),
+  drawn by the top-level ``plots:`` of dvc.yaml.
+* ``<paths.reports>/report.md`` and ``<paths.reports>/figures/*.png``.
+* to the sweep's parent MLflow run: the summary metrics per λ, the figures, the report and
+  eval.json as artifacts, and the ``best_lambda`` tag (and each child run's test metrics).
+
+A diverged run (no model) is reported with status ``diverged``, not evaluated.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from l2sweep import report
+from l2sweep.config import compose_config, validate
+
+log = logging.getLogger(__name__)
+
+MANIFEST, HISTORY, MODEL = "sweep.json", "history.json", "model.keras"
+#: Settings recorded in eval.json (``sweep.config``); the gate notes when they differ.
+RECORDED_SETTINGS = ("dataset.name", "data.limit", "data.val_fraction", "data.seed",
+                     "model.name", "model.hidden_units", "regularizer.name", "train.epochs",
+                     "train.batch_size", "train.learning_rate", "train.seed")
+#: Summary metrics logged to the parent MLflow run as ``<metric>/<run_name>``.
+PARENT_METRICS = ("test_accuracy", "test_loss", "train_accuracy", "val_accuracy", "val_loss",
+                  "val_data_loss", "gap", "penalty_share", "best_epoch", "val_loss_rise")
+
+
+class EvaluateError(RuntimeError):
+    """The sweep's outputs cannot be found or read."""
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    """One run of the sweep as the manifest (or its folder) describes it."""
+
+    run_name: str
+    strength: float
+    dir: Path
+    mlflow_run_id: Optional[str] = None
+
+
+def load_sweep(models_dir: str | os.PathLike) -> tuple[dict[str, Any], list[SweepRun]]:
+    """The sweep manifest and its runs, sorted by λ.
+
+    Falls back to every sub-folder of ``models_dir`` holding a history.json when there is no
+    ``sweep.json``.
+
+    Raises:
+        EvaluateError: no manifest and no history, or a run the manifest names has no folder.
+    """
+    models = Path(models_dir)
+    manifest_path = models / MANIFEST
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        runs = [SweepRun(r["run_name"], float(r["strength"]), models / r.get("dir", r["run_name"]),
+                         r.get("mlflow_run_id")) for r in manifest.get("runs", [])]
+    else:
+        manifest = {}
+        runs = []
+        for path in sorted(models.glob(f"*/{HISTORY}")):
+            h = json.loads(path.read_text(encoding="utf-8"))
+            runs.append(SweepRun(h.get("run_name", path.parent.name), float(h["strength"]),
+                                 path.parent, h.get("mlflow_run_id")))
+    if not runs:
+        raise EvaluateError(f"{models}: no {MANIFEST} and no */{HISTORY}; run `dvc repro train` "
+                            "(or `python -m l2sweep.train -m`) first")
+    missing = [str(r.dir / HISTORY) for r in runs if not (r.dir / HISTORY).is_file()]
+    if missing:
+        raise EvaluateError(f"{manifest_path} names runs without a history: {', '.join(missing)}")
+    return manifest, sorted(runs, key=lambda r: r.strength)
+
+
+def load_test_split(prepared_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """The test split as float32 images in [0, 1] and int64 labels."""
+    from l2sweep.data import load_split, to_float
+
+    x, y = load_split(prepared_dir, "test")
+    return to_float(x), y
+
+
+def score_model(model_path: Path, x: np.ndarray, y: np.ndarray, class_names: list[str],
+                 batch_size: int = 1024) -> dict[str, Any]:
+    """Test loss (cross-entropy), accuracy, per-class accuracy and confusion matrix of a model."""
+    import keras
+
+    model = keras.saving.load_model(model_path, compile=False)
+    probs = np.asarray(model.predict(x, batch_size=batch_size, verbose=0), dtype=np.float64)
+    n_classes = probs.shape[1]
+    # Clipped like Keras' crossentropy, so a confident mistake costs a finite amount.
+    picked = np.clip(probs[np.arange(len(y)), y], 1e-7, 1.0)
+    pred = probs.argmax(axis=1)
+    confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(confusion, (y, pred), 1)
+    per_class = np.diag(confusion) / np.maximum(confusion.sum(axis=1), 1)
+    return {
+        "test_loss": float(-np.log(picked).mean()),
+        "test_accuracy": float((pred == y).mean()),
+        "per_class_accuracy": {name: float(a) for name, a in zip(class_names, per_class)},
+        "confusion_matrix": confusion.tolist(),
+    }
+
+
+def evaluate_run(run: SweepRun, history: dict[str, Any], x: np.ndarray, y: np.ndarray,
+                 class_names: list[str]) -> dict[str, Any]:
+    """The eval.json entry of one run: status, summary figures and (if it has a model) test metrics."""
+    entry: dict[str, Any] = {"strength": run.strength, "status": report.FINISHED,
+                             "diverged_epoch": history.get("diverged_epoch"),
+                             "mlflow_run_id": run.mlflow_run_id}
+    entry.update(report.summarize_history(history))
+    model_path = run.dir / MODEL
+    if history.get("diverged_epoch") is not None:
+        entry["status"] = report.DIVERGED
+    elif history.get("status", "FINISHED") != "FINISHED" or not model_path.is_file():
+        entry["status"] = report.FAILED
+        log.warning("%s: status %s, model %s; not evaluated", run.run_name,
+                    history.get("status"), "present" if model_path.is_file() else "missing")
+    if entry["status"] == report.FINISHED:
+        entry.update(score_model(model_path, x, y, class_names))
+    else:
+        entry.update({"test_loss": None, "test_accuracy": None})
+    return entry
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Writes ``data`` as indented JSON (NaN/inf as null), atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(report.json_safe(data), indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def write_figures(evaluation: dict[str, Any], histories: list[dict[str, Any]],
+                  fig_dir: Path) -> list[tuple[str, Path]]:
+    """The comparison PNGs; returns ``(caption, path)`` of each."""
+    from l2sweep import plots
+
+    runs = sorted(evaluation["runs"].values(), key=lambda r: r["strength"])
+    lams = [r["strength"] for r in runs]
+    norm_series = {"all layers": [r["weight_norm"].get("total") for r in runs]}
+    for layer in sorted({k for r in runs for k in r["weight_norm"] if k != "total"}):
+        norm_series[layer] = [r["weight_norm"].get(layer) for r in runs]
+    figures = [
+        ("Validation loss per epoch, by λ", "val_loss.png",
+         plots.plot_val_loss_by_lambda(histories)),
+        ("Train vs validation accuracy per λ", "accuracy.png",
+         plots.plot_accuracy_by_lambda(histories)),
+        ("Final weight norm vs λ", "weight_norm_vs_lambda.png",
+         plots.plot_vs_lambda(lams, norm_series, "final weight norm", "Final weight norm vs λ")),
+        ("Test accuracy vs λ", "test_accuracy_vs_lambda.png",
+         plots.plot_vs_lambda(lams, {"test": [r["test_accuracy"] for r in runs],
+                                     "validation (final epoch)": [r["val_accuracy"] for r in runs]},
+                              "accuracy", "Test accuracy vs λ", percent=True)),
+    ]
+    matrices = [(r["strength"], r["confusion_matrix"]) for r in runs if r.get("confusion_matrix")]
+    if matrices:
+        figures.append(("Test confusion matrices", "confusion_matrices.png",
+                        plots.plot_confusion_matrices(matrices, evaluation["sweep"]["class_names"])))
+    return [(caption, plots.save_figure(fig, fig_dir / name)) for caption, name, fig in figures]
+
+
+def log_to_mlflow(cfg: DictConfig, manifest: dict[str, Any], evaluation: dict[str, Any],
+                  artifacts: list[Path]) -> None:
+    """Summary metrics, artifacts and the best-λ tag on the sweep's parent run.
+
+    Skipped (with a log line) when tracking is off or the sweep has no parent run.
+    """
+    parent = manifest.get("parent_run_id")
+    if not cfg.tracking.enabled or not parent:
+        log.info("no parent MLflow run (tracking off or no sweep manifest): not logging")
+        return
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+    from mlflow.exceptions import MlflowException
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or manifest.get("tracking_uri") or cfg.tracking.uri
+    client = MlflowClient(tracking_uri=uri)
+    now = int(time.time() * 1000)
+    metrics = []
+    children = {}
+    for name, run in evaluation["runs"].items():
+        values = {key: report.finite(run.get(key)) for key in PARENT_METRICS}
+        values["weight_norm"] = report.finite(run["weight_norm"].get("total"))
+        metrics += [Metric(f"{key}/{name}", v, now, 0) for key, v in values.items() if v is not None]
+        if run.get("mlflow_run_id") and run["status"] == report.FINISHED:
+            children[run["mlflow_run_id"]] = [Metric(key, run[key], now, 0)
+                                              for key in ("test_accuracy", "test_loss")]
+    best = evaluation.get("best")
+    try:
+        client.log_batch(parent, metrics=metrics)
+        for child, child_metrics in children.items():  # so the compare view shows test metrics
+            client.log_batch(child, metrics=child_metrics)
+        if best:
+            client.set_tag(parent, "best_lambda", report.format_strength(best["strength"]))
+            client.set_tag(parent, "best_run_name", best["run_name"])
+            client.set_tag(parent, "best_by", best["by"])
+            client.log_batch(parent, metrics=[Metric("best_lambda", best["strength"], now, 0)])
+        for path in artifacts:
+            client.log_artifact(parent, str(path), "figures" if path.suffix == ".png" else None)
+    except MlflowException as exc:
+        raise EvaluateError(f"could not log to the sweep's MLflow run {parent} in {uri}: {exc}. "
+                            "Metrics, plots and report are written; tracking.enabled=false "
+                            "skips MLflow") from exc
+    log.info("logged the evaluation to MLflow run %s (%s)", parent, uri)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluates the sweep under ``cfg.paths.models`` and writes metrics, plots and report.
+
+    Args:
+        cfg: the composed config (see l2sweep.config.Config).
+
+    Returns:
+        The content written to ``cfg.paths.metrics``.
+    """
+    from l2sweep.data import DataError, load_meta
+
+    validate(cfg)
+    manifest, runs = load_sweep(cfg.paths.models)
+    x, y = load_test_split(cfg.paths.prepared)
+    try:
+        meta = load_meta(cfg.paths.prepared)
+    except DataError as exc:  # provenance only: the numbers do not depend on it
+        log.warning("%s", exc)
+        meta = {}
+    dataset = manifest.get("dataset") or meta.get("dataset") or cfg.dataset.name
+    sizes = {split: info.get("size") for split, info in meta.get("splits", {}).items()}
+    names = report.class_names(str(dataset), int(y.max()) + 1 if len(y) else 10)
+    histories, entries = [], {}
+    for run in runs:
+        history = json.loads((run.dir / HISTORY).read_text(encoding="utf-8"))
+        histories.append(history)
+        entries[run.run_name] = evaluate_run(run, history, x, y, names)
+        log.info("%s: %s, test accuracy %s", run.run_name, entries[run.run_name]["status"],
+                 report.fmt_pct(entries[run.run_name]["test_accuracy"]))
+
+    settings = {key: OmegaConf.select(cfg, key) for key in RECORDED_SETTINGS}
+    evaluation = {
+        "sweep": {"dataset": dataset, "model": manifest.get("model", cfg.model.name),
+                  "regularizer": manifest.get("regularizer", cfg.regularizer.name),
+                  "strengths": [r.strength for r in runs], "test_examples": int(len(y)),
+                  "split_sizes": sizes,
+                  "class_names": names, "parent_run_id": manifest.get("parent_run_id"),
+                  "config": settings},
+        "best": report.pick_best(entries),
+        "runs": entries,
+    }
+    write_json(Path(cfg.paths.metrics), evaluation)
+    plots_dir = Path(cfg.paths.plots)
+    for name, rows in report.plot_data(evaluation, histories).items():
+        write_json(plots_dir / name, rows)
+    reports = Path(cfg.paths.reports)
+    figures = write_figures(evaluation, histories, reports / "figures")
+    text = report.render_report(evaluation, [(c, p.relative_to(reports).as_posix())
+                                             for c, p in figures])
+    (reports / "report.md").write_text(text, encoding="utf-8")
+    log_to_mlflow(cfg, manifest, evaluation,
+                  [p for _, p in figures] + [reports / "report.md", Path(cfg.paths.metrics)])
+    return evaluation
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Entry point: ``python -m l2sweep.evaluate [overrides]``."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    overrides = list(sys.argv[1:] if argv is None else argv)
+    try:
+        evaluation = evaluate(compose_config(overrides))
+    except (EvaluateError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    best = evaluation["best"]
+    print(f"wrote {len(evaluation['runs'])} runs; best λ by {best['by'] if best else '-'}: "
+          f"{report.format_strength(best['strength']) if best else 'none'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,319 @@
+"""The regression gate: compares ``metrics/eval.json`` with a baseline and fails on regressions.
+
+Run it after ``dvc repro`` (or ``python -m l2sweep.evaluate``)::
+
+    python -m l2sweep.gate                            # baseline: gate.baseline (metrics/baseline.json)
+    python -m l2sweep.gate --baseline other.json      # any eval.json-shaped file
+    python -m l2sweep.gate --rev main                 # metrics/eval.json as committed at `main`
+    python -m l2sweep.gate gate.max_accuracy_drop=0.01  # Hydra overrides (tolerances, paths)
+
+Per λ (matched by value), it checks each metric of :func:`tolerances_from_config`: by default
+test accuracy may not drop more than ``gate.max_accuracy_drop`` (absolute, 0.005 = 0.5 point)
+and test loss may not rise more than ``gate.max_loss_increase`` (relative, 0.05 = 5%). A λ of
+the baseline that is missing from the current metrics, or that diverged now but not in the
+baseline, fails the gate. It prints a Markdown table (metric, baseline, current, change,
+verdict), which reads in a terminal and in a CI job summary.
+
+Exit status: 0 nothing regressed; 1 a regression, a missing or a diverged λ; 2 the metrics
+could not be read (missing file, bad JSON, unknown revision).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+from l2sweep.report import FINISHED, finite, fmt_loss, fmt_pct, format_strength, markdown_table
+
+EXIT_OK, EXIT_REGRESSED, EXIT_ERROR = 0, 1, 2
+#: Changes within this of the limit count as equal to it (float noise, not a regression).
+EPS = 1e-12
+#: Printed before the table when the two files' ``sweep.config`` (settings of the run) differ.
+CONFIG_NOTE = "baseline and current were produced with different settings"
+
+
+class GateError(Exception):
+    """The gate cannot compare: a metrics file is missing or unreadable."""
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How much one metric may worsen for any λ.
+
+    Attributes:
+        metric: key of a run's entry in eval.json (``test_accuracy``, ``test_loss``...).
+        higher_is_better: True for accuracies, False for losses.
+        max_change: the largest allowed worsening.
+        relative: ``max_change`` is a fraction of the baseline value (else absolute).
+    """
+
+    metric: str
+    higher_is_better: bool
+    max_change: float
+    relative: bool = False
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.max_change, (int, float)) and math.isfinite(self.max_change)
+                and self.max_change >= 0):
+            raise ValueError(f"tolerance of {self.metric}: max_change={self.max_change!r} is not "
+                             "allowed: a finite number >= 0")
+
+    def limit_text(self) -> str:
+        """The limit as the table shows it: ``-0.50 pt`` or ``+5.0%``."""
+        sign = "-" if self.higher_is_better else "+"
+        if self.relative:
+            return f"{sign}{100 * self.max_change:.1f}%"
+        if "accuracy" in self.metric:
+            return f"{sign}{100 * self.max_change:.2f} pt"
+        return f"{sign}{self.max_change:g}"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The outcome of one check (one λ, one metric; or one λ as a whole when it is missing).
+
+    Attributes:
+        strength: λ.
+        metric: the metric checked, or ``-`` for a whole-λ verdict.
+        baseline: the baseline value (None when absent).
+        current: the current value (None when absent).
+        change: the change as shown (``-1.00 pt``, ``+3.2%``), or ``-``.
+        status: ``ok``, ``regressed``, ``missing``, ``diverged``, ``new`` or ``skipped``.
+        passed: whether this check lets the gate pass.
+        note: why, in words.
+    """
+
+    strength: float
+    metric: str
+    baseline: Optional[float]
+    current: Optional[float]
+    change: str
+    status: str
+    passed: bool
+    note: str = ""
+
+
+def tolerances_from_config(gate_cfg: Any) -> list[Tolerance]:
+    """The per-metric tolerances of the ``gate`` config section.
+
+    Args:
+        gate_cfg: ``cfg.gate`` (``max_accuracy_drop``, ``max_loss_increase``).
+
+    Returns:
+        Test accuracy (absolute drop) and test loss (relative rise).
+    """
+    return [
+        Tolerance("test_accuracy", higher_is_better=True,
+                  max_change=float(gate_cfg.max_accuracy_drop)),
+        Tolerance("test_loss", higher_is_better=False,
+                  max_change=float(gate_cfg.max_loss_increase), relative=True),
+    ]
+
+
+def _by_strength(metrics: Mapping[str, Any]) -> dict[float, dict[str, Any]]:
+    return {float(run["strength"]): run for run in metrics.get("runs", {}).values()}
+
+
+def _fmt_value(metric: str, value: Optional[float]) -> str:
+    return fmt_pct(value) if "accuracy" in metric else fmt_loss(value)
+
+
+def check(tolerance: Tolerance, strength: float, baseline: Optional[float],
+          current: Optional[float]) -> Verdict:
+    """Compares one metric of one λ against its tolerance."""
+    metric = tolerance.metric
+    if baseline is None:
+        return Verdict(strength, metric, None, current, "-", "new", True,
+                       "no baseline value to compare with")
+    if current is None:
+        return Verdict(strength, metric, baseline, None, "-", "missing", False,
+                       f"{metric} is missing from the current metrics")
+    worse = baseline - current if tolerance.higher_is_better else current - baseline
+    if tolerance.relative:
+        scale = abs(baseline)
+        worsening = worse / scale if scale > 0 else (math.inf if worse > 0 else 0.0)
+        rel = (current - baseline) / scale if scale > 0 else 0.0
+        change = f"{100 * rel:+.1f}%"
+    else:
+        worsening = worse
+        change = (f"{100 * (current - baseline):+.2f} pt" if "accuracy" in metric
+                  else f"{current - baseline:+.4f}")
+    if worsening > tolerance.max_change + EPS:
+        return Verdict(strength, metric, baseline, current, change, "regressed", False,
+                       f"beyond the limit {tolerance.limit_text()}")
+    return Verdict(strength, metric, baseline, current, change, "ok", True,
+                   f"limit {tolerance.limit_text()}")
+
+
+def gate(current: Mapping[str, Any], baseline: Mapping[str, Any],
+         tolerances: Sequence[Tolerance]) -> list[Verdict]:
+    """Compares two eval.json contents λ by λ.
+
+    Args:
+        current: the metrics under test.
+        baseline: the metrics they must not fall behind.
+        tolerances: what may change by how much (:func:`tolerances_from_config`).
+
+    Returns:
+        One verdict per λ and metric (one per λ when the λ is missing, diverged or new),
+        ordered by λ. The gate passes when every verdict has ``passed``.
+    """
+    cur, base = _by_strength(current), _by_strength(baseline)
+    verdicts: list[Verdict] = []
+    for strength in sorted(set(cur) | set(base)):
+        c, b = cur.get(strength), base.get(strength)
+        lam = format_strength(strength)
+        if c is None:
+            have = ", ".join(format_strength(s) for s in sorted(cur)) or "none"
+            verdicts.append(Verdict(strength, "-", None, None, "-", "missing", False,
+                                    f"λ={lam} is in the baseline but not in the current "
+                                    f"metrics (they have λ: {have})"))
+        elif b is None:
+            verdicts.append(Verdict(strength, "-", None, None, "-", "new", True,
+                                    f"λ={lam} has no baseline"))
+        elif b.get("status") != FINISHED:
+            verdicts.append(Verdict(strength, "-", None, None, "-", "skipped", True,
+                                    f"λ={lam} did not finish in the baseline "
+                                    f"(status {b.get('status')})"))
+        elif c.get("status") != FINISHED:
+            at = c.get("diverged_epoch")
+            verdicts.append(Verdict(strength, "-", None, None, "-", str(c.get("status")), False,
+                                    f"λ={lam} finished in the baseline but is now "
+                                    f"{c.get('status')}"
+                                    + (f" (epoch {at})" if at is not None else "")))
+        else:
+            for tol in tolerances:
+                verdicts.append(check(tol, strength, finite(b.get(tol.metric)),
+                                      finite(c.get(tol.metric))))
+    return verdicts
+
+
+def config_differences(current: Mapping[str, Any], baseline: Mapping[str, Any]) -> list[str]:
+    """``key: baseline -> current`` for each setting of ``sweep.config`` that differs."""
+    cur = current.get("sweep", {}).get("config", {})
+    base = baseline.get("sweep", {}).get("config", {})
+    return [f"{key}: {base.get(key)!r} -> {cur.get(key)!r}"
+            for key in sorted(set(cur) | set(base)) if cur.get(key) != base.get(key)]
+
+
+def format_verdicts(verdicts: Sequence[Verdict]) -> str:
+    """The gate's table (Markdown)."""
+    rows = []
+    for v in verdicts:
+        shown = v.status.upper() if not v.passed else v.status
+        rows.append([format_strength(v.strength), v.metric, _fmt_value(v.metric, v.baseline),
+                     _fmt_value(v.metric, v.current), v.change, f"{shown}: {v.note}"])
+    return markdown_table(["λ", "metric", "baseline", "current", "change", "verdict"], rows)
+
+
+def passed(verdicts: Sequence[Verdict]) -> bool:
+    """Whether the gate passes."""
+    return all(v.passed for v in verdicts)
+
+
+# --- reading metrics ---------------------------------------------------------------------
+
+
+def parse_metrics(text: str, source: str) -> dict[str, Any]:
+    """Parses an eval.json text; ``source`` names it in errors."""
+    try:
+        metrics = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise GateError(f"{source} is not valid JSON: {exc}") from exc
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("runs"), dict):
+        raise GateError(f"{source} has no 'runs' section: expected a metrics file written by "
+                        "`python -m l2sweep.evaluate`")
+    for name, run in metrics["runs"].items():
+        if finite(run.get("strength")) is None:
+            raise GateError(f"{source}: run {name!r} has strength={run.get('strength')!r}; "
+                            "expected a number")
+    return metrics
+
+
+def load_metrics(path: str | Path, role: str = "current") -> dict[str, Any]:
+    """Reads an eval.json-shaped file; ``role`` (``current``/``baseline``) words the error."""
+    path = Path(path)
+    if not path.is_file():
+        hint = ("commit one made from a reference run (a copy of its metrics/eval.json), or "
+                "pass --baseline PATH or --rev REV" if role == "baseline" else
+                "run `dvc repro` (or `python -m l2sweep.evaluate`) first")
+        raise GateError(f"{role} metrics file {path} does not exist: {hint}")
+    return parse_metrics(path.read_text(encoding="utf-8"), str(path))
+
+
+def load_metrics_at_rev(rev: str, path: str | Path) -> dict[str, Any]:
+    """Reads ``path`` as committed at git revision ``rev`` (like ``dvc metrics diff REV``)."""
+    path = Path(path)
+    relative = Path(os.path.relpath(path)) if path.is_absolute() else path
+    spec = f"{rev}:./{relative.as_posix()}"
+    try:
+        out = subprocess.run(["git", "show", spec], capture_output=True, text=True, check=False)
+    except FileNotFoundError as exc:
+        raise GateError(f"--rev {rev}: git is not installed") from exc
+    if out.returncode != 0:
+        raise GateError(f"--rev {rev}: cannot read {path} at that revision "
+                        f"({out.stderr.strip() or 'git show failed'})")
+    return parse_metrics(out.stdout, f"{path}@{rev}")
+
+
+# --- entry point -------------------------------------------------------------------------
+
+
+def run_gate(cfg: Any, baseline_path: Optional[str] = None, rev: Optional[str] = None,
+             current_path: Optional[str] = None, out: Any = None) -> int:
+    """Loads both metrics files, prints the table (to ``out``, default stdout) and returns the
+    exit status."""
+    out = out or sys.stdout
+    current_path = current_path or cfg.paths.metrics
+    current = load_metrics(current_path)
+    if rev:
+        baseline, source = load_metrics_at_rev(rev, cfg.paths.metrics), f"{cfg.paths.metrics}@{rev}"
+    else:
+        source = baseline_path or cfg.gate.baseline
+        baseline = load_metrics(source, "baseline")
+    verdicts = gate(current, baseline, tolerances_from_config(cfg.gate))
+    print(f"Regression gate: {current_path} against {source}\n", file=out)
+    diffs = config_differences(current, baseline)
+    if diffs:
+        print(f"Note: {CONFIG_NOTE}: " + "; ".join(diffs) + "\n", file=out)
+    print(format_verdicts(verdicts), file=out)
+    failed = [v for v in verdicts if not v.passed]
+    for v in failed:
+        if v.metric == "-":
+            print(f"\nerror: {v.note}", file=out)
+    print(f"\ngate: {'PASSED' if not failed else 'FAILED'} ({len(verdicts)} checks, "
+          f"{len(failed)} failed)", file=out)
+    return EXIT_OK if not failed else EXIT_REGRESSED
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``python -m l2sweep.gate [--baseline PATH | --rev REV] [--current PATH] [overrides]``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m l2sweep.gate",
+        description="Compare metrics/eval.json with a baseline; exit 1 when something regressed.")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--baseline", help="baseline metrics file (default: gate.baseline)")
+    which.add_argument("--rev", help="git revision whose committed metrics are the baseline")
+    parser.add_argument("--current", help="metrics under test (default: paths.metrics)")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. gate.max_accuracy_drop=0.01")
+    args = parser.parse_args(argv)
+
+    from l2sweep.config import compose_config
+
+    try:
+        cfg = compose_config(args.overrides)  # the gate reads gate.* and paths.metrics only
+        return run_gate(cfg, baseline_path=args.baseline, rev=args.rev, current_path=args.current)
+    except (GateError, ValueError) as exc:  # ValueError: a bad tolerance
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""The regression gate: pure comparisons, tolerances from the real config, and its CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from l2sweep import gate as g
+from l2sweep.config import compose_config
+
+
+def metrics(accuracies: dict[float, float]) -> dict:
+    """An eval.json content: λ -> test accuracy (test loss 0.40 everywhere)."""
+    runs = {f"l2-{strength:g}": {"strength": strength, "status": "finished", "diverged_epoch": None,
+                                 "test_accuracy": acc, "test_loss": 0.40}
+            for strength, acc in accuracies.items()}
+    return {"sweep": {"config": {"train.epochs": 10}}, "best": None, "runs": runs}
+
+
+@pytest.fixture
+def baseline() -> dict:
+    return metrics({0.0001: 0.870, 0.001: 0.865, 0.01: 0.850})
+
+
+def tolerances(*overrides: str) -> list[g.Tolerance]:
+    """The tolerances of the real config (conf/, no params.yaml) with ``overrides``."""
+    return g.tolerances_from_config(compose_config(list(overrides), with_params=False).gate)
+
+
+def test_defaults_come_from_the_config():
+    tol = {t.metric: t for t in tolerances()}
+    assert tol["test_accuracy"].max_change == 0.005 and not tol["test_accuracy"].relative
+    assert tol["test_loss"].max_change == 0.05 and tol["test_loss"].relative
+
+
+def test_identical_metrics_pass(baseline):
+    verdicts = g.gate(copy.deepcopy(baseline), baseline, tolerances())
+    assert g.passed(verdicts) and len(verdicts) == 6
+    assert {v.status for v in verdicts} == {"ok"}
+
+
+def test_one_point_accuracy_drop_fails(baseline):
+    current = copy.deepcopy(baseline)
+    current["runs"]["l2-0.001"]["test_accuracy"] -= 0.01
+    verdicts = g.gate(current, baseline, tolerances())
+    assert not g.passed(verdicts)
+    (bad,) = [v for v in verdicts if not v.passed]
+    assert (bad.strength, bad.metric, bad.status, bad.change) == (0.001, "test_accuracy", "regressed", "-1.00 pt")
+    table = g.format_verdicts(verdicts)
+    assert "| 0.001 | test_accuracy | 86.50% | 85.50% | -1.00 pt | REGRESSED" in table
+
+
+def test_small_changes_and_improvements_pass(baseline):
+    current = copy.deepcopy(baseline)
+    current["runs"]["l2-0.001"]["test_accuracy"] -= 0.004
+    current["runs"]["l2-0.01"]["test_accuracy"] += 0.03
+    current["runs"]["l2-0.01"]["test_loss"] *= 1.04
+    assert g.passed(g.gate(current, baseline, tolerances()))
+
+
+def test_loss_rise_beyond_five_percent_fails(baseline):
+    current = copy.deepcopy(baseline)
+    current["runs"]["l2-0.01"]["test_loss"] *= 1.06
+    (bad,) = [v for v in g.gate(current, baseline, tolerances()) if not v.passed]
+    assert bad.metric == "test_loss" and bad.change == "+6.0%"
+
+
+def test_changed_tolerances_are_honoured(baseline):
+    current = copy.deepcopy(baseline)
+    current["runs"]["l2-0.001"]["test_accuracy"] -= 0.01
+    current["runs"]["l2-0.01"]["test_loss"] *= 1.06
+    assert g.passed(g.gate(current, baseline, tolerances("gate.max_accuracy_drop=0.02",
+                                                        "gate.max_loss_increase=0.1")))
+    assert not g.passed(g.gate(baseline, baseline, [g.Tolerance("test_accuracy", True, 0.0)])
+                        + g.gate(current, baseline, [g.Tolerance("test_accuracy", True, 0.0)]))
+    with pytest.raises(ValueError, match=r"max_change=-0.1 is not allowed"):
+        g.Tolerance("test_accuracy", True, -0.1)
+
+
+def test_missing_lambda_is_reported(baseline):
+    current = copy.deepcopy(baseline)
+    del current["runs"]["l2-0.01"]
+    verdicts = g.gate(current, baseline, tolerances())
+    (bad,) = [v for v in verdicts if not v.passed]
+    assert bad.status == "missing" and bad.strength == 0.01
+    assert "λ=0.01 is in the baseline but not in the current metrics (they have λ: 0.0001, 0.001)" in bad.note
+    assert "MISSING" in g.format_verdicts(verdicts)
+
+
+def test_diverged_and_new_lambdas(baseline):
+    current = copy.deepcopy(baseline)
+    current["runs"]["l2-0.01"].update(status="diverged", diverged_epoch=3, test_accuracy=None)
+    current["runs"]["l2-0.1"] = {"strength": 0.1, "status": "finished", "test_accuracy": 0.8,
+                                 "test_loss": 0.5}
+    verdicts = {v.strength: v for v in g.gate(current, baseline, tolerances())}
+    assert verdicts[0.01].status == "diverged" and not verdicts[0.01].passed
+    assert "epoch 3" in verdicts[0.01].note
+    assert verdicts[0.1].status == "new" and verdicts[0.1].passed
+
+
+def test_config_differences_are_named(baseline):
+    current = copy.deepcopy(baseline)
+    current["sweep"]["config"]["train.epochs"] = 2
+    assert g.config_differences(current, baseline) == ["train.epochs: 10 -> 2"]
+
+
+# --- the command line --------------------------------------------------------------------
+
+
+def write(path: Path, data: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty working directory (no params.yaml, so conf/ defaults apply)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("L2SWEEP_PARAMS", raising=False)
+    return tmp_path
+
+
+def test_main_exit_status_and_table(workdir, baseline, capsys):
+    write(workdir / "metrics/baseline.json", baseline)
+    current = copy.deepcopy(baseline)
+    write(workdir / "metrics/eval.json", current)
+    assert g.main([]) == g.EXIT_OK
+    out = capsys.readouterr().out
+    assert "| λ | metric | baseline | current | change | verdict |" in out and "gate: PASSED" in out
+
+    current["runs"]["l2-0.0001"]["test_accuracy"] -= 0.01
+    write(workdir / "metrics/eval.json", current)
+    assert g.main([]) == g.EXIT_REGRESSED
+    assert "gate: FAILED (6 checks, 1 failed)" in capsys.readouterr().out
+    assert g.main(["gate.max_accuracy_drop=0.011"]) == g.EXIT_OK
+
+
+def test_main_missing_file_is_a_clear_error(workdir, baseline, capsys):
+    write(workdir / "metrics/eval.json", baseline)
+    assert g.main(["--baseline", "nowhere.json"]) == g.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "baseline metrics file nowhere.json does not exist: commit one" in err
+    (workdir / "metrics/eval.json").unlink()
+    assert g.main([]) == g.EXIT_ERROR
+    assert "current metrics file metrics/eval.json does not exist: run `dvc repro`" in capsys.readouterr().err
+    write(workdir / "metrics/eval.json", {"not": "metrics"})
+    assert g.main(["--baseline", "metrics/eval.json"]) == g.EXIT_ERROR
+    assert "has no 'runs' section" in capsys.readouterr().err
+
+
+def git(cwd: Path, *args: str) -> None:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
+    subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True)
+
+
+def test_rev_compares_with_committed_metrics(workdir, baseline, capsys):
+    git(workdir, "init", "-q", "-b", "main")
+    write(workdir / "metrics/eval.json", baseline)
+    git(workdir, "add", "metrics/eval.json")
+    git(workdir, "commit", "-q", "-m", "baseline")
+    current = copy.deepcopy(baseline)
+    current["runs"]["l2-0.001"]["test_accuracy"] -= 0.01
+    write(workdir / "metrics/eval.json", current)
+    assert g.main(["--rev", "main"]) == g.EXIT_REGRESSED
+    assert "against metrics/eval.json@main" in capsys.readouterr().out
+    assert g.main(["--rev", "no-such-branch"]) == g.EXIT_ERROR
+    assert "--rev no-such-branch: cannot read metrics/eval.json" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_in_a_subprocess(workdir, baseline):
+    write(workdir / "metrics/baseline.json", baseline)
+    current = copy.deepcopy(baseline)
+    del current["runs"]["l2-0.01"]
+    write(workdir / "metrics/eval.json", current)
+    out = subprocess.run([sys.executable, "-m", "l2sweep.gate"], capture_output=True, text=True)
+    assert out.returncode == g.EXIT_REGRESSED, out.stderr
+    assert "error: λ=0.01 is in the baseline but not in the current metrics" in out.stdout

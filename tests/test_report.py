@@ -1,0 +1,157 @@
+"""Summary figures and the report text, from hand-made histories (no TensorFlow, fast)."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+
+from l2sweep import report
+
+
+def make_history(strength: float, val_loss: list[float], *, acc: float = 0.9, val_acc: float = 0.88,
+                 penalty: float = 0.05, data_loss: float = 0.3, diverged_epoch=None) -> dict:
+    """A history.json content in the train stage's format (values per epoch)."""
+    n = len(val_loss)
+    return {
+        "run_name": f"l2-{strength}", "regularizer": "l2", "strength": strength, "model": "mlp",
+        "status": "FAILED" if diverged_epoch is not None else "FINISHED",
+        "diverged_epoch": diverged_epoch, "mlflow_run_id": None, "epochs": list(range(n)),
+        "metrics": {
+            "loss": [data_loss + penalty] * n, "accuracy": [acc - 0.01 * (n - 1 - i) for i in range(n)],
+            "val_loss": val_loss, "val_accuracy": [val_acc] * n,
+            "data_loss": [data_loss] * n, "val_data_loss": [v - penalty for v in val_loss],
+            "penalty": [penalty] * n,
+            "weight_norm/hidden": [3.0] * n, "weight_norm/output": [4.0] * n,
+        },
+    }
+
+
+def entry(history: dict, status: str = report.FINISHED, **test) -> dict:
+    """An eval.json run entry built the way evaluate builds it."""
+    e = {"strength": history["strength"], "status": status,
+         "diverged_epoch": history["diverged_epoch"], "test_loss": None, "test_accuracy": None}
+    e.update(report.summarize_history(history))
+    e.update(test)
+    return e
+
+
+@pytest.fixture
+def evaluation() -> dict:
+    """Three λ: a U-shaped val_loss, a monotone one with a dominant penalty, a diverged run."""
+    u = make_history(0.0001, [0.50, 0.40, 0.35, 0.38, 0.41], acc=0.95, val_acc=0.90)
+    flat = make_history(0.01, [0.60, 0.55, 0.52, 0.50, 0.49], acc=0.86, val_acc=0.88,
+                        penalty=0.4, data_loss=0.3)
+    bad = make_history(10.0, [2.0, float("nan")], diverged_epoch=1)
+    runs = {
+        "l2-0.0001": entry(u, test_accuracy=0.871, test_loss=0.361),
+        "l2-0.01": entry(flat, test_accuracy=0.865, test_loss=0.372),
+        "l2-10.0": entry(bad, status=report.DIVERGED),
+    }
+    return {"sweep": {"regularizer": "l2", "model": "mlp", "dataset": "fashion_mnist",
+                      "test_examples": 10000, "config": {"train.epochs": 5}},
+            "best": report.pick_best(runs), "runs": runs}
+
+
+def test_summary_finds_the_u_shape():
+    s = report.summarize_history(make_history(0.001, [0.5, 0.4, 0.35, 0.38, 0.41]))
+    assert s["best_epoch"] == 2 and s["val_loss_min"] == 0.35
+    assert s["val_loss_rose"] is True and s["val_loss_rise"] == pytest.approx(0.06)
+    assert s["epochs"] == 5 and s["val_loss"] == 0.41
+
+
+def test_summary_monotone_and_derived_values():
+    s = report.summarize_history(make_history(0.01, [0.6, 0.5, 0.49], acc=0.86, val_acc=0.88,
+                                              penalty=0.1, data_loss=0.3))
+    assert s["best_epoch"] == 2 and s["val_loss_rose"] is False and s["val_loss_rise"] == 0
+    assert s["gap"] == pytest.approx(0.86 - 0.88)  # signed: validation above training
+    assert s["penalty_share"] == pytest.approx(0.1 / 0.4)
+    assert s["weight_norm"] == {"hidden": 3.0, "output": 4.0, "total": pytest.approx(5.0)}
+
+
+def test_summary_of_a_diverged_history_has_no_nan():
+    s = report.summarize_history(make_history(10.0, [2.0, float("nan")], diverged_epoch=1))
+    assert s["val_loss"] is None and s["best_epoch"] == 0 and s["val_loss_rose"] is False
+    assert all(not (isinstance(v, float) and math.isnan(v)) for v in s.values())
+
+
+def test_best_is_lowest_validation_cross_entropy_of_finished_runs(evaluation):
+    best = evaluation["best"]
+    assert best["by"] == "val_data_loss"
+    assert best["run_name"] == "l2-0.01"  # 0.49 - 0.4 = 0.09 < 0.41 - 0.05 = 0.36
+    runs = {k: {**v} for k, v in evaluation["runs"].items()}
+    for run in runs.values():
+        run.pop("val_data_loss")
+    assert report.pick_best(runs)["by"] == "val_loss"
+    assert report.pick_best({"x": {**runs["l2-10.0"]}}) is None
+
+
+def test_observations_quote_the_numbers(evaluation):
+    notes = report.observations(evaluation)
+    text = "\n".join(notes)
+    assert "λ=10 diverged at epoch 1" in text
+    assert "λ=0.01 generalises best by validation cross-entropy: 0.0900" in text
+    assert "The highest test accuracy is 87.10%, at λ=0.0001" in text
+    assert "the λ picked by validation (0.01) scores 86.50%" in text
+    assert "λ=0.0001: val_loss reaches its minimum (0.3500) at epoch 2 and rises by 0.0600" in text
+    assert "λ=0.01: val_loss is lowest at the last epoch (4)" in text
+    assert "14.3% at λ=0.0001, 57.1% at λ=0.01" in text
+    assert "dominates the loss (more than half) at λ=0.01." in text
+    assert "+5.00 pt at λ=0.0001" in text and "-2.00 pt at λ=0.01" in text
+    assert "Validation accuracy is above training accuracy at λ=0.01" in text
+
+
+def test_observations_do_not_claim_what_the_numbers_do_not_show(evaluation):
+    for run in evaluation["runs"].values():
+        if run["status"] == report.FINISHED:
+            run["penalty_share"] = 0.2
+    evaluation["runs"]["l2-0.01"]["weight_norm"]["total"] = 5.0  # equal norms: no trend
+    text = "\n".join(report.observations(evaluation))
+    assert "dominates" not in text and "less than half of the loss at every λ" in text
+    assert "falls" not in text and "not monotonic" in text
+
+
+def parse_cell(cell: str) -> float | None:
+    cell = cell.strip()
+    if cell == report.MISSING_CELL:
+        return None
+    number = float(re.sub(r"[^0-9eE+.\-]", "", cell))
+    return number / 100 if cell.endswith("%") or cell.endswith("pt") else number
+
+
+def table_rows(markdown: str) -> dict[str, list[str]]:
+    """λ -> cells of the Summary table."""
+    section = markdown.split("## Summary", 1)[1].split("##", 1)[0]
+    rows = [line.strip("|").split("|") for line in section.splitlines() if line.startswith("|")]
+    return {r[0].strip(): [c.strip() for c in r[1:]] for r in rows[2:]}
+
+
+def test_report_table_equals_the_metrics(evaluation):
+    text = report.render_report(evaluation, [("Validation loss", "figures/val_loss.png")])
+    rows = table_rows(text)
+    assert set(rows) == {"0.0001", "0.01", "10"}
+    keys = ["train_accuracy", "val_accuracy", "val_loss", "val_data_loss", "test_accuracy",
+            "test_loss", None, "gap", "best_epoch"]
+    for name, run in evaluation["runs"].items():
+        cells = rows[report.format_strength(run["strength"])]
+        if run["status"] != report.FINISHED:
+            assert cells[0].startswith("diverged")
+            continue
+        for key, cell in zip(keys, cells):
+            expected = run["weight_norm"]["total"] if key is None else run[key]
+            assert parse_cell(cell) == pytest.approx(expected, abs=5e-4), (name, key, cell)
+    assert "![Validation loss](figures/val_loss.png)" in text
+
+
+def test_plot_data_is_long_format_with_every_lambda(evaluation):
+    histories = [make_history(0.0001, [0.5, 0.4]), make_history(10.0, [2.0, float("nan")], diverged_epoch=1)]
+    files = report.plot_data(evaluation, histories)
+    epochs = files["epochs.json"]["epochs"]
+    assert [(r["lambda"], r["epoch"]) for r in epochs] == [("0.0001", 0), ("0.0001", 1), ("10", 0), ("10", 1)]
+    assert epochs[-1]["val_loss"] is None and epochs[0]["weight_norm"] == pytest.approx(5.0)
+    assert {r["split"] for r in files["accuracy.json"]["accuracy"]} == {"train", "validation"}
+    by_lambda = files["by_lambda.json"]["by_lambda"]
+    assert [r["lambda"] for r in by_lambda] == ["0.0001", "0.01", "10"]
+    assert by_lambda[-1]["test_accuracy"] is None
+    assert report.json_safe({"a": [float("inf"), 1.0]}) == {"a": [None, 1.0]}
