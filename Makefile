@@ -7,8 +7,6 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
-# TensorFlow's C++ start-up chatter is noise for users; errors still show.
-export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 HOST ?= 127.0.0.1
 PORT ?= 5000
@@ -19,7 +17,7 @@ DATA_PKGS := dataset-fashion-mnist
 TEST_PKGS := chromium chromium-driver postgresql
 CAN_APT := $(shell [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && echo yes)
 
-.PHONY: help install data sysdeps-test run repro test test-fast ui server bench clean
+.PHONY: help install data sysdeps-test run repro test test-fast ci-gate ci-baseline ui server bench clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -65,6 +63,20 @@ test: install sysdeps-test  ## set up, then run the test suite
 
 test-fast: install  ## the suite without tests marked slow
 	pytest -m "not slow"
+
+# The regression gate on a tiny configuration (.ci/params-tiny.yaml), as .ci/run does it.
+CI_TINY := L2SWEEP_PARAMS=.ci/params-tiny.yaml
+ci-tiny-pipeline: install data
+	rm -rf .ci/out
+	$(CI_TINY) python -m l2sweep.prepare
+	$(CI_TINY) python -m l2sweep.train -m
+	$(CI_TINY) python -m l2sweep.evaluate
+
+ci-gate: ci-tiny-pipeline  ## tiny pipeline + regression gate against .ci/baseline-tiny.json
+	$(CI_TINY) python -m l2sweep.gate --baseline .ci/baseline-tiny.json --current .ci/out/eval.json
+
+ci-baseline: ci-tiny-pipeline  ## refresh .ci/baseline-tiny.json after an intended change
+	cp .ci/out/eval.json .ci/baseline-tiny.json
 
 ui: install  ## serve the MLflow UI for the embedded store on 127.0.0.1:5000
 	mlflow ui --backend-store-uri $(TRACKING_URI) --host $(HOST) --port $(PORT)
