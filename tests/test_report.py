@@ -67,7 +67,8 @@ def test_summary_monotone_and_derived_values():
     assert s["best_epoch"] == 2 and s["val_loss_rose"] is False and s["val_loss_rise"] == 0
     assert s["gap"] == pytest.approx(0.86 - 0.88)  # signed: validation above training
     assert s["penalty_share"] == pytest.approx(0.1 / 0.4)
-    assert s["weight_norm"] == {"hidden": 3.0, "output": 4.0, "total": pytest.approx(5.0)}
+    assert s["weight_norm"] == {"hidden": 3.0, "output": 4.0, "total": pytest.approx(5.0),
+                                "regularized": pytest.approx(3.0)}
 
 
 def test_summary_of_a_diverged_history_has_no_nan():
@@ -106,7 +107,7 @@ def test_observations_do_not_claim_what_the_numbers_do_not_show(evaluation):
     for run in evaluation["runs"].values():
         if run["status"] == report.FINISHED:
             run["penalty_share"] = 0.2
-    evaluation["runs"]["l2-0.01"]["weight_norm"]["total"] = 5.0  # equal norms: no trend
+    evaluation["runs"]["l2-0.01"]["weight_norm"]["regularized"] = 3.0  # equal norms: no trend
     text = "\n".join(report.observations(evaluation))
     assert "dominates" not in text and "less than half of the loss at every λ" in text
     assert "falls" not in text and "not monotonic" in text
@@ -139,7 +140,7 @@ def test_report_table_equals_the_metrics(evaluation):
             assert cells[0].startswith("diverged")
             continue
         for key, cell in zip(keys, cells):
-            expected = run["weight_norm"]["total"] if key is None else run[key]
+            expected = run["weight_norm"]["regularized"] if key is None else run[key]
             assert parse_cell(cell) == pytest.approx(expected, abs=5e-4), (name, key, cell)
     assert "![Validation loss](figures/val_loss.png)" in text
 

@@ -65,21 +65,30 @@ def class_names(dataset: str, num_classes: int = 10) -> list[str]:
     return [str(i) for i in range(num_classes)]
 
 
+#: The layer no regularizer acts on (l2sweep.model.regularized_layers): the output layer.
+REGULARIZED_EXCLUDED = "output"
+
+
 # --- per-run summary ---------------------------------------------------------------------
 
 
-def weight_norms(history: Mapping[str, Any]) -> dict[str, Optional[float]]:
-    """Final ``weight_norm/<layer>`` values, plus ``total`` = sqrt(Σ layer norms²).
+def _combined(values: list[Optional[float]]) -> Optional[float]:
+    """sqrt(Σ v²), or None when there are none or one is not finite."""
+    return (math.sqrt(sum(v * v for v in values))
+            if values and all(v is not None for v in values) else None)
 
-    ``total`` is None when any layer's final norm is not finite, or there are none.
+
+def weight_norms(history: Mapping[str, Any]) -> dict[str, Optional[float]]:
+    """Final ``weight_norm/<layer>`` values, plus ``total`` = sqrt(Σ layer norms²) and
+    ``regularized``, the same over the layers the regularizer acts on (all but ``output``).
+
+    A combined value is None when any of its layers' final norm is not finite, or there are none.
     """
     metrics = history.get("metrics", {})
     norms = {key.split("/", 1)[1]: last(series(history, key))
              for key in metrics if key.startswith("weight_norm/")}
-    values = list(norms.values())
-    total = (math.sqrt(sum(v * v for v in values))
-             if values and all(v is not None for v in values) else None)
-    return {**norms, "total": total}
+    regularized = [v for layer, v in norms.items() if layer != REGULARIZED_EXCLUDED]
+    return {**norms, "total": _combined(list(norms.values())), "regularized": _combined(regularized)}
 
 
 def val_loss_turn(epochs: Sequence[int], val_loss: Sequence[Optional[float]]) -> dict[str, Any]:
@@ -286,18 +295,18 @@ def observations(evaluation: Mapping[str, Any]) -> list[str]:
             text += f" They are equal at {', '.join(level)}."
         notes.append(text)
 
-    norms = [(n, finite(r.get("weight_norm", {}).get("total"))) for n, r in finished]
+    norms = [(n, finite(r.get("weight_norm", {}).get("regularized"))) for n, r in finished]
     norms = [(n, v) for n, v in norms if v is not None]
     if len(norms) >= 2:
         values = [v for _, v in norms]
         lams = [_lam(evaluation["runs"][n]) for n, _ in norms]
         span = f"{values[0]:.3f} at {lams[0]} to {values[-1]:.3f} at {lams[-1]}"
         if all(b < a for a, b in zip(values, values[1:])):
-            notes.append(f"The final weight norm falls at every step up the λ grid: {span}.")
+            notes.append(f"The final norm of the regularized weights falls at every step up the λ grid: {span}.")
         elif all(b > a for a, b in zip(values, values[1:])):
-            notes.append(f"The final weight norm rises at every step up the λ grid: {span}.")
+            notes.append(f"The final norm of the regularized weights rises at every step up the λ grid: {span}.")
         else:
-            notes.append("The final weight norm is not monotonic in λ: "
+            notes.append("The final norm of the regularized weights is not monotonic in λ: "
                          + ", ".join(f"{v:.3f} at {lam}" for lam, v in zip(lams, values)) + ".")
     return notes
 
@@ -328,7 +337,7 @@ def table_row(run: Mapping[str, Any]) -> list[str]:
         fmt_loss(run.get("val_data_loss")),
         fmt_pct(run.get("test_accuracy")),
         fmt_loss(run.get("test_loss")),
-        fmt_norm(run.get("weight_norm", {}).get("total")),
+        fmt_norm(run.get("weight_norm", {}).get("regularized")),
         fmt_points(run.get("gap")),
         MISSING_CELL if best_epoch is None else str(best_epoch),
     ]
@@ -386,8 +395,9 @@ def render_report(evaluation: Mapping[str, Any],
         "",
         "Final-epoch values. *val loss* is Keras' `val_loss`, which includes the penalty "
         "(λ·Σw² for L2); *val cross-entropy* leaves it out, so it compares across λ. *test "
-        "loss* is the cross-entropy on the test split. *weight norm* combines the final "
-        "per-layer norms of the history as sqrt(Σ norm²). *best epoch* is the epoch of the "
+        "loss* is the cross-entropy on the test split. *weight norm* is the final norm of the "
+        "regularized kernels (every layer but `output`, combined as sqrt(Σ norm²)); "
+        "`metrics/eval.json` has every layer's. *best epoch* is the epoch of the "
         "lowest `val_loss`.",
         "",
         "## Observations",
