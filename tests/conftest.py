@@ -62,6 +62,20 @@ def write_idx_dir(folder: Path, arrays: dict[str, np.ndarray],
     return folder
 
 
+@pytest.fixture(scope="session")
+def tiny_xy(tiny_arrays: dict[str, np.ndarray]):
+    """((x, y), (x_val, y_val)): float32 images in [0, 1] from the tiny set, 256 train, 64 val."""
+    x = tiny_arrays["x_train"].astype("float32") / 255.0
+    y = tiny_arrays["y_train"]
+    return (x[:256], y[:256]), (x[256:320], y[256:320])
+
+
+def model_cfg(*overrides: str) -> DictConfig:
+    """The real config (conf/, no params.yaml) with ``overrides``; XLA off unless asked for
+    (compiling costs more than a tiny fit)."""
+    return compose_config(["train.jit_compile=false", *overrides], with_params=False)
+
+
 @pytest.fixture
 def tiny_idx_dir(tmp_path: Path, tiny_arrays: dict[str, np.ndarray]) -> Path:
     """A folder with the four tiny IDX files, two gzipped and two plain."""

@@ -12,25 +12,21 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
+from conftest import model_cfg
 from l2sweep.callbacks import EpochStats, MlflowEpochLogger, StopOnDivergence, WeightHistograms
-from l2sweep.config import compose_config
 from l2sweep.model import build_model, regularization_penalty, set_seeds, weight_norms
 from l2sweep.plots import plot_curves, plot_histograms, save_figure
 
 EPOCHS = 2
 
 
-def make_cfg(*overrides: str):
-    """The real config (conf/, no params.yaml), XLA off (compiling costs more than a tiny fit)."""
-    return compose_config(["train.jit_compile=false", *overrides], with_params=False)
+make_cfg = model_cfg
 
 
 @pytest.fixture(scope="module")
-def data(tiny_arrays):
-    """(x, y) float32 images in [0, 1] from the conftest's tiny learnable set: 256 train, 64 val."""
-    x = tiny_arrays["x_train"].astype("float32") / 255.0
-    y = tiny_arrays["y_train"]
-    return (x[:256], y[:256]), (x[256:320], y[256:320])
+def data(tiny_xy):
+    """The conftest's tiny (x, y) pairs: 256 train, 64 validation."""
+    return tiny_xy
 
 
 def fit(cfg, data, callbacks, epochs: int = EPOCHS, **kwargs):

@@ -9,24 +9,20 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import model_cfg
 from l2sweep.callbacks import EpochStats
-from l2sweep.config import REGULARIZERS, ConfigError, compose_config
+from l2sweep.config import REGULARIZERS, ConfigError
 from l2sweep.model import (build_model, kernel_layers, make_regularizer, regularization_penalty,
                            set_seeds, weight_norms)
 
 
-def make_cfg(*overrides: str):
-    """The real config (conf/, no params.yaml) with ``overrides``; XLA off unless asked for
-    (compiling costs more than a tiny fit; test_same_seed_same_history covers XLA)."""
-    return compose_config(["train.jit_compile=false", *overrides], with_params=False)
+make_cfg = model_cfg
 
 
 @pytest.fixture(scope="module")
-def data(tiny_arrays):
-    """(x, y) float32 images in [0, 1] from the conftest's tiny learnable set: 256 train, 64 val."""
-    x = tiny_arrays["x_train"].astype("float32") / 255.0
-    y = tiny_arrays["y_train"]
-    return (x[:256], y[:256]), (x[256:320], y[256:320])
+def data(tiny_xy):
+    """The conftest's tiny (x, y) pairs: 256 train, 64 validation."""
+    return tiny_xy
 
 
 def fit(cfg, data, epochs: int = 1, callbacks=()):
