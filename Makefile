@@ -11,6 +11,14 @@ export PATH := $(abspath $(BIN)):$(PATH)
 HOST ?= 127.0.0.1
 PORT ?= 5000
 TRACKING_URI ?= sqlite:///mlruns/mlflow.db
+# `make server`: the team's tracking server (README "Team server"). SERVER_DB is its
+# PostgreSQL database; ARTIFACTS is where it stores the artifacts clients send it (a folder,
+# s3://..., gs://...); clients need only the server's URL.
+SERVER_DB ?= postgresql+psycopg2://mlflow@127.0.0.1:5432/mlflow
+ARTIFACTS ?= ./mlartifacts
+WORKERS ?= 2
+# MLflow's server also starts job-runner processes for GenAI features this project does not use.
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION ?= false
 
 # Debian packages: the default dataset, and what the test suite drives (browser, PostgreSQL).
 DATA_PKGS := dataset-fashion-mnist
@@ -79,7 +87,11 @@ ci-baseline: ci-tiny-pipeline  ## refresh .ci/baseline-tiny.json after an intend
 	cp .ci/out/eval.json .ci/baseline-tiny.json
 
 ui: install  ## serve the MLflow UI for the embedded store on 127.0.0.1:5000
-	mlflow ui --backend-store-uri $(TRACKING_URI) --host $(HOST) --port $(PORT)
+	mlflow ui --backend-store-uri $(TRACKING_URI) --host $(HOST) --port $(PORT) --workers $(WORKERS)
+
+server: install  ## team MLflow server: PostgreSQL (SERVER_DB), proxied artifacts (ARTIFACTS), 127.0.0.1:5000
+	mlflow server --backend-store-uri $(SERVER_DB) --artifacts-destination $(ARTIFACTS) \
+	  --host $(HOST) --port $(PORT) --workers $(WORKERS)
 
 bench: install data  ## side-by-side speed benchmark (see bench/README.md)
 	python -m bench.run $(BENCH_ARGS)

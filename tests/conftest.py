@@ -126,3 +126,22 @@ def prepared_tiny(tiny_cfg: Callable[..., DictConfig]) -> DictConfig:
     cfg = tiny_cfg()
     prepare(cfg)
     return cfg
+
+
+@pytest.fixture
+def prepared_project(tmp_path: Path, tiny_arrays: dict[str, np.ndarray], monkeypatch) -> Path:
+    """A throwaway project as the current directory: the tiny data as an ``idx_dir`` dataset,
+    params.yaml (helpers.write_project_params), ``prepare`` run in-process, no MLflow store.
+
+    For entry points called in-process (``train.main([...])``) that fail before Hydra starts.
+    """
+    from helpers import write_project_params
+    from l2sweep.prepare import main as prepare_main
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("L2SWEEP_PARAMS", "HYDRA_FULL_ERROR", "MLFLOW_TRACKING_URI", "L2SWEEP_JOBS"):
+        monkeypatch.setenv(name, "")  # restored (or removed) after the test
+        monkeypatch.delenv(name)
+    write_project_params(tmp_path, write_idx_dir(tmp_path / "raw_tiny", tiny_arrays))
+    assert prepare_main([]) == 0
+    return tmp_path

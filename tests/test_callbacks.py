@@ -225,6 +225,31 @@ def test_mlflow_logger_validates_its_arguments(mlflow_store):
         MlflowEpochLogger(client, "")
     with pytest.raises(ValueError, match="run_id=None"):
         MlflowEpochLogger(client, None)
+    with pytest.raises(TypeError, match="on_error='log'"):
+        MlflowEpochLogger(client, "abc", on_error="log")
+
+
+class GoneClient:
+    """A store that has gone away: every log_batch fails."""
+
+    calls = 0
+
+    def log_batch(self, run_id, metrics=(), **kwargs):
+        self.calls += 1
+        raise ConnectionError("server gone")
+
+
+def test_mlflow_logger_with_on_error_keeps_training_and_reports_the_missing_epochs():
+    client, reported = GoneClient(), []
+    logger = MlflowEpochLogger(client, "abc", on_error=lambda what, exc: reported.append((what, str(exc))))
+    logger.on_train_begin()
+    for epoch in range(3):
+        logger.on_epoch_end(epoch, {"loss": 1.0})
+    logger.on_train_end()
+    assert reported == [("metrics of epochs 0-2", "server gone")]
+    assert client.calls == 1  # not asked again once it failed
+    with pytest.raises(ConnectionError):  # without on_error, the failure stops training
+        MlflowEpochLogger(GoneClient(), "abc").on_epoch_end(0, {"loss": 1.0})
 
 
 # --- per-run figures ---------------------------------------------------------------------

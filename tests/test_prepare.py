@@ -84,7 +84,7 @@ def run_cli(args, cwd, extra_env=None):
 
 @pytest.mark.parametrize("args, expected", [
     (["dataset=npz"], "error: dataset.path=None is not allowed"),
-    (["bogus.key=1"], "error: Could not override 'bogus.key'."),
+    (["bogus.key=1"], "error: bogus.key=1 is not allowed: a key the schema declares ('bogus' is unknown"),
     (["data.limit=3", "dataset=idx_dir", "dataset.path=TINY"], "error: data.limit=3 is not allowed"),
     (["dataset=idx_dir", "dataset.path=/no/such/folder"], "error: /no/such/folder: not a folder"),
 ])

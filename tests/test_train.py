@@ -3,50 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from mlflow import MlflowClient
 
 from conftest import override, write_idx_dir
+from helpers import EPOCHS, GRID, run_cli, tiny_arrays, write_project_params
 
-GRID = [0.001, 0.01, 0.1]
-EPOCHS = 2
 METRICS = ["loss", "accuracy", "val_loss", "val_accuracy", "data_loss", "val_data_loss", "penalty",
            "weight_norm/hidden", "weight_norm/output", "learning_rate", "epoch_time"]
-
-
-def cli_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "L2SWEEP_"))}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return env
-
-
-def write_project_params(root: Path, idx_dir: Path, **sections: dict) -> Path:
-    """A params.yaml in ``root`` for the tiny dataset; ``sections`` update its sections."""
-    params = {
-        "dataset": {"name": "idx_dir", "path": str(idx_dir)},
-        "train": {"epochs": EPOCHS},
-        "sweep": {"strengths": GRID},
-    }
-    for key, value in sections.items():
-        params.setdefault(key, {}).update(value)
-    path = root / "params.yaml"
-    path.write_text(yaml.safe_dump(params))
-    return path
-
-
-def run_cli(root: Path, module: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=root, env=cli_env(),
-                          capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{module} {args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -68,11 +35,7 @@ def sweep(tmp_path_factory: pytest.TempPathFactory, tiny_arrays_module) -> dict:
 
 @pytest.fixture(scope="module")
 def tiny_arrays_module():
-    from conftest import make_images
-
-    x_train, y_train = make_images(400, seed=0)
-    x_test, y_test = make_images(100, seed=1)
-    return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
+    return tiny_arrays()
 
 
 pytestmark = pytest.mark.slow
@@ -171,5 +134,5 @@ def test_bad_grid_fails_before_anything_runs(tmp_path, tiny_arrays_module):
     proc = run_cli(tmp_path, "l2sweep.train", "-m", check=False)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert lines == ["error: sweep.strengths=-0.1 is not allowed: a finite number >= 0"]
+    assert lines == ["error: params.yaml: sweep.strengths=-0.1 is not allowed: a finite number >= 0"]
     assert not (tmp_path / "mlruns").exists() and not (tmp_path / "models").exists()

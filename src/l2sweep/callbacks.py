@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import numbers
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import keras
 import numpy as np
@@ -232,9 +232,15 @@ class MlflowEpochLogger(keras.callbacks.Callback):
     ``weight_norm/<layer>``, ...). Nothing is logged per step. NaN and infinite values
     are logged as they are (MLflow stores them), so a diverged run shows it.
 
+    A failing store raises out of ``fit`` unless ``on_error`` is given: then training goes on,
+    the store is not asked again for the rest of the fit (a server that went away would cost
+    a timeout per epoch), and ``on_error("metrics of epochs A-B", first_error)`` is called at
+    the end of training so the caller can say what is missing.
+
     Args:
         client: an ``mlflow.MlflowClient`` (anything with its ``log_batch``).
         run_id: the id of an existing run to log to.
+        on_error: ``(what, error)`` callback for epochs that could not be logged, or None to raise.
 
     Example:
         >>> client = mlflow.MlflowClient(tracking_uri)
@@ -243,22 +249,46 @@ class MlflowEpochLogger(keras.callbacks.Callback):
         ...           callbacks=[EpochStats(), MlflowEpochLogger(client, run.info.run_id)])
     """
 
-    def __init__(self, client: Any, run_id: str) -> None:
+    def __init__(self, client: Any, run_id: str,
+                 on_error: Optional[Callable[[str, BaseException], None]] = None) -> None:
         super().__init__()
         if not callable(getattr(client, "log_batch", None)):
             raise TypeError(f"client={client!r} is not allowed: an mlflow.MlflowClient (needs log_batch)")
         if not isinstance(run_id, str) or not run_id.strip():
             raise ValueError(f"run_id={run_id!r} is not allowed: the id of an MLflow run (a non-empty string)")
+        if on_error is not None and not callable(on_error):
+            raise TypeError(f"on_error={on_error!r} is not allowed: a callable (what, error) or None")
         self.client = client
         self.run_id = run_id
+        self.on_error = on_error
+        self.error: Optional[BaseException] = None
+        self.unlogged_epochs: list[int] = []
+
+    def on_train_begin(self, logs: Optional[dict] = None) -> None:
+        self.error, self.unlogged_epochs = None, []
 
     def on_epoch_end(self, epoch: int, logs: Optional[dict] = None) -> None:
         from mlflow.entities import Metric
 
+        if self.error is not None:  # the store failed earlier in this fit: don't wait on it again
+            self.unlogged_epochs.append(int(epoch))
+            return
         logs = logs or {}
         timestamp = int(time.time() * 1000)
         metrics = [Metric(key=str(key), value=float(value), timestamp=timestamp, step=int(epoch))
                    for key, value in logs.items() if _is_number(value)]
-        # One call per epoch; only a log with more than MLflow's per-call cap is split.
-        for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
-            self.client.log_batch(self.run_id, metrics=metrics[start:start + MAX_METRICS_PER_BATCH])
+        try:
+            # One call per epoch; only a log with more than MLflow's per-call cap is split.
+            for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
+                self.client.log_batch(self.run_id, metrics=metrics[start:start + MAX_METRICS_PER_BATCH])
+        except Exception as exc:
+            if self.on_error is None:
+                raise
+            self.error = exc
+            self.unlogged_epochs.append(int(epoch))
+
+    def on_train_end(self, logs: Optional[dict] = None) -> None:
+        if self.unlogged_epochs and self.on_error is not None:
+            first, last = self.unlogged_epochs[0], self.unlogged_epochs[-1]
+            epochs = f"epoch {first}" if first == last else f"epochs {first}-{last}"
+            self.on_error(f"metrics of {epochs}", self.error)

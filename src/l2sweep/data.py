@@ -21,6 +21,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import uuid
+import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -375,7 +376,7 @@ def load_npz_file(path: str | os.PathLike, pinned: Optional[str] = None
             arrays = {r: archive[r] for r in ROLES}
     except DataError:
         raise
-    except (OSError, ValueError, EOFError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # truncated: BadZipFile
         raise DataError(f"{path}: not a readable .npz archive ({e})") from e
     return _checked(arrays, {r: f"{path}[{r}]" for r in ROLES}), {"archive": checksum}
 
@@ -698,7 +699,7 @@ def load_split(prepared_dir: str | os.PathLike, split: str) -> tuple[np.ndarray,
     try:
         with np.load(path, allow_pickle=False) as f:
             x, y = f["x"], f["y"]
-    except (OSError, ValueError, KeyError, EOFError) as e:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         raise DataError(f"{path}: not a prepared split with keys x, y ({e})") from e
     x = check_images(x, str(path))
     return x, check_labels(y, str(path), len(x), str(path))

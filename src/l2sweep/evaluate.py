@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from l2sweep import report
+from l2sweep.cli import entry_point
 from l2sweep.config import compose_config, validate
 
 log = logging.getLogger(__name__)
@@ -203,7 +205,9 @@ def log_to_mlflow(cfg: DictConfig, manifest: dict[str, Any], evaluation: dict[st
     for name, run in evaluation["runs"].items():
         values = {key: report.finite(run.get(key)) for key in PARENT_METRICS}
         values["weight_norm"] = report.finite(run["weight_norm"].get("total"))
-        metrics += [Metric(f"{key}/{name}", v, now, 0) for key, v in values.items() if v is not None]
+        # MLflow metric names allow no "+", which a lambda like 1e+38 (a diverged run) has.
+        safe = re.sub(r"[^\w\-. :/]", "_", name)
+        metrics += [Metric(f"{key}/{safe}", v, now, 0) for key, v in values.items() if v is not None]
         if run.get("mlflow_run_id") and run["status"] == report.FINISHED:
             children[run["mlflow_run_id"]] = [Metric(key, run[key], now, 0)
                                               for key in ("test_accuracy", "test_loss")]
@@ -281,19 +285,16 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return evaluation
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    """Entry point: ``python -m l2sweep.evaluate [overrides]``."""
+@entry_point(EvaluateError)
+def main(overrides: list[str]) -> int:
+    """Entry point: ``python -m l2sweep.evaluate [--verbose] [overrides]``; errors: one line, exit 2."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    overrides = list(sys.argv[1:] if argv is None else argv)
-    try:
-        evaluation = evaluate(compose_config(overrides))
-    except (EvaluateError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    evaluation = evaluate(compose_config(overrides))
     best = evaluation["best"]
     print(f"wrote {len(evaluation['runs'])} runs; best λ by {best['by'] if best else '-'}: "
           f"{report.format_strength(best['strength']) if best else 'none'}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

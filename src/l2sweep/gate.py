@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
+from l2sweep.cli import entry_point
 from l2sweep.report import FINISHED, finite, fmt_loss, fmt_pct, format_strength, markdown_table
 
 EXIT_OK, EXIT_REGRESSED, EXIT_ERROR = 0, 1, 2
@@ -293,6 +294,7 @@ def run_gate(cfg: Any, baseline_path: Optional[str] = None, rev: Optional[str] =
     return EXIT_OK if not failed else EXIT_REGRESSED
 
 
+@entry_point()
 def main(argv: Optional[list[str]] = None) -> int:
     """``python -m l2sweep.gate [--baseline PATH | --rev REV] [--current PATH] [overrides]``."""
     parser = argparse.ArgumentParser(

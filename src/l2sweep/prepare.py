@@ -16,22 +16,15 @@ add ``--verbose`` (or set ``HYDRA_FULL_ERROR=1``) for the traceback.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
-from typing import Any, Optional, Sequence
+from typing import Any
 
-from hydra.errors import HydraException
 from omegaconf import DictConfig
-from omegaconf.errors import OmegaConfBaseException
 
-from l2sweep.config import ConfigError, compose_config, validate
-from l2sweep.data import (DataError, apply_limit, class_counts, load_dataset, save_prepared,
-                          stratified_split)
-
-#: Exit status for bad configuration or data (argparse's convention for usage errors).
-EXIT_USAGE = 2
-_VERBOSE_FLAGS = ("--verbose", "-v")
+from l2sweep.cli import EXIT_USAGE, entry_point, one_line  # noqa: F401 (one_line: moved to cli)
+from l2sweep.config import compose_config, validate
+from l2sweep.data import apply_limit, class_counts, load_dataset, save_prepared, stratified_split
 
 
 def prepare(cfg: DictConfig) -> dict[str, Any]:
@@ -78,34 +71,20 @@ def summary(meta: dict[str, Any], out_dir: str) -> str:
     return f"prepared {meta['dataset']} from {meta['source']}\n  {sizes}  ->  {out_dir}"
 
 
-def one_line(error: BaseException) -> str:
-    """An exception's message on one line, with Hydra's cause and without its search-path dump."""
-    text = str(error).split("Config search path:")[0]
-    cause = error.__cause__  # Hydra's own message often leaves the reason to its cause
-    if isinstance(error, HydraException) and cause is not None and str(cause) and str(cause).splitlines()[0] not in text:
-        text = f"{text}: {str(cause).splitlines()[0]}"
-    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+@entry_point()
+def main(overrides: list[str]) -> int:
+    """Command-line entry point: ``python -m l2sweep.prepare [--verbose] [overrides...]``.
 
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Command-line entry point: ``python -m l2sweep.prepare [--verbose] [overrides...]``."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in args):
+    Bad input prints one ``error:`` line and returns 2 (see l2sweep.cli).
+    """
+    if any(a in ("-h", "--help") for a in overrides):
         print(__doc__)
         return 0
-    verbose = any(a in _VERBOSE_FLAGS for a in args) or os.environ.get("HYDRA_FULL_ERROR") == "1"
-    overrides = [a for a in args if a not in _VERBOSE_FLAGS]
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        cfg = compose_config(overrides)
-        validate(cfg)
-        start = time.perf_counter()
-        meta = prepare(cfg)
-    except (ConfigError, DataError, HydraException, OmegaConfBaseException) as e:
-        if verbose:
-            raise
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return EXIT_USAGE
+    cfg = compose_config(overrides)
+    validate(cfg)
+    start = time.perf_counter()
+    meta = prepare(cfg)
     print(f"{summary(meta, cfg.paths.prepared)}  ({time.perf_counter() - start:.1f} s)")
     return 0
 

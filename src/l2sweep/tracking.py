@@ -8,6 +8,7 @@ environment, so children on any launcher attach to the same parent.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -38,6 +39,37 @@ MANIFEST = "sweep.json"
 _open_parent: Optional[tuple[str, str]] = None
 
 
+class CallbackAbort(SystemExit):
+    """Stops the run from a Hydra callback: the interpreter prints the message (one
+    ``error:`` line) and exits with status 1.
+
+    Hydra 1.3 turns an ``Exception`` raised in a callback into a warning and starts the jobs
+    anyway (``hydra/_internal/callbacks.py``); a ``SystemExit`` passes through it, and the entry
+    point's ``finally`` still closes the sweep's parent run. Raise it ``from`` the cause.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"error: {message}")
+
+
+def store_error(uri: str, error: BaseException) -> str:
+    """One line on why the MLflow store at ``uri`` failed; for a server that does not answer,
+    the reason and the settings that bound the wait (:data:`HTTP_DEFAULTS`)."""
+    import re
+
+    text = " ".join(str(error).split()) or type(error).__name__
+    if not uri.startswith(("http://", "https://")) or "failed with exception" not in text:
+        return f"MLflow store {uri}: {text}"  # not a connection failure (the server answered)
+    match = re.search(r"\[Errno -?\d+\] ([^'\")]+)|(Read timed out|timed out|Connection aborted"
+                      r"|too many \d+ error responses)", text)
+    reason = (match.group(1) or match.group(2)).strip() if match else "no answer"
+    retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    timeout = os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT")
+    return (f"MLflow tracking server {uri} does not answer ({reason}; gave up after {retries} "
+            f"retries of {timeout} s: MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT); "
+            "start it, or set MLFLOW_TRACKING_URI / tracking.uri to a store that works")
+
+
 class Terminated(BaseException):
     """Raised in the main thread on SIGTERM so ``finally`` blocks close runs as KILLED."""
 
@@ -49,6 +81,20 @@ def install_sigterm_handler() -> None:
         raise Terminated(f"received signal {signum}")
 
     signal.signal(signal.SIGTERM, _raise)
+
+
+#: MLflow's HTTP client defaults (7 retries with exponential back-off, 120 s timeout) let an
+#: unreachable tracking server hang a run for minutes. These give up in seconds (nothing
+#: listening: ~3 s; a host that never answers: ~35 s); set the variables to change them.
+#: Exported, so launcher workers and jobs on other machines (sbatch exports the environment)
+#: get them too.
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
+for _name, _value in HTTP_DEFAULTS.items():
+    os.environ.setdefault(_name, _value)
 
 
 #: The user's MLFLOW_TRACKING_URI, read once: ``mlflow.set_tracking_uri`` writes that variable
@@ -78,18 +124,30 @@ def ensure_store(cfg: DictConfig) -> str:
     Call it in the launching process before any job starts: parallel first-time schema
     creation races (MLflow #4123).
     """
-    import mlflow
-
     uri = tracking_uri(cfg)
     db = _sqlite_path(uri)
-    if db is not None:
-        db.parent.mkdir(parents=True, exist_ok=True)
-    client = get_client(cfg)
-    if db is not None:
+    if db is None:
+        return _ensure_experiment(cfg)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    # MLflow's tracking store creates the schema unlocked when it finds none, so two sweeps
+    # starting at once against a new database fail with "table ... already exists": one
+    # process at a time (a lock on the database's folder: no lock file to leave behind).
+    folder = os.open(db.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
         # WAL lets readers (the UI) and parallel jobs' writers proceed without "database is
         # locked"; the journal mode is stored in the database file, so once is enough.
         with sqlite3.connect(db, timeout=30) as con:
             con.execute("PRAGMA journal_mode=WAL")
+        return _ensure_experiment(cfg)
+    finally:
+        os.close(folder)  # releases the lock
+
+
+def _ensure_experiment(cfg: DictConfig) -> str:
+    import mlflow
+
+    client = get_client(cfg)
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)
     if experiment is not None:
         return experiment.experiment_id
@@ -113,9 +171,16 @@ def git_tags() -> dict[str, str]:
 
 
 def _sweep_grid(config: DictConfig) -> str:
-    """The swept overrides as the user gave them, e.g. ``regularizer.strength=0.0001,0.001``."""
-    overrides = OmegaConf.select(config, "hydra.overrides.task", default=[]) or []
-    swept = [o for o in overrides if "," in o.split("=", 1)[-1] or "(" in o]
+    """The swept overrides as the user gave them, e.g. ``regularizer.strength=0.0001,0.001``,
+    or a search sweeper's space (``hydra.sweeper.params``) that the command line does not set."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = list(OmegaConf.select(config, "hydra.overrides.task", default=[]) or [])
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    swept = [text for text, o in zip(overrides, parsed) if o.is_sweep_override()]
+    keys = {o.get_key_element() for o in parsed if o.is_sweep_override()}
+    space = OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}
+    swept += [f"{k}={v}" for k, v in space.items() if k not in keys]
     return " ".join(swept) or "(single run)"
 
 
@@ -124,16 +189,31 @@ class SweepCallback(Callback):
 
     ``on_multirun_start`` (launching process) creates the store, the experiment and the
     parent run, and exports its id in ``L2SWEEP_PARENT_RUN_ID`` for the jobs.
-    ``on_multirun_end`` ends the parent (FAILED if any child did not finish) and writes
-    ``<paths.models>/sweep.json``. If the multirun dies instead, :func:`close_parent` (called
-    by the entry point's ``finally``) ends the parent with the right status.
+    ``on_job_start`` sets that variable again in the job's process: launchers hand a job this
+    callback object as pickled with the job (joblib's workers, submitit's jobs on a cluster),
+    so a job attaches to the parent even where the launching environment does not reach.
+    ``on_multirun_end`` writes ``<paths.models>/sweep.json``, tags the best lambda on the
+    parent (``best_lambda``: lowest final validation cross-entropy, any sweeper) and ends it
+    (FAILED if any child did not finish). If the multirun dies instead, :func:`close_parent`
+    (called by the entry point's ``finally``) ends the parent with the right status.
     """
+
+    def __init__(self) -> None:
+        #: Environment the jobs need: the sweep id and (with tracking on) the parent run id.
+        self.job_env: dict[str, str] = {}
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         os.environ[SWEEP_ENV] = uuid.uuid4().hex
         os.environ.pop(PARENT_ENV, None)
+        self.job_env = {SWEEP_ENV: os.environ[SWEEP_ENV]}
         if not config.tracking.enabled:
             return
+        try:
+            self._start_parent(config)
+        except Exception as exc:  # no parent run: stop before any job trains
+            raise CallbackAbort(store_error(tracking_uri(config), exc)) from exc
+
+    def _start_parent(self, config: DictConfig) -> None:
         experiment_id = ensure_store(config)
         client = get_client(config)
         tags = {**git_tags(), "l2sweep.kind": "sweep", "l2sweep.sweep_id": os.environ[SWEEP_ENV],
@@ -143,17 +223,28 @@ class SweepCallback(Callback):
             tags["dvc.stage"] = os.environ["DVC_STAGE"]
         name = f"sweep-{config.regularizer.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         run = client.create_run(experiment_id, run_name=name, tags=tags)
+        global _open_parent
+        _open_parent = (tracking_uri(config), run.info.run_id)
+        choices = OmegaConf.select(config, "hydra.runtime.choices", default=None) or {}
         client.log_batch(run.info.run_id, params=_params({
             "grid": _sweep_grid(config), "sweep.strengths": list(config.sweep.strengths),
             "dataset.name": config.dataset.name, "model.name": config.model.name,
-            "regularizer.name": config.regularizer.name, "train.epochs": config.train.epochs}))
+            "regularizer.name": config.regularizer.name, "train.epochs": config.train.epochs,
+            **{k.replace("/", "."): choices[k] for k in ("hydra/launcher", "hydra/sweeper") if k in choices}}))
         os.environ[PARENT_ENV] = run.info.run_id
-        global _open_parent
-        _open_parent = (tracking_uri(config), run.info.run_id)
+        self.job_env[PARENT_ENV] = run.info.run_id
         log.info("MLflow sweep run %s (%s) in %s", name, run.info.run_id, tracking_uri(config))
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        os.environ.update(self.job_env)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         manifest = write_manifest(config)
+        if _open_parent is not None and manifest["best"]:
+            try:
+                tag_best(tracking_uri(config), _open_parent[1], manifest["best"])
+            except Exception as exc:  # the results are in sweep.json; the parent still gets closed
+                log.warning("could not tag the best lambda on the sweep's MLflow run: %s", exc)
         statuses = {r["status"] for r in manifest["runs"]}
         ok = bool(manifest["runs"]) and statuses <= {"FINISHED"}
         close_parent("FINISHED" if ok else "FAILED", None if ok else "a child run did not finish")
@@ -186,15 +277,43 @@ def close_parent(status: str, reason: Optional[str] = None) -> None:
         log.error("could not close the sweep's MLflow run %s: %s", parent, exc)
 
 
+def best_run(histories: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """The finished run with the lowest final validation cross-entropy (else val_loss), as
+    ``{"run_name", "strength", "by", "value"}``; the rule of the report (l2sweep.report)."""
+    from l2sweep import report
+
+    entries = {h["run_name"]: {**report.summarize_history(h), "strength": h.get("strength"),
+                               "status": report.FINISHED if h.get("status") == "FINISHED" else "failed"}
+               for h in histories if h.get("run_name")}
+    return report.pick_best(entries)
+
+
+def tag_best(uri: str, parent_run_id: str, best: dict[str, Any]) -> None:
+    """Tags the best lambda on the sweep's parent run (the tags ``evaluate`` sets too)."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, RunTag
+
+    from l2sweep.report import format_strength
+
+    tags = {"best_lambda": format_strength(best["strength"]), "best_run_name": best["run_name"],
+            "best_by": best["by"]}
+    MlflowClient(tracking_uri=uri).log_batch(
+        parent_run_id, metrics=[Metric("best_lambda", float(best["strength"]), int(time.time() * 1000), 0)],
+        tags=[RunTag(k, v) for k, v in tags.items()])
+    log.info("best lambda %s (%s, final %s %.4f)", tags["best_lambda"], best["run_name"],
+             best["by"], best["value"])
+
+
 def write_manifest(cfg: DictConfig) -> dict[str, Any]:
     """Writes ``<paths.models>/sweep.json`` from the histories this sweep wrote."""
     models = Path(cfg.paths.models)
     sweep_id = os.environ.get(SWEEP_ENV)
-    runs = []
+    runs, histories = [], []
     for history_file in sorted(models.glob("*/history.json")):
         history = json.loads(history_file.read_text())
         if sweep_id and history.get("sweep_id") not in (sweep_id, None):
             continue
+        histories.append(history)
         runs.append({key: history.get(key) for key in
                      ("run_name", "strength", "status", "mlflow_run_id", "diverged_epoch")}
                     | {"dir": history_file.parent.name})
@@ -209,6 +328,7 @@ def write_manifest(cfg: DictConfig) -> dict[str, Any]:
         "regularizer": cfg.regularizer.name,
         "strengths": [r["strength"] for r in runs],
         "runs": runs,
+        "best": best_run(histories),
     }
     models.mkdir(parents=True, exist_ok=True)
     tmp = models / f".{MANIFEST}.tmp"
@@ -217,15 +337,35 @@ def write_manifest(cfg: DictConfig) -> dict[str, Any]:
     return manifest
 
 
+class TrackingError(RuntimeError):
+    """The tracking store failed during a run; the message lists what was not logged."""
+
+
 class ChildRun:
-    """Handle on a job's MLflow run; :meth:`fail` ends it FAILED without raising."""
+    """Handle on a job's MLflow run; :meth:`fail` ends it FAILED without raising.
+
+    :meth:`not_logged` records what the store failed to take; :func:`child_run` then raises
+    :class:`TrackingError` listing it, after the caller wrote the run's outputs to disk.
+    """
 
     def __init__(self, run_id: Optional[str], client: Any) -> None:
         self.run_id, self.client = run_id, client
         self.status, self.reason = "FINISHED", None
+        self.unlogged: list[str] = []
+        self.tracking_error: Optional[str] = None
+        self.tracking_exc: Optional[BaseException] = None
 
     def fail(self, reason: str) -> None:
         self.status, self.reason = "FAILED", reason
+
+    def not_logged(self, what: str, error: Optional[BaseException] = None) -> None:
+        """Records that ``what`` (e.g. "metrics of epochs 1-2") did not reach the store
+        (``error``: why; None when it was skipped because the store had failed already)."""
+        self.unlogged.append(what)
+        if self.tracking_error is None and error is not None:
+            self.tracking_exc = error
+            self.tracking_error = " ".join(str(error).split()) or type(error).__name__
+        log.warning("MLflow run %s: %s not logged (%s)", self.run_id, what, self.tracking_error)
 
 
 @contextmanager
@@ -235,6 +375,10 @@ def child_run(cfg: DictConfig, tags: Optional[dict[str, str]] = None) -> Iterato
     The status is FINISHED, FAILED (an exception or :meth:`ChildRun.fail`, the reason tagged)
     or KILLED (Ctrl-C / SIGTERM). With ``tracking.enabled=false`` it yields a handle with no
     run, so callers need no second code path.
+
+    Raises:
+        TrackingError: after a body that finished, if the store failed to take something
+            (:meth:`ChildRun.not_logged`): the message lists what, and where the outputs are.
     """
     if not cfg.tracking.enabled:
         yield ChildRun(None, None)
@@ -252,14 +396,35 @@ def child_run(cfg: DictConfig, tags: Optional[dict[str, str]] = None) -> Iterato
     try:
         yield handle
     except (KeyboardInterrupt, Terminated) as exc:
-        handle.status, handle.reason = "KILLED", f"interrupted: {exc or type(exc).__name__}"
+        handle.status, handle.reason = "KILLED", f"interrupted: {str(exc) or type(exc).__name__}"
         raise
     except BaseException as exc:
         handle.status, handle.reason = "FAILED", f"{type(exc).__name__}: {exc}"
         raise
     finally:
+        _end_child(handle)
+    if handle.unlogged:
+        out = Path(cfg.paths.models) / cfg.run_name
+        kept = f"; its outputs are in {out}" if out.is_dir() else ""
+        why = store_error(tracking_uri(cfg), handle.tracking_exc) if handle.tracking_exc else \
+            "the store failed"
+        raise TrackingError(f"run {cfg.run_name}: not logged to MLflow: "
+                            f"{', '.join(handle.unlogged)}{kept}. {why}")
+
+
+def _end_child(handle: ChildRun) -> None:
+    """Tags the reason and ends the run; a store that fails here is recorded, not raised, so
+    the job's own error (if any) is the one the user sees."""
+    import mlflow
+
+    if handle.unlogged and handle.status == "FINISHED":
+        handle.fail(f"tracking failed; not logged: {', '.join(handle.unlogged)}")
+    if handle.reason and handle.tracking_error is None:  # a store that failed once: one try
         try:
-            if handle.reason:
-                mlflow.set_tag(REASON_TAG, handle.reason[:5000])
-        finally:
-            mlflow.end_run(handle.status)
+            mlflow.set_tag(REASON_TAG, handle.reason[:5000])
+        except Exception as exc:
+            handle.not_logged("the failure reason", exc)
+    try:
+        mlflow.end_run(handle.status)  # pops the active run before it calls the store
+    except Exception as exc:
+        handle.not_logged(f"the run's end (status {handle.status})", exc)

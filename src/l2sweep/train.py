@@ -5,6 +5,7 @@ Run (from the repository root; params.yaml is layered over conf/, the command li
     python -m l2sweep.train -m regularizer.strength=0.1,1.0     # an ad-hoc grid
     python -m l2sweep.train regularizer=l1 regularizer.strength=0.01   # one run
     python -m l2sweep.train -m hydra/launcher=joblib            # jobs in parallel processes
+    python -m l2sweep.train -m hydra/sweeper=lambda_search      # Optuna search over lambda
 
 Each run writes ``<paths.models>/<run_name>/{model.keras,history.json}`` and an MLflow child
 run under the sweep's parent run (see l2sweep.tracking).
@@ -12,21 +13,25 @@ run under the sweep's parent run (see l2sweep.tracking).
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any, Optional
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from l2sweep import tracking
-from l2sweep.config import CONF_DIR, ConfigError, flatten, validate
+from l2sweep import cli, tracking
+from l2sweep.config import CONF_DIR, flatten, validate
+from l2sweep.preflight import preflight
 from l2sweep.sweep import launch_argv
 
 log = logging.getLogger(__name__)
@@ -61,24 +66,53 @@ def _hydra_output_dir() -> Optional[Path]:
         return None
 
 
+def _temp_dir(out_dir: Path) -> Path:
+    """``.<name>.tmp-<pid>-<random>`` next to ``out_dir``: the pid lets the next sweep remove it
+    if this process is killed (l2sweep.preflight.remove_stale_temp)."""
+    return out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
 def write_run_outputs(out_dir: Path, model: Any, history: dict[str, Any]) -> None:
-    """Atomically replaces ``out_dir`` with ``model.keras`` (unless None) and ``history.json``."""
+    """Atomically replaces ``out_dir`` with ``model.keras`` (unless None) and ``history.json``.
+
+    Both are written into a temp folder that then takes ``out_dir``'s place, so an interrupted
+    run leaves the previous folder (or none), never half a model. Two processes writing the
+    same run: the last one wins.
+    """
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = _temp_dir(out_dir)
+    tmp.mkdir()  # not mkdtemp: the folder gets the umask's permissions, not 0700
+    old = _temp_dir(out_dir)
     try:
         if model is not None:
             model.save(tmp / "model.keras")
         (tmp / "history.json").write_text(json.dumps(history, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+        for _ in range(5):
+            try:
+                out_dir.rename(old)  # out of the way; removed below
+            except FileNotFoundError:
+                pass
+            try:
+                tmp.rename(out_dir)
+                break
+            except OSError as exc:  # another writer put its folder there in between
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                shutil.rmtree(old, ignore_errors=True)
+        else:
+            raise OSError(errno.EEXIST, f"{out_dir}: another process keeps replacing it")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def log_run_artifacts(run: tracking.ChildRun, model: Any, history: dict[str, Any],
-                      histograms: dict[str, Any], example: Any) -> None:
-    """Logs curves, weight histograms, the Hydra config and the MLflow model of one run."""
+                      histograms: dict[str, Any], example: Any,
+                      job_config: Optional[DictConfig] = None) -> None:
+    """Logs curves, weight histograms, the Hydra config and the MLflow model of one run.
+
+    ``job_config`` (a fused sweep's lambda) replaces the Hydra job's ``config.yaml``.
+    """
     import mlflow
 
     from l2sweep.plots import plot_curves, plot_histograms, save_figure
@@ -96,6 +130,8 @@ def log_run_artifacts(run: tracking.ChildRun, model: Any, history: dict[str, Any
     hydra_dir = _hydra_output_dir()
     if hydra_dir is not None and (hydra_dir / ".hydra").is_dir():
         mlflow.log_artifacts(str(hydra_dir / ".hydra"), "hydra")
+    if job_config is not None:
+        mlflow.log_text(OmegaConf.to_yaml(job_config), "hydra/config.yaml")
     if model is None:
         return
     import keras
@@ -109,8 +145,12 @@ def log_run_artifacts(run: tracking.ChildRun, model: Any, history: dict[str, Any
             # An MLflow model (MLmodel, signature, input example) as the run's `model/`
             # artifact: `mlflow.pyfunc.load_model("runs:/<id>/model")` serves it. (A second copy
             # as an MLflow 3 LoggedModel named "model" would shadow this path in list_artifacts.)
+            # Requirements given, not inferred: inference loads the model again in a fresh
+            # Python (~5 s per run, most of the tracking overhead; bench/README.md).
             mlflow.tensorflow.save_model(model, f"{tmp_dir}/model", signature=signature,
-                                         input_example=example)
+                                         input_example=example,
+                                         pip_requirements=[*mlflow.tensorflow.get_default_pip_requirements(),
+                                                           f"keras=={keras.__version__}"])
             mlflow.log_artifacts(f"{tmp_dir}/model", "model")
     finally:
         keras.utils.enable_interactive_logging()
@@ -145,8 +185,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
         are NaN when the run diverged.
     """
     validate(cfg)
-    import mlflow
-
     from l2sweep.data import load_meta
     from l2sweep.callbacks import EpochStats, MlflowEpochLogger, StopOnDivergence, WeightHistograms
     from l2sweep.model import build_model, set_seeds
@@ -159,34 +197,77 @@ def train(cfg: DictConfig) -> dict[str, float]:
     log.info("%s: %s, %d epochs on %d images (%d validation)", label, cfg.model.name,
              cfg.train.epochs, len(x_train), len(x_val))
 
-    tags = {"dataset": cfg.dataset.name, "regularizer": cfg.regularizer.name,
-            "l2sweep.kind": "run", "dvc.stage": os.environ.get("DVC_STAGE", "")}
     stats, histograms, divergence = EpochStats(), WeightHistograms(cfg.tracking.histogram_bins), StopOnDivergence()
-    with tracking.child_run(cfg, {k: v for k, v in tags.items() if v}) as run:
+    with tracking.child_run(cfg, run_tags(cfg)) as run:
         callbacks = [stats, histograms, divergence]
         if run.run_id:
-            mlflow.log_params({k: str(v)[:6000] for k, v in flatten(cfg).items()})
-            mlflow.log_input(
-                mlflow.data.from_numpy(x_val[:1], targets=y_val[:1], name=cfg.dataset.name,
-                                       source=str(meta.get("source", cfg.paths.prepared)),
-                                       digest=_content_digest(meta)),
-                context="training")
-            callbacks.append(MlflowEpochLogger(run.client, run.run_id))
+            log_run_inputs(cfg, meta, x_val, y_val)
+            callbacks.append(MlflowEpochLogger(run.client, run.run_id, on_error=run.not_logged))
         keras_history = model.fit(
             x_train, y_train, validation_data=(x_val, y_val), epochs=cfg.train.epochs,
             batch_size=cfg.train.batch_size, shuffle=True, callbacks=callbacks,
             verbose=1 if sys.stdout.isatty() else 2).history
-        diverged = divergence.diverged_epoch
-        if diverged is not None:
-            run.fail(f"diverged at epoch {diverged}")
-            log.warning("%s: diverged at epoch %d; no model written", label, diverged)
-        history = _history_record(cfg, keras_history, run, diverged)
-        # Disk first: if the tracking server is gone, the results still exist.
-        write_run_outputs(Path(cfg.paths.models) / cfg.run_name,
-                          model if diverged is None else None, history)
-        if run.run_id:
-            log_run_artifacts(run, model if diverged is None else None, history,
-                              histograms.data, x_val[:5])
+        return finish_run(cfg, run, model, keras_history, divergence.diverged_epoch,
+                          histograms.data, x_val[:5], label)
+
+
+def run_tags(cfg: DictConfig, extra: Optional[dict[str, str]] = None) -> dict[str, str]:
+    """The tags of a lambda's child run (empty values left out)."""
+    tags = {"dataset": cfg.dataset.name, "regularizer": cfg.regularizer.name,
+            "l2sweep.kind": "run", "dvc.stage": os.environ.get("DVC_STAGE", ""), **(extra or {})}
+    return {k: v for k, v in tags.items() if v}
+
+
+def log_run_inputs(cfg: DictConfig, meta: dict[str, Any], x_val: Any, y_val: Any) -> None:
+    """Logs the resolved config as params and the dataset as input of the active run."""
+    import mlflow
+
+    mlflow.log_params({k: str(v)[:6000] for k, v in flatten(cfg).items()})
+    mlflow.log_input(
+        mlflow.data.from_numpy(x_val[:1], targets=y_val[:1], name=cfg.dataset.name,
+                               source=str(meta.get("source", cfg.paths.prepared)),
+                               digest=_content_digest(meta)),
+        context="training")
+
+
+def finish_run(cfg: DictConfig, run: tracking.ChildRun, model: Any, keras_history: dict[str, list],
+               diverged: Optional[int], histograms: dict[str, Any], example: Any, label: str,
+               job_config: Optional[DictConfig] = None) -> dict[str, float]:
+    """Records a trained lambda: status, ``history.json`` + ``model.keras``, MLflow artifacts.
+
+    Shared by the sequential (:func:`train`) and the fused (l2sweep.fused) sweep.
+
+    Args:
+        cfg: the lambda's config.
+        run: its child run (``run.run_id`` None with tracking off).
+        model: the trained Keras model (not written when the run diverged).
+        keras_history: metric name -> one value per epoch (``History.history``).
+        diverged: the epoch the loss became NaN/inf, else None.
+        histograms: :class:`l2sweep.callbacks.WeightHistograms` data.
+        example: a few validation images (the MLflow model's input example).
+        label: prefix of the log lines.
+        job_config: logged as ``hydra/config.yaml`` instead of the Hydra job's (fused sweep).
+
+    Returns:
+        The final epoch's metrics (NaN where the run diverged).
+    """
+    if diverged is not None:
+        run.fail(f"diverged at epoch {diverged}")
+        log.warning("%s: diverged at epoch %d; no model written", label, diverged)
+    history = _history_record(cfg, keras_history, run, diverged)
+    # Disk first: if the tracking server is gone, the results still exist.
+    write_run_outputs(Path(cfg.paths.models) / cfg.run_name,
+                      model if diverged is None else None, history)
+    if run.run_id:
+        artifacts = "artifacts (curves, histograms, history, config, model)"
+        try:
+            if run.tracking_error is not None:  # the store failed during training: don't wait on it
+                run.not_logged(artifacts)
+            else:
+                log_run_artifacts(run, model if diverged is None and cfg.tracking.log_model else None,
+                                  history, histograms, example, job_config=job_config)
+        except Exception as exc:  # the outputs are on disk; child_run says what is missing
+            run.not_logged(artifacts, exc)
     final = {k: v[-1] if v else math.nan for k, v in history["metrics"].items()}
     log.info("%s: val_loss %.4f val_accuracy %.4f", label, final.get("val_loss", math.nan),
              final.get("val_accuracy", math.nan))
@@ -203,32 +284,78 @@ def _content_digest(meta: dict[str, Any]) -> Optional[str]:
     return hashlib.sha256(joined.encode()).hexdigest()[:16]
 
 
+def objective(final: dict[str, float]) -> float:
+    """What optimising sweepers (Optuna) minimise: the final validation cross-entropy
+    (``val_data_loss``; ``val_loss`` adds lambda's own penalty, so it would favour small
+    lambdas), else ``val_loss`` (the rule of l2sweep.report); inf for a diverged run."""
+    from l2sweep.report import BEST_BY
+
+    for key in BEST_BY:
+        value = final.get(key)
+        if value is not None:
+            return value if math.isfinite(value) else math.inf
+    return math.inf
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> float:
-    # The return value is the objective for optimising sweepers (Optuna): validation loss.
-    val_loss = train(cfg).get("val_loss", math.inf)
+    # The return value is the objective for optimising sweepers (Optuna): see objective().
+    if cfg.train.fused:  # every lambda of sweep.strengths in this one job (l2sweep.fused)
+        from l2sweep.fused import train_fused
+
+        finals = train_fused(cfg).values()
+        val_loss = min((objective(f) for f in finals), default=math.inf)
+    else:
+        val_loss = objective(train(cfg))
     return val_loss if math.isfinite(val_loss) else math.inf
 
 
+_PRINT_ONLY_FLAGS = {"--help", "-h", "--hydra-help", "--version", "--cfg", "-c", "--info", "-i",
+                     "--shell-completion", "-sc"}
+
+
 def main(argv: Optional[list[str]] = None) -> None:
-    """Entry point: layers params.yaml, fills in the lambda grid, runs the Hydra app."""
+    """Entry point: layers params.yaml, fills in the lambda grid, runs the Hydra app.
+
+    A failure ends in one ``error:`` line and a non-zero status (see l2sweep.cli); add
+    ``--verbose`` or set ``HYDRA_FULL_ERROR=1`` for the traceback. The sweep's parent run is
+    ended FINISHED, FAILED (with the error as reason) or KILLED whatever happens.
+    """
     args = list(sys.argv[1:] if argv is None else argv)
+    verbose = cli.wants_traceback(args)
+    args = cli.strip_verbose(args)
+    # Flags that only print (help, config, info) need no writable outputs or store.
+    runs = not any(a.split("=", 1)[0] in _PRINT_ONLY_FLAGS for a in args)
     try:
-        args = launch_argv(args)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        hydra_args = launch_argv(args, check=preflight if runs else None)
+    except Exception as exc:  # bad input: nothing has been written
+        raise SystemExit(cli.report(exc, args, verbose=verbose)) from None
+    saved = sys.argv, os.environ.get("HYDRA_FULL_ERROR"), signal.getsignal(signal.SIGTERM)
     tracking.install_sigterm_handler()
-    sys.argv = [sys.argv[0], *args]
-    status, reason = "FAILED", "the sweep stopped with an error"
+    sys.argv = [sys.argv[0], *hydra_args]
+    # Hydra would print its own traceback and exit 1: let the error reach cli.report instead.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    status, reason, error = "FAILED", "the sweep stopped with an error", None
     try:
         _hydra_main()
         status, reason = "FINISHED", None
-    except (KeyboardInterrupt, tracking.Terminated):
-        status, reason = "KILLED", "interrupted"
-        raise SystemExit(130) from None
+    except (Exception, KeyboardInterrupt, tracking.Terminated) as exc:
+        interrupted = not isinstance(exc, Exception)
+        status = "KILLED" if interrupted else "FAILED"
+        reason = f"interrupted by {cli.signal_of(exc).name}" if interrupted else cli.describe(exc, args)
+        error = exc
+        if verbose:
+            raise
     finally:
+        sys.argv = saved[0]
+        if saved[1] is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = saved[1]
+        signal.signal(signal.SIGTERM, saved[2])
         tracking.close_parent(status, reason)
+    if error is not None:  # reported last, after the parent run's own log lines
+        raise SystemExit(cli.report(error, args))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,123 @@
+"""Helpers for tests that run the real CLI in a throwaway project (a temp dir with its own
+params.yaml, data, models, outputs and MLflow store), plus small process utilities.
+
+Import them as ``from helpers import ...`` (``tests/`` is on sys.path, as for conftest).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import yaml
+
+from conftest import make_images, write_idx_dir
+
+#: The grid and length of the tiny CLI sweeps.
+GRID = [0.001, 0.01, 0.1]
+EPOCHS = 2
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """This environment without MLFLOW_*/L2SWEEP_* variables (the user's must not leak into
+    a test), the venv's bin first on PATH, then ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "L2SWEEP_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra)
+    return env
+
+
+def tiny_arrays(n_train: int = 400, n_test: int = 100) -> dict[str, np.ndarray]:
+    """``x_train y_train x_test y_test`` of a tiny learnable dataset (see conftest.make_images)."""
+    x_train, y_train = make_images(n_train, seed=0)
+    x_test, y_test = make_images(n_test, seed=1)
+    return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
+
+
+def write_project_params(root: Path, idx_dir: Path, **sections: dict) -> Path:
+    """A params.yaml in ``root`` for the tiny dataset; ``sections`` update its sections."""
+    params = {
+        "dataset": {"name": "idx_dir", "path": str(idx_dir)},
+        "train": {"epochs": EPOCHS},
+        "sweep": {"strengths": GRID},
+    }
+    for key, value in sections.items():
+        params.setdefault(key, {}).update(value)
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def run_cli(root: Path, module: str, *args: str, check: bool = True, env: Optional[dict] = None,
+            timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python -m <module> <args>`` in ``root`` with :func:`cli_env` (or ``env``)."""
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=root, env=env or cli_env(),
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{module} {args} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def make_project(root: Path, arrays: Optional[dict[str, np.ndarray]] = None, **sections: dict) -> Path:
+    """A throwaway project in ``root``: tiny IDX data, params.yaml (``sections`` layered), and
+    the ``prepare`` stage run. Returns ``root``."""
+    root.mkdir(parents=True, exist_ok=True)
+    idx_dir = write_idx_dir(root / "raw_tiny", arrays or tiny_arrays())
+    write_project_params(root, idx_dir, **sections)
+    run_cli(root, "l2sweep.prepare")
+    return root
+
+
+def sqlite_uri(root: Path) -> str:
+    """The project's embedded MLflow store (``tracking.uri``'s default, made absolute)."""
+    return f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str,
+               proc: Optional[subprocess.Popen] = None, log: Optional[Path] = None) -> None:
+    """Polls ``predicate`` until true; fails naming ``what`` (with ``log``'s tail) on timeout
+    or when ``proc`` exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            break
+        time.sleep(0.25)
+    tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
+    state = f"exited with {proc.returncode}" if proc is not None and proc.poll() is not None \
+        else f"not ready after {timeout:.0f}s"
+    raise AssertionError(f"{what} {state}\n{tail}")
+
+
+def stop_process_group(proc: subprocess.Popen, timeout: float = 15) -> None:
+    """Ends a process started with ``start_new_session=True`` and every child it forked
+    (servers fork workers): SIGTERM to its group, SIGKILL if it lingers."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:  # the whole group is gone
+            break
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            continue
+        time.sleep(0.5)  # the leader is gone; its workers get a moment, then SIGKILL
+    if proc.poll() is None:
+        proc.wait(5)

@@ -1,0 +1,205 @@
+"""The fused sweep (l2sweep.fused): equal to the sequential sweep, per-lambda failure, same layout."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from conftest import override
+from helpers import EPOCHS, GRID, make_project, run_cli, sqlite_uri
+
+#: Every per-epoch metric both paths record (epoch_time is a wall time, so not compared).
+METRICS = ["loss", "accuracy", "val_loss", "val_accuracy", "data_loss", "val_data_loss", "penalty",
+           "weight_norm/hidden", "weight_norm/output", "learning_rate"]
+#: float32 over a few dozen Adam steps: both paths agree to ~1e-7 relative (measured).
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def _weights(path: Path) -> list[np.ndarray]:
+    import keras
+
+    return [np.asarray(w) for w in keras.saving.load_model(path).get_weights()]
+
+
+@pytest.mark.parametrize("regularizer", ["l2", "weight_decay"])
+def test_fused_equals_sequential(prepared_tiny, tiny_cfg, tmp_path, regularizer):
+    """The same tiny grid trained both ways for one epoch: every per-lambda metric and weight
+    (and Adam's state, via model.keras) equal within float tolerance."""
+    from l2sweep.fused import slice_configs, train_fused
+    from l2sweep.train import train
+
+    def cfg(models: str, **extra):
+        return tiny_cfg(f"regularizer={regularizer}", "sweep.strengths=[0.001,0.01,0.1]",
+                        "tracking.enabled=false", override("paths.models", str(tmp_path / models)),
+                        *[f"{k}={v}" for k, v in extra.items()])
+
+    fused = train_fused(cfg("fused", **{"train.fused": "true"}))
+    sequential = {c.run_name: train(c) for c in slice_configs(cfg("sequential"))}
+    assert sorted(fused) == sorted(sequential) == sorted(f"{regularizer}-{s}" for s in (0.001, 0.01, 0.1))
+    for name in sequential:
+        a, b = (json.loads((tmp_path / m / name / "history.json").read_text())
+                for m in ("fused", "sequential"))
+        assert a["status"] == b["status"] == "FINISHED" and a["epochs"] == b["epochs"] == [0]
+        assert set(a["metrics"]) == set(b["metrics"])
+        for key in METRICS:
+            np.testing.assert_allclose(a["metrics"][key], b["metrics"][key], rtol=RTOL, atol=ATOL,
+                                       err_msg=f"{name} {key}")
+        wa, wb = (_weights(tmp_path / m / name / "model.keras") for m in ("fused", "sequential"))
+        assert [w.shape for w in wa] == [w.shape for w in wb]
+        for x, y in zip(wa, wb):
+            np.testing.assert_allclose(x, y, rtol=RTOL, atol=ATOL, err_msg=name)
+
+
+def test_batches_come_in_fits_order():
+    """keras_batch_order is what fit(shuffle=True) feeds, batch for batch, epoch after epoch."""
+    import keras
+    import tensorflow as tf
+
+    from l2sweep.fused import keras_batch_order
+    from l2sweep.model import set_seeds
+
+    n, epochs, steps = 100, 3, 4   # 3 batches of 32, then one of 4
+
+    class Recorder(keras.Model):
+        """Records the first and last label of every batch it is trained on."""
+
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(1)
+            self.seen = tf.Variable(tf.zeros((epochs * steps, 2), tf.int64), trainable=False)
+            self.step = tf.Variable(0, dtype=tf.int64, trainable=False)
+
+        def call(self, x):
+            return self.dense(x)
+
+        def train_step(self, data):
+            _, y = data
+            self.seen.scatter_nd_update([[self.step]], [tf.stack([y[0], y[-1]])])
+            self.step.assign_add(1)
+            return {"step": self.step}
+
+    set_seeds(42)
+    model = Recorder()
+    model(np.zeros((1, 1)))
+    model.compile(steps_per_execution=2)
+    model.fit(np.zeros((n, 1)), np.arange(n), batch_size=32, epochs=epochs, shuffle=True, verbose=0)
+    set_seeds(42)
+    order = keras_batch_order(n, 32, epochs)
+    assert [[len(b) for b in epoch] for epoch in order] == [[32, 32, 32, 4]] * epochs
+    mine = np.asarray([[b[0], b[-1]] for epoch in order for b in epoch])
+    np.testing.assert_array_equal(mine, model.seen.numpy())
+    assert sorted(np.concatenate(order[0]).tolist()) == list(range(n))
+
+
+def test_fused_keeps_keras_optimizer_state(prepared_tiny, tiny_cfg, tmp_path):
+    """A fused lambda's model.keras carries its Adam moments and step count, like fit's."""
+    import keras
+
+    from l2sweep.fused import fit_fused, slice_configs
+    from l2sweep.model import build_model, set_seeds
+    from l2sweep.train import load_training_data
+
+    cfg = tiny_cfg("sweep.strengths=[0.01]", "tracking.enabled=false")
+    (x, y), (xv, yv) = load_training_data(cfg)
+    views, _ = fit_fused(slice_configs(cfg), x, y, xv, yv)
+    set_seeds(cfg.train.seed, cfg.train.deterministic)
+    model = build_model(slice_configs(cfg)[0])
+    model.fit(x, y, batch_size=cfg.train.batch_size, epochs=1, shuffle=True, verbose=0)
+    assert int(views[0].optimizer.iterations) == int(model.optimizer.iterations) == math.ceil(len(x) / 32)
+    for a, b in zip(views[0].optimizer.variables, model.optimizer.variables):
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b),
+                                   rtol=RTOL, atol=ATOL)
+
+
+def test_a_diverging_lambda_fails_alone(prepared_tiny, tiny_cfg, tmp_path):
+    """lambda=1e37 overflows the penalty at the first step: that run is FAILED with no model,
+    the others finish exactly as they would have without it."""
+    from l2sweep.fused import train_fused
+
+    cfg = tiny_cfg("sweep.strengths=[0.001,1e37]", "train.fused=true")
+    finals = train_fused(cfg)
+    assert math.isfinite(finals["l2-0.001"]["val_loss"]) and not math.isfinite(finals["l2-1e+37"]["loss"])
+    models = Path(cfg.paths.models)
+    bad = json.loads((models / "l2-1e+37" / "history.json").read_text())
+    good = json.loads((models / "l2-0.001" / "history.json").read_text())
+    assert bad["status"] == "FAILED" and bad["diverged_epoch"] == 0
+    assert not (models / "l2-1e+37" / "model.keras").exists()
+    assert good["status"] == "FINISHED" and (models / "l2-0.001" / "model.keras").is_file()
+
+    alone = train_fused(tiny_cfg("sweep.strengths=[0.001]", "tracking.enabled=false",
+                                 override("paths.models", str(tmp_path / "alone"))))
+    for key in METRICS:
+        np.testing.assert_allclose(finals["l2-0.001"][key], alone["l2-0.001"][key], rtol=RTOL, atol=ATOL)
+
+    client = MlflowClient(cfg.tracking.uri)
+    runs = {r.info.run_name: r for r in client.search_runs(
+        [client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])}
+    assert runs["l2-1e+37"].info.status == "FAILED"
+    assert "diverged at epoch 0" in runs["l2-1e+37"].data.tags["l2sweep.failure_reason"]
+    assert runs["l2-0.001"].info.status == "FINISHED"
+
+
+def test_cnn_is_not_fused(tiny_cfg):
+    from l2sweep.config import ConfigError
+    from l2sweep.fused import train_fused
+
+    with pytest.raises(ConfigError, match="model.name='cnn'.*train.fused"):
+        train_fused(tiny_cfg("model=cnn", "train.fused=true"))
+
+
+def test_launch_argv_makes_one_job_of_the_grid(monkeypatch):
+    from l2sweep.config import ConfigError
+    from l2sweep.sweep import launch_argv
+    from l2sweep.tracking import JOBS_ENV
+
+    monkeypatch.delenv(JOBS_ENV, raising=False)
+    argv = launch_argv(["-m", "hydra/launcher=fused", "regularizer.strength=0.1,1.0"])
+    assert "train.fused=true" in argv and "sweep.strengths=[0.1,1.0]" in argv
+    assert not any(a.startswith("regularizer.strength=") for a in argv)
+    assert os.environ[JOBS_ENV] == "1"
+    with pytest.raises(ConfigError, match="model.name"):
+        launch_argv(["-m", "train.fused=true", "model=cnn"])
+
+
+@pytest.mark.slow
+def test_fused_cli_sweep_has_the_sequential_layout(tmp_path):
+    """`python -m l2sweep.train -m hydra/launcher=fused`: one parent, a child per lambda with the
+    sequential sweep's metrics and artifacts, models/<run>/ files; evaluate reads them."""
+    root = make_project(tmp_path / "project")
+    proc = run_cli(root, "l2sweep.train", "-m", "hydra/launcher=fused")
+    assert "fused mlp x 3 lambdas" in proc.stdout + proc.stderr
+    client = MlflowClient(sqlite_uri(root))
+    runs = client.search_runs([client.get_experiment_by_name("l2-sweep").experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = {r.info.run_name: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted(children) == sorted(f"l2-{s}" for s in GRID)
+    for name, child in children.items():
+        run_id = child.info.run_id
+        assert child.info.status == "FINISHED"
+        assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert child.data.tags["l2sweep.fused"] == "true"
+        assert float(child.data.params["regularizer.strength"]) == float(name.split("-", 1)[1])
+        for key in METRICS + ["epoch_time"]:
+            assert [m.step for m in client.get_metric_history(run_id, key)] == list(range(EPOCHS)), key
+        paths = {a.path for folder in ("histograms", "plots", "model", "hydra")
+                 for a in client.list_artifacts(run_id, folder)}
+        assert {"histograms/hidden.json", "histograms/hidden.png", "histograms/output.png",
+                "plots/curves.png", "model/MLmodel", "hydra/config.yaml"} <= paths
+        config = Path(client.download_artifacts(run_id, "hydra/config.yaml")).read_text()
+        assert f"strength: {name.split('-', 1)[1]}" in config
+        history = json.loads((root / "models" / name / "history.json").read_text())
+        assert history["status"] == "FINISHED" and history["mlflow_run_id"] == run_id
+        assert (root / "models" / name / "model.keras").is_file()
+    manifest = json.loads((root / "models" / "sweep.json").read_text())
+    assert manifest["strengths"] == GRID and manifest["parent_run_id"] == parents[0].info.run_id
+    assert sorted(p.name for p in (root / "outputs" / "sweep").iterdir()) == ["l2-fused-0", "multirun.yaml"]
+
+    run_cli(root, "l2sweep.evaluate")
+    assert (root / "metrics" / "eval.json").is_file()

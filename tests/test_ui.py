@@ -1,0 +1,114 @@
+"""`make ui` in a real headless browser: after a tiny sweep, its runs are on the experiment page.
+
+The browser is Debian's chromium + chromium-driver (`make test` installs them as root),
+driven by selenium. The screenshot is kept for people to look at:
+``<pytest's base temp>/ui-screenshot.png``, i.e. /tmp/pytest-of-<user>/pytest-current/ui-screenshot.png.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import requests
+from mlflow import MlflowClient
+
+from helpers import (GRID, cli_env, free_port, make_project, run_cli, sqlite_uri,
+                     stop_process_group, wait_until)
+
+REPO = Path(__file__).resolve().parents[1]
+SWEEP = GRID[:2]
+NAMES = [f"l2-{s}" for s in SWEEP]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny sweep in the embedded (sqlite) store, as `dvc repro` would leave it."""
+    root = make_project(tmp_path_factory.mktemp("ui-project"), sweep={"strengths": SWEEP},
+                        train={"epochs": 1})
+    run_cli(root, "l2sweep.train", "-m", "tracking.log_model=false")
+    return root
+
+
+@pytest.fixture(scope="module")
+def ui(project: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`make ui` for the project's store on a free loopback port; yields its URL."""
+    port, log = free_port(), tmp_path_factory.mktemp("ui-server") / "ui.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            ["make", "--no-print-directory", "-o", "install", "ui", f"PORT={port}",
+             f"TRACKING_URI={sqlite_uri(project)}", "WORKERS=1"],
+            cwd=REPO, env=cli_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        try:
+            return requests.get(f"{url}/health", timeout=2).ok
+        except requests.RequestException:
+            return False
+
+    try:
+        wait_until(healthy, 120, "mlflow ui", proc, log)
+        yield url
+    finally:
+        stop_process_group(proc)
+
+
+@pytest.fixture
+def browser() -> Iterator["object"]:
+    """Headless chromium through Debian's chromedriver (no driver download: paths are given)."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not chromium or not driver:
+        pytest.skip("chromium / chromedriver not installed (Debian: apt-get install chromium "
+                    "chromium-driver; `make test` does it as root)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1600,1000"):
+        options.add_argument(arg)
+    chrome = webdriver.Chrome(service=Service(executable_path=driver), options=options)
+    try:
+        yield chrome
+    finally:
+        chrome.quit()
+
+
+def _shown(browser, text: str) -> bool:
+    from selenium.webdriver.common.by import By
+
+    return any(e.is_displayed() for e in browser.find_elements(By.XPATH, f"//*[normalize-space(text())='{text}']"))
+
+
+def test_the_sweep_is_visible_in_the_ui(project, ui, browser, tmp_path_factory):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    client = MlflowClient(sqlite_uri(project))
+    experiment = client.get_experiment_by_name("l2-sweep")
+    (parent,) = [r for r in client.search_runs([experiment.experiment_id])
+                 if "mlflow.parentRunId" not in r.data.tags]
+    screenshot = tmp_path_factory.getbasetemp() / "ui-screenshot.png"
+    try:
+        # MLflow 3 opens experiments in its GenAI view; the runs table is the "model training" one.
+        browser.get(f"{ui}/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning")
+        WebDriverWait(browser, 60).until(lambda b: _shown(b, parent.info.run_name))
+        for close in browser.find_elements(By.CSS_SELECTOR, "button[data-component-id='mlflow.assistant.chat_panel.close']"):
+            if close.is_displayed():
+                close.click()  # the assistant side panel hides half the table
+        # The children are nested under the sweep's parent run: expand it.
+        expand = browser.find_element(
+            By.XPATH, f"//div[@row-id='{parent.info.run_id}']//div[contains(@col-id, 'Run Name')]//button")
+        expand.click()
+        WebDriverWait(browser, 30).until(lambda b: all(_shown(b, name) for name in NAMES))
+    finally:
+        browser.save_screenshot(str(screenshot))
+        print(f"MLflow UI screenshot: {screenshot}")
+    assert screenshot.stat().st_size > 10_000
