@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 
 import keras
 import matplotlib.pyplot as plt
@@ -13,7 +15,9 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import model_cfg
-from l2sweep.callbacks import EpochStats, MlflowEpochLogger, StopOnDivergence, WeightHistograms
+from l2sweep import tracking
+from l2sweep.callbacks import (EpochStats, MlflowEpochLogger, StopOnDivergence, StopOnSignal,
+                               WeightHistograms)
 from l2sweep.model import build_model, regularization_penalty, set_seeds, weight_norms
 from l2sweep.plots import plot_curves, plot_histograms, save_figure
 
@@ -183,6 +187,39 @@ def test_stop_records_the_epoch_it_diverged_in(data):
     # a new fit resets the record
     fit(make_cfg(), data, [stop], epochs=1)
     assert not stop.diverged and stop.diverged_epoch is None and stop.bad_value is None
+
+
+class SignalAt(keras.callbacks.Callback):
+    """Sends this process ``signum`` at the end of training batch ``batch`` of epoch 0."""
+
+    def __init__(self, signum: int, batch: int) -> None:
+        super().__init__()
+        self.signum, self.batch, self.batches_after, self.epochs_ended = signum, batch, 0, 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        if batch == self.batch:
+            os.kill(os.getpid(), self.signum)
+        elif batch > self.batch:
+            self.batches_after += 1
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epochs_ended += 1
+
+
+@pytest.mark.parametrize("signum, error", [(signal.SIGTERM, tracking.Terminated),
+                                           (signal.SIGINT, KeyboardInterrupt)])
+def test_a_signal_during_fit_stops_at_the_next_batch_end(data, signum, error):
+    sender = SignalAt(signum, batch=1)
+    saved = tracking.install_signal_handlers()
+    try:
+        with pytest.raises(error), tracking.deferred_signals():
+            # StopOnSignal first: it raises at the end of the batch the signal arrived in.
+            fit(make_cfg("train.steps_per_execution=1"), data, [StopOnSignal(), sender], epochs=3)
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    assert sender.batches_after == 0 and sender.epochs_ended == 0
+    tracking.raise_if_signalled()  # nothing left pending
 
 
 def test_no_divergence_is_recorded_on_a_sound_run(strong_run):

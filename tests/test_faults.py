@@ -173,6 +173,14 @@ def test_ctrl_c_during_dvc_repro_kills_the_run_and_the_next_repro_completes(tmp_
     evaluation = json.loads((root / "metrics" / "eval.json").read_text())
     assert {r["status"] for r in evaluation["runs"].values()} == {"finished"}
 
+    # A new grid in params.yaml (the one source of truth) makes `train` stale, not `prepare`.
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["sweep"]["strengths"] = GRID
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    stale = json.loads(dvc(root, "status", "--json"))
+    assert "prepare" not in stale and "evaluate" not in stale, stale
+    assert stale["train"] == [{"changed deps": {"params.yaml": {"sweep": "modified"}}}], stale
+
 
 def test_sigterm_kills_the_run_and_keeps_the_data(tmp_path):
     root = make_project(tmp_path / "p", tiny_arrays(), sweep={"strengths": GRID})

@@ -223,6 +223,27 @@ class StopOnDivergence(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
+class StopOnSignal(keras.callbacks.Callback):
+    """Ends ``fit`` between two steps when SIGINT or SIGTERM arrived.
+
+    Inside :func:`l2sweep.tracking.deferred_signals` the signal handlers only record a signal;
+    this callback raises its exception (``KeyboardInterrupt`` or
+    :class:`l2sweep.tracking.Terminated`) at the next batch end of training or validation,
+    a point where Keras unwinds cleanly, so the run is closed as KILLED and no model is written.
+
+    Example:
+        >>> with tracking.deferred_signals():
+        ...     model.fit(x, y, epochs=10, callbacks=[StopOnSignal()])
+    """
+
+    def on_train_batch_end(self, batch: int, logs: Optional[dict] = None) -> None:
+        from l2sweep.tracking import raise_if_signalled
+
+        raise_if_signalled()
+
+    on_test_batch_end = on_train_batch_end
+
+
 class MlflowEpochLogger(keras.callbacks.Callback):
     """Logs every numeric value of ``logs`` to an MLflow run, once per epoch.
 

@@ -126,6 +126,8 @@ class TrainConfig:
         learning_rate: Adam's (or AdamW's) learning rate.
         seed: seeds weights, shuffling and TF ops; every lambda of a sweep shares it.
         steps_per_execution: batches per compiled call; changes speed, not results.
+        validation_batch_size: examples per validation step (the end-of-epoch evaluation);
+            changes speed, not results: the same mean over the same examples. null = batch_size.
         jit_compile: compile the train step with XLA (Keras' "auto" leaves it off on CPU).
         deterministic: enable TensorFlow op determinism (same seed -> same metrics).
         fused: train every lambda of the grid at once as one vectorized model.
@@ -136,6 +138,7 @@ class TrainConfig:
     learning_rate: float = 0.001
     seed: int = 42
     steps_per_execution: int = 32
+    validation_batch_size: Optional[int] = 1000
     jit_compile: bool = True
     deterministic: bool = True
     fused: bool = False
@@ -527,6 +530,8 @@ def validate(cfg: DictConfig | Config) -> None:
     _positive_int("train.epochs", cfg.train.epochs)
     _positive_int("train.batch_size", cfg.train.batch_size)
     _positive_int("train.steps_per_execution", cfg.train.steps_per_execution)
+    if cfg.train.validation_batch_size is not None:
+        _positive_int("train.validation_batch_size", cfg.train.validation_batch_size)
     _finite_number("train.learning_rate", cfg.train.learning_rate, minimum=0.0, inclusive=False)
     validate_strengths(list(cfg.sweep.strengths))
     _positive_int("model.hidden_units", cfg.model.hidden_units)

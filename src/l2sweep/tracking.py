@@ -74,13 +74,57 @@ class Terminated(BaseException):
     """Raised in the main thread on SIGTERM so ``finally`` blocks close runs as KILLED."""
 
 
-def install_sigterm_handler() -> None:
-    """Turns SIGTERM into :class:`Terminated` (the default handler would skip cleanup)."""
+#: Signals the handlers of :func:`install_signal_handlers` turn into exceptions.
+_INTERRUPTS = {signal.SIGINT: KeyboardInterrupt, signal.SIGTERM: Terminated}
+#: Nesting depth of :func:`deferred_signals`, and the signal that arrived meanwhile.
+_deferral = {"depth": 0, "pending": None}
 
-    def _raise(signum: int, frame: Any) -> None:
-        raise Terminated(f"received signal {signum}")
 
-    signal.signal(signal.SIGTERM, _raise)
+def _interrupt(signum: int) -> BaseException:
+    return _INTERRUPTS[signal.Signals(signum)](f"received signal {signum}")
+
+
+def install_signal_handlers() -> dict[int, Any]:
+    """Turns SIGTERM into :class:`Terminated` (the default handler would skip cleanup) and
+    SIGINT into ``KeyboardInterrupt``, raised at once, or at the next safe point inside
+    :func:`deferred_signals`.
+
+    Returns:
+        The previous handlers, for ``signal.signal`` to restore.
+    """
+
+    def _handle(signum: int, frame: Any) -> None:
+        if _deferral["depth"]:
+            _deferral["pending"] = signum
+            return
+        raise _interrupt(signum)
+
+    return {sig: signal.signal(sig, _handle) for sig in _INTERRUPTS}
+
+
+def raise_if_signalled() -> None:
+    """Raises the exception of a signal that arrived inside :func:`deferred_signals`."""
+    signum, _deferral["pending"] = _deferral["pending"], None
+    if signum is not None:
+        raise _interrupt(signum)
+
+
+@contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Inside, SIGINT and SIGTERM are recorded instead of raised; code polls
+    :func:`raise_if_signalled` at points where stopping is safe (Keras:
+    :class:`l2sweep.callbacks.StopOnSignal`), and leaving the block raises a pending one.
+
+    Why: an exception raised at an arbitrary bytecode inside ``Model.fit`` (in tf.data's or
+    Keras' own bookkeeping) has crashed the process in glibc (``free(): invalid next size``)
+    instead of unwinding; raised between two training steps it unwinds like any callback error.
+    """
+    _deferral["depth"] += 1
+    try:
+        yield
+    finally:
+        _deferral["depth"] -= 1
+    raise_if_signalled()
 
 
 #: MLflow's HTTP client defaults (7 retries with exponential back-off, 120 s timeout) let an

@@ -186,7 +186,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """
     validate(cfg)
     from l2sweep.data import load_meta
-    from l2sweep.callbacks import EpochStats, MlflowEpochLogger, StopOnDivergence, WeightHistograms
+    from l2sweep.callbacks import (EpochStats, MlflowEpochLogger, StopOnDivergence, StopOnSignal,
+                                   WeightHistograms)
     from l2sweep.model import build_model, set_seeds
 
     (x_train, y_train), (x_val, y_val) = load_training_data(cfg)
@@ -199,14 +200,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     stats, histograms, divergence = EpochStats(), WeightHistograms(cfg.tracking.histogram_bins), StopOnDivergence()
     with tracking.child_run(cfg, run_tags(cfg)) as run:
-        callbacks = [stats, histograms, divergence]
+        callbacks = [StopOnSignal(), stats, histograms, divergence]
         if run.run_id:
             log_run_inputs(cfg, meta, x_val, y_val)
             callbacks.append(MlflowEpochLogger(run.client, run.run_id, on_error=run.not_logged))
-        keras_history = model.fit(
+        with tracking.deferred_signals():
+            keras_history = model.fit(
             x_train, y_train, validation_data=(x_val, y_val), epochs=cfg.train.epochs,
-            batch_size=cfg.train.batch_size, shuffle=True, callbacks=callbacks,
-            verbose=1 if sys.stdout.isatty() else 2).history
+                batch_size=cfg.train.batch_size, validation_batch_size=cfg.train.validation_batch_size,
+                shuffle=True, callbacks=callbacks,
+                verbose=1 if sys.stdout.isatty() else 2).history
         return finish_run(cfg, run, model, keras_history, divergence.diverged_epoch,
                           histograms.data, x_val[:5], label)
 
@@ -223,11 +226,19 @@ def log_run_inputs(cfg: DictConfig, meta: dict[str, Any], x_val: Any, y_val: Any
     import mlflow
 
     mlflow.log_params({k: str(v)[:6000] for k, v in flatten(cfg).items()})
-    mlflow.log_input(
-        mlflow.data.from_numpy(x_val[:1], targets=y_val[:1], name=cfg.dataset.name,
-                               source=str(meta.get("source", cfg.paths.prepared)),
-                               digest=_content_digest(meta)),
-        context="training")
+    dataset = mlflow.data.from_numpy(x_val[:1], targets=y_val[:1], name=cfg.dataset.name,
+                                     source=str(meta.get("source", cfg.paths.prepared)),
+                                     digest=_content_digest(meta))
+    for attempt in range(3):
+        try:
+            mlflow.log_input(dataset, context="training")
+            return
+        except mlflow.exceptions.MlflowException as exc:
+            # Two jobs logging the same new dataset at once (parallel launchers, two sweeps):
+            # both look it up, both insert, one loses on the store's unique key. Once it exists,
+            # a second attempt links it instead.
+            if "unique constraint" not in str(exc).lower() or attempt == 2:
+                raise
 
 
 def finish_run(cfg: DictConfig, run: tracking.ChildRun, model: Any, keras_history: dict[str, list],
@@ -330,8 +341,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         hydra_args = launch_argv(args, check=preflight if runs else None)
     except Exception as exc:  # bad input: nothing has been written
         raise SystemExit(cli.report(exc, args, verbose=verbose)) from None
-    saved = sys.argv, os.environ.get("HYDRA_FULL_ERROR"), signal.getsignal(signal.SIGTERM)
-    tracking.install_sigterm_handler()
+    saved = sys.argv, os.environ.get("HYDRA_FULL_ERROR"), tracking.install_signal_handlers()
     sys.argv = [sys.argv[0], *hydra_args]
     # Hydra would print its own traceback and exit 1: let the error reach cli.report instead.
     os.environ["HYDRA_FULL_ERROR"] = "1"
@@ -352,7 +362,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             os.environ.pop("HYDRA_FULL_ERROR", None)
         else:
             os.environ["HYDRA_FULL_ERROR"] = saved[1]
-        signal.signal(signal.SIGTERM, saved[2])
+        for signum, handler in saved[2].items():
+            signal.signal(signum, handler)
         tracking.close_parent(status, reason)
     if error is not None:  # reported last, after the parent run's own log lines
         raise SystemExit(cli.report(error, args))
