@@ -11,14 +11,16 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import yaml
 
 from conftest import make_images, write_idx_dir
 
+REPO = Path(__file__).resolve().parents[1]
 #: The grid and length of the tiny CLI sweeps.
 GRID = [0.001, 0.01, 0.1]
 EPOCHS = 2
@@ -121,3 +123,30 @@ def stop_process_group(proc: subprocess.Popen, timeout: float = 15) -> None:
         time.sleep(0.5)  # the leader is gone; its workers get a moment, then SIGKILL
     if proc.poll() is None:
         proc.wait(5)
+
+
+@contextmanager
+def make_server(target: str, log: Path, timeout: float, **variables: str) -> Iterator[str]:
+    """Runs ``make <target>`` (``ui`` or ``server``) on a free loopback port with one worker and
+    the given Makefile ``variables`` until the block ends; yields its URL once it is healthy."""
+    import requests
+
+    port = free_port()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            ["make", "--no-print-directory", "-o", "install", target, f"PORT={port}", "WORKERS=1",
+             *(f"{k}={v}" for k, v in variables.items())],
+            cwd=REPO, env=cli_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        try:
+            return requests.get(f"{url}/health", timeout=2).ok
+        except requests.RequestException:
+            return False
+
+    try:
+        wait_until(healthy, timeout, f"make {target}", proc, log)
+        yield url
+    finally:
+        stop_process_group(proc)

@@ -22,8 +22,7 @@ from typing import Iterator, Optional
 import pytest
 import requests
 
-from helpers import (EPOCHS, GRID, cli_env, free_port, make_project, run_cli, stop_process_group,
-                     wait_until)
+from helpers import EPOCHS, GRID, cli_env, free_port, make_project, make_server, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEP = GRID[:2]
@@ -120,26 +119,9 @@ def database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Database]:
 def server(database: Database, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """`make server` on a free loopback port, its artifacts in a temp folder."""
     home = tmp_path_factory.mktemp("server")
-    artifacts, port = home / "artifacts", free_port()
-    log = home / "server.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            ["make", "--no-print-directory", "-o", "install", "server", f"SERVER_DB={database.uri}",
-             f"ARTIFACTS={artifacts}", f"PORT={port}", "WORKERS=1"],
-            cwd=REPO, env=cli_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        try:
-            return requests.get(f"{url}/health", timeout=2).ok
-        except requests.RequestException:
-            return False
-
-    try:
-        wait_until(healthy, 180, "mlflow server", proc, log)
+    artifacts, log = home / "artifacts", home / "server.log"
+    with make_server("server", log, 180, SERVER_DB=database.uri, ARTIFACTS=str(artifacts)) as url:
         yield {"url": url, "artifacts": artifacts, "log": log, "database": database}
-    finally:
-        stop_process_group(proc)
 
 
 @pytest.fixture(scope="module")

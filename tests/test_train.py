@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from conftest import override, write_idx_dir
+from conftest import write_idx_dir
 from helpers import EPOCHS, GRID, run_cli, tiny_arrays, write_project_params
 
 METRICS = ["loss", "accuracy", "val_loss", "val_accuracy", "data_loss", "val_data_loss", "penalty",

@@ -8,16 +8,13 @@ driven by selenium. The screenshot is kept for people to look at:
 from __future__ import annotations
 
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Iterator
 
 import pytest
-import requests
 from mlflow import MlflowClient
 
-from helpers import (GRID, cli_env, free_port, make_project, run_cli, sqlite_uri,
-                     stop_process_group, wait_until)
+from helpers import GRID, make_project, make_server, run_cli, sqlite_uri
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEP = GRID[:2]
@@ -37,25 +34,9 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def ui(project: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`make ui` for the project's store on a free loopback port; yields its URL."""
-    port, log = free_port(), tmp_path_factory.mktemp("ui-server") / "ui.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            ["make", "--no-print-directory", "-o", "install", "ui", f"PORT={port}",
-             f"TRACKING_URI={sqlite_uri(project)}", "WORKERS=1"],
-            cwd=REPO, env=cli_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        try:
-            return requests.get(f"{url}/health", timeout=2).ok
-        except requests.RequestException:
-            return False
-
-    try:
-        wait_until(healthy, 120, "mlflow ui", proc, log)
+    log = tmp_path_factory.mktemp("ui-server") / "ui.log"
+    with make_server("ui", log, 120, TRACKING_URI=sqlite_uri(project)) as url:
         yield url
-    finally:
-        stop_process_group(proc)
 
 
 @pytest.fixture

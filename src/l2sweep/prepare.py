@@ -22,7 +22,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from l2sweep.cli import EXIT_USAGE, entry_point, one_line  # noqa: F401 (one_line: moved to cli)
+from l2sweep.cli import entry_point
 from l2sweep.config import compose_config, validate
 from l2sweep.data import apply_limit, class_counts, load_dataset, save_prepared, stratified_split
 
