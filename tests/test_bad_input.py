@@ -74,6 +74,10 @@ TRAIN_CASES = [
     (["train.learning_rate=0"], "train.learning_rate=0.0 is not allowed: a finite number > 0"),
     (["train.learning_rate=-0.001"], "train.learning_rate=-0.001 is not allowed: a finite number > 0"),
     (["train.learning_rate=fast"], "train.learning_rate='fast' is not allowed: a number"),
+    (["train.loop=fast"], "train.loop='fast' is not allowed: one of auto, compiled, keras"),
+    (["model=cnn", "train.loop=compiled"], "train.loop='compiled' is not allowed: auto or keras for "
+                                           "model.name=cnn (the compiled loop runs only mlp)"),
+    (["train.threads=0"], "train.threads=0 is not allowed: a positive integer"),
     # data settings
     (["data.val_fraction=0"], "data.val_fraction=0.0 is not allowed: a number strictly between 0 and 1"),
     (["data.val_fraction=1"], "data.val_fraction=1.0 is not allowed: a number strictly between 0 and 1"),

@@ -29,10 +29,12 @@ def _weights(path: Path) -> list[np.ndarray]:
 
 @pytest.mark.parametrize("regularizer", ["l2", "weight_decay"])
 def test_fused_equals_sequential(prepared_tiny, tiny_cfg, tmp_path, regularizer):
-    """The same tiny grid trained both ways for one epoch: every per-lambda metric and weight
-    (and Adam's state, via model.keras) equal within float tolerance."""
+    """The same tiny grid trained three ways for one epoch: fused, one job per lambda in the
+    compiled loop (the default for mlp) and one job per lambda in Keras' own ``fit``. Every
+    per-lambda metric and weight (and Adam's state, via model.keras) equal within float
+    tolerance."""
     from l2sweep.fused import slice_configs, train_fused
-    from l2sweep.train import train
+    from l2sweep.train import train, training_loop
 
     def cfg(models: str, **extra):
         return tiny_cfg(f"regularizer={regularizer}", "sweep.strengths=[0.001,0.01,0.1]",
@@ -40,20 +42,25 @@ def test_fused_equals_sequential(prepared_tiny, tiny_cfg, tmp_path, regularizer)
                         *[f"{k}={v}" for k, v in extra.items()])
 
     fused = train_fused(cfg("fused", **{"train.fused": "true"}))
-    sequential = {c.run_name: train(c) for c in slice_configs(cfg("sequential"))}
-    assert sorted(fused) == sorted(sequential) == sorted(f"{regularizer}-{s}" for s in (0.001, 0.01, 0.1))
-    for name in sequential:
-        a, b = (json.loads((tmp_path / m / name / "history.json").read_text())
-                for m in ("fused", "sequential"))
-        assert a["status"] == b["status"] == "FINISHED" and a["epochs"] == b["epochs"] == [0]
-        assert set(a["metrics"]) == set(b["metrics"])
-        for key in METRICS:
-            np.testing.assert_allclose(a["metrics"][key], b["metrics"][key], rtol=RTOL, atol=ATOL,
-                                       err_msg=f"{name} {key}")
-        wa, wb = (_weights(tmp_path / m / name / "model.keras") for m in ("fused", "sequential"))
-        assert [w.shape for w in wa] == [w.shape for w in wb]
-        for x, y in zip(wa, wb):
-            np.testing.assert_allclose(x, y, rtol=RTOL, atol=ATOL, err_msg=name)
+    assert training_loop(cfg("x")) == "compiled" and training_loop(cfg("x", **{"train.loop": "keras"})) == "keras"
+    ways = {"compiled": cfg("compiled"), "keras": cfg("keras", **{"train.loop": "keras"})}
+    runs = {way: {c.run_name: train(c) for c in slice_configs(base)} for way, base in ways.items()}
+    assert sorted(fused) == sorted(runs["keras"]) == sorted(runs["compiled"]) \
+        == sorted(f"{regularizer}-{s}" for s in (0.001, 0.01, 0.1))
+    for name in fused:
+        ref = json.loads((tmp_path / "keras" / name / "history.json").read_text())
+        wref = _weights(tmp_path / "keras" / name / "model.keras")
+        for way in ("fused", "compiled"):
+            got = json.loads((tmp_path / way / name / "history.json").read_text())
+            assert got["status"] == ref["status"] == "FINISHED" and got["epochs"] == ref["epochs"] == [0]
+            assert set(got["metrics"]) == set(ref["metrics"])
+            for key in METRICS:
+                np.testing.assert_allclose(got["metrics"][key], ref["metrics"][key], rtol=RTOL,
+                                           atol=ATOL, err_msg=f"{way} {name} {key}")
+            weights = _weights(tmp_path / way / name / "model.keras")
+            assert [w.shape for w in weights] == [w.shape for w in wref]
+            for x, y in zip(weights, wref):
+                np.testing.assert_allclose(x, y, rtol=RTOL, atol=ATOL, err_msg=f"{way} {name}")
 
 
 def test_batches_come_in_fits_order():
@@ -143,6 +150,34 @@ def test_a_diverging_lambda_fails_alone(prepared_tiny, tiny_cfg, tmp_path):
     assert runs["l2-1e+37"].info.status == "FAILED"
     assert "diverged at epoch 0" in runs["l2-1e+37"].data.tags["l2sweep.failure_reason"]
     assert runs["l2-0.001"].info.status == "FINISHED"
+
+
+def test_the_compiled_loop_compiles_once_per_process(prepared_tiny, tiny_cfg):
+    """The jobs of a sequential sweep reuse one engine: the second lambda starts from its own
+    initial weights and zero Adam state without tracing (and so compiling) again.
+    (test_fused_equals_sequential shows the reused engine's results equal fit's.)"""
+    from l2sweep import fused
+    from l2sweep.train import load_training_data
+
+    (x, y), (xv, yv) = load_training_data(prepared_tiny)
+    first, second = (tiny_cfg(f"regularizer.strength={s}", "tracking.enabled=false") for s in (0.001, 0.1))
+    fused.fit_fused([first], x, y, xv, yv)
+    (engine,) = fused._ENGINE.values()
+    assert engine._train.experimental_get_tracing_count() == 1
+    fused.fit_fused([second], x, y, xv, yv)
+    (reused,) = fused._ENGINE.values()
+    assert reused is engine and reused._train.experimental_get_tracing_count() == 1
+    assert int(reused.iterations.numpy()) == math.ceil(len(x) / first.train.batch_size)  # reset, then 1 epoch
+    np.testing.assert_allclose(reused.l2.numpy(), [0.1])
+
+
+def test_the_compiled_loop_is_refused_for_the_cnn(tiny_cfg):
+    from l2sweep.config import ConfigError, validate
+    from l2sweep.train import training_loop
+
+    assert training_loop(tiny_cfg("model=cnn")) == "keras"
+    with pytest.raises(ConfigError, match="train.loop='compiled' is not allowed: auto or keras for model.name=cnn"):
+        validate(tiny_cfg("model=cnn", "train.loop=compiled"))
 
 
 def test_cnn_is_not_fused(tiny_cfg):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -136,3 +137,31 @@ def test_bad_grid_fails_before_anything_runs(tmp_path, tiny_arrays_module):
     lines = proc.stderr.strip().splitlines()
     assert lines == ["error: params.yaml: sweep.strengths=-0.1 is not allowed: a finite number >= 0"]
     assert not (tmp_path / "mlruns").exists() and not (tmp_path / "models").exists()
+
+
+def test_threads_default_to_one_for_the_compiled_loop_only(tiny_cfg, monkeypatch):
+    from l2sweep.train import configure_threads
+
+    cases = [((), "1"), (("train.fused=true",), None), (("model=cnn",), None),
+             (("train.loop=keras",), None), (("train.threads=3",), "3"), (("train.fused=true", "train.threads=2"), "2")]
+    for overrides, expected in cases:
+        monkeypatch.delenv("TF_NUM_INTRAOP_THREADS", raising=False)
+        configure_threads(tiny_cfg(*overrides))
+        assert os.environ.get("TF_NUM_INTRAOP_THREADS") == expected, overrides
+    monkeypatch.setenv("TF_NUM_INTRAOP_THREADS", "2")  # the user's own setting wins over the default
+    configure_threads(tiny_cfg())
+    assert os.environ["TF_NUM_INTRAOP_THREADS"] == "2"
+
+
+def test_the_jobs_of_a_process_share_one_read_of_the_data(prepared_tiny):
+    from l2sweep.data import load_split, save_prepared
+    from l2sweep.train import load_training_data
+
+    (x, y), _ = load_training_data(prepared_tiny)
+    assert load_training_data(prepared_tiny)[0][0] is x and not x.flags.writeable
+    folder = Path(prepared_tiny.paths.prepared)
+    splits = {name: load_split(folder, name) for name in ("train", "val", "test")}
+    splits["train"] = (splits["train"][0][:100], splits["train"][1][:100])
+    save_prepared(folder, splits, json.loads((folder / "meta.json").read_text()))
+    (x2, y2), _ = load_training_data(prepared_tiny)  # the file changed: read again
+    assert len(x2) == len(y2) == 100

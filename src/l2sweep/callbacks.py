@@ -224,7 +224,7 @@ class StopOnDivergence(keras.callbacks.Callback):
 
 
 class StopOnSignal(keras.callbacks.Callback):
-    """Ends ``fit`` between two steps when SIGINT or SIGTERM arrived.
+    """Ends ``fit`` between two steps (or two epochs) when SIGINT or SIGTERM arrived.
 
     Inside :func:`l2sweep.tracking.deferred_signals` the signal handlers only record a signal;
     this callback raises its exception (``KeyboardInterrupt`` or
@@ -242,6 +242,10 @@ class StopOnSignal(keras.callbacks.Callback):
         raise_if_signalled()
 
     on_test_batch_end = on_train_batch_end
+
+    def on_epoch_end(self, epoch: int, logs: Optional[dict] = None) -> None:
+        # The only event of a loop without batch events (l2sweep.fused: an epoch per call).
+        self.on_train_batch_end(-1, logs)
 
 
 class MlflowEpochLogger(keras.callbacks.Callback):

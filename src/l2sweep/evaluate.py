@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import re
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from l2sweep import report
-from l2sweep.cli import entry_point
+from l2sweep.cli import entry_point, exit_fast
 from l2sweep.config import compose_config, validate
 
 log = logging.getLogger(__name__)
@@ -297,4 +296,4 @@ def main(overrides: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_fast(main)

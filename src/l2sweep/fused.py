@@ -35,6 +35,13 @@ A slice whose loss becomes NaN or infinite is reported FAILED for its lambda (``
 = that epoch, no model written) and ignored from then on; slices share nothing, so the others
 train on exactly as they would alone (tests/test_fused.py checks it).
 
+The same engine with K=1 is the sequential sweep's default training loop for the MLP
+(``train.loop=auto``, see :func:`l2sweep.train.train`): one lambda per job, its Keras callbacks
+(``EpochStats``, ``WeightHistograms``, ``MlflowEpochLogger``, ``StopOnSignal``, Keras' progress
+lines) called once per epoch exactly as ``fit`` calls them. Its compiled functions are kept
+between the jobs of a process (:meth:`FusedMLP.for_views`), so a sweep compiles once, not
+once per lambda.
+
 Only ``model=mlp`` is fused; ``cnn`` raises a :class:`~l2sweep.config.ConfigError` (run it
 with ``train.fused=false``). ``epoch_time`` is the fused epoch's wall time, shared by all
 lambdas; ``train.steps_per_execution`` does not apply (an epoch is one compiled call).
@@ -52,12 +59,12 @@ from typing import Any, Optional
 import numpy as np
 from omegaconf import DictConfig
 
-from l2sweep.config import ConfigError, validate, validate_strengths
+from l2sweep.config import FUSABLE_MODELS, ConfigError, validate, validate_strengths
 
 log = logging.getLogger(__name__)
 
-#: Models the fused path can vectorize.
-FUSABLE_MODELS = ("mlp",)
+#: The engine kept for reuse (see FusedMLP.for_views): key -> engine.
+_ENGINE: dict[tuple, "FusedMLP"] = {}
 #: Validation examples per compiled call (memory: chunk * K * hidden_units floats).
 VAL_CHUNK = 2000
 
@@ -140,43 +147,77 @@ class FusedMLP:
     per slice; the summed loss gives each slice its own gradient), so a slice that produces
     NaN or inf cannot affect the others: it is simply reported and ignored.
 
-    Args:
-        views: one compiled standalone model per lambda (``l2sweep.model.build_model``); their
-            current weights become the slices' initial weights, their optimizer's
-            hyper-parameters (Adam's betas and epsilon) are used.
-        l1, l2, decay: per-slice penalty coefficients and decoupled weight decay (shape (K,)).
-        learning_rate: Adam's learning rate.
-        jit_compile: compile the epoch loop and the evaluation with XLA.
+    Build it with :meth:`for_views`.
     """
 
-    def __init__(self, views: list[Any], l1: np.ndarray, l2: np.ndarray, decay: np.ndarray,
-                 learning_rate: float, jit_compile: bool = True) -> None:
+    def __init__(self, k: int, inputs: int, units: int, kinds: tuple[bool, bool, bool],
+                 learning_rate: float, beta_1: float, beta_2: float, epsilon: float,
+                 jit_compile: bool = True) -> None:
         import tensorflow as tf
 
-        self.k = len(views)
-        hidden = [v.get_layer("hidden") for v in views]
-        output = [v.get_layer("output") for v in views]
-        self.units = int(hidden[0].units)
-        w1 = np.concatenate([np.asarray(h.kernel) for h in hidden], axis=1)
-        b1 = np.concatenate([np.asarray(h.bias) for h in hidden])
-        w2 = np.stack([np.asarray(o.kernel) for o in output])
-        b2 = np.stack([np.asarray(o.bias) for o in output])
-        self.params = [tf.Variable(a, name=n) for a, n in
-                       ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"))]
+        from l2sweep.model import NUM_CLASSES
+
+        self.k, self.units = int(k), int(units)
+        shapes = ((inputs, k * units), (k * units,), (k, units, NUM_CLASSES), (k, NUM_CLASSES))
+        self.params = [tf.Variable(tf.zeros(s), name=n) for s, n in zip(shapes, ("w1", "b1", "w2", "b2"))]
         self.m = [tf.Variable(tf.zeros_like(p)) for p in self.params]
         self.v = [tf.Variable(tf.zeros_like(p)) for p in self.params]
         self.iterations = tf.Variable(0, dtype=tf.int64)
-        self.l1, self.l2 = tf.constant(l1, tf.float32), tf.constant(l2, tf.float32)
+        # Variables, not constants: a reused engine trains another grid without retracing.
+        self.l1, self.l2 = tf.Variable(tf.zeros(k)), tf.Variable(tf.zeros(k))
         # Decoupled decay per column of the hidden kernel (AdamW decays kernels only).
-        self.decay = tf.constant(np.repeat(decay, self.units)[None, :], tf.float32)
-        self.use_l1, self.use_l2 = bool(np.any(l1)), bool(np.any(l2))
-        self.use_decay = bool(np.any(decay))
-        opt = views[0].optimizer
+        self.decay = tf.Variable(tf.zeros((1, k * units)))
+        self.use_l1, self.use_l2, self.use_decay = kinds
         self.lr = float(learning_rate)
-        self.beta_1, self.beta_2 = float(opt.beta_1), float(opt.beta_2)
-        self.epsilon = float(opt.epsilon)
+        self.beta_1, self.beta_2, self.epsilon = float(beta_1), float(beta_2), float(epsilon)
         self._train = tf.function(self._train_steps, jit_compile=jit_compile, reduce_retracing=True)
         self._eval = tf.function(self._eval_chunk, jit_compile=jit_compile, reduce_retracing=True)
+
+    @classmethod
+    def for_views(cls, views: list[Any], l1: np.ndarray, l2: np.ndarray, decay: np.ndarray,
+                  learning_rate: float, jit_compile: bool = True) -> "FusedMLP":
+        """The engine for ``views``, initialised from their current weights.
+
+        The last engine built is kept and reused when the next call has the same shapes,
+        penalty kinds and optimizer settings (every job of a sequential sweep in one
+        process): its compiled functions, and their XLA compilation (~2-3 s), are reused.
+
+        Args:
+            views: one compiled standalone model per lambda (``l2sweep.model.build_model``); their
+                current weights become the slices' initial weights, their optimizer's
+                hyper-parameters (Adam's betas and epsilon) are used.
+            l1, l2, decay: per-slice penalty coefficients and decoupled weight decay (shape (K,)).
+            learning_rate: Adam's learning rate.
+            jit_compile: compile the epoch loop and the evaluation with XLA.
+        """
+        hidden = views[0].get_layer("hidden")
+        opt = views[0].optimizer
+        key = (len(views), int(hidden.kernel.shape[0]), int(hidden.units),
+               (bool(np.any(l1)), bool(np.any(l2)), bool(np.any(decay))), float(learning_rate),
+               float(opt.beta_1), float(opt.beta_2), float(opt.epsilon), bool(jit_compile))
+        engine = _ENGINE.get(key)
+        if engine is None:
+            _ENGINE.clear()  # one engine at a time: a new grid's shapes free the old one
+            engine = _ENGINE[key] = cls(key[0], key[1], key[2], *key[3:])
+        engine.load(views, l1, l2, decay)
+        return engine
+
+    def load(self, views: list[Any], l1: np.ndarray, l2: np.ndarray, decay: np.ndarray) -> None:
+        """Starts afresh: slice k = ``views[k]``'s weights, zero Adam state, these penalties."""
+        hidden = [v.get_layer("hidden") for v in views]
+        output = [v.get_layer("output") for v in views]
+        values = (np.concatenate([np.asarray(h.kernel) for h in hidden], axis=1),
+                  np.concatenate([np.asarray(h.bias) for h in hidden]),
+                  np.stack([np.asarray(o.kernel) for o in output]),
+                  np.stack([np.asarray(o.bias) for o in output]))
+        for p, m, v, value in zip(self.params, self.m, self.v, values):
+            p.assign(value)
+            m.assign(np.zeros_like(value))
+            v.assign(np.zeros_like(value))
+        self.iterations.assign(0)
+        self.l1.assign(np.asarray(l1, np.float32))
+        self.l2.assign(np.asarray(l2, np.float32))
+        self.decay.assign(np.repeat(np.asarray(decay, np.float32), self.units)[None, :])
 
     # --- the model ---------------------------------------------------------------------
 
@@ -357,19 +398,31 @@ def keras_batch_order(n: int, batch_size: int, epochs: int) -> list[list[np.ndar
 
 
 def fit_fused(cfgs: list[DictConfig], x_train: np.ndarray, y_train: np.ndarray,
-              x_val: np.ndarray, y_val: np.ndarray, label: str = "fused"
+              x_val: np.ndarray, y_val: np.ndarray, label: str = "fused",
+              callbacks: Optional[list[list[Any]]] = None, verbose: int = 0
               ) -> tuple[list[Any], list[SliceResult]]:
     """Trains the K models of ``cfgs`` (one per lambda, otherwise equal) at once.
+
+    Each slice has its own Keras callback list, called as ``fit`` calls it, once per epoch:
+    ``on_train_begin``, ``on_epoch_begin``, ``on_epoch_end`` (with Keras' ``logs``), then
+    ``on_train_end``, with the slice's standalone model (holding the slice's weights) as
+    ``self.model``. :class:`~l2sweep.callbacks.EpochStats` and
+    :class:`~l2sweep.callbacks.WeightHistograms` come first; a diverged slice gets no more
+    epochs. There are no batch events: an epoch is one compiled call.
 
     Args:
         cfgs: per-lambda configs (:func:`slice_configs`).
         x_train, y_train, x_val, y_val: float32 images in [0, 1] (N, 28, 28) and int labels.
         label: prefix of the progress lines.
+        callbacks: per slice, more Keras callbacks (e.g. ``MlflowEpochLogger``, ``StopOnSignal``).
+        verbose: Keras' progress lines per slice, as ``fit(verbose=...)`` (0: none; then one
+            summary line per epoch of the grid is logged instead).
 
     Returns:
         (the standalone Keras model of each lambda, holding its slice's final weights,
         per-lambda :class:`SliceResult`).
     """
+    import keras
     import tensorflow as tf
 
     from l2sweep.callbacks import EpochStats, WeightHistograms
@@ -383,29 +436,32 @@ def fit_fused(cfgs: list[DictConfig], x_train: np.ndarray, y_train: np.ndarray,
         set_seeds(cfg.train.seed, cfg.train.deterministic)
         views.append(build_model(cfg))
     set_seeds(base.train.seed, base.train.deterministic)
-    order = keras_batch_order(len(x_train), int(base.train.batch_size), int(base.train.epochs))
+    epochs = int(base.train.epochs)
+    order = keras_batch_order(len(x_train), int(base.train.batch_size), epochs)
 
     l1, l2, decay = _penalty_coefficients(base, [float(c.regularizer.strength) for c in cfgs])
-    fused = FusedMLP(views, l1, l2, decay, float(base.train.learning_rate),
-                     jit_compile=bool(base.train.jit_compile))
+    fused = FusedMLP.for_views(views, l1, l2, decay, float(base.train.learning_rate),
+                               jit_compile=bool(base.train.jit_compile))
     x = tf.constant(x_train.reshape(len(x_train), -1))
     y = tf.constant(y_train.astype(np.int64))
     xv = tf.constant(x_val.reshape(len(x_val), -1))
     yv = tf.constant(y_val.astype(np.int64))
 
     results = [SliceResult() for _ in cfgs]
-    stats = [EpochStats() for _ in cfgs]
     hists = [WeightHistograms(int(base.tracking.histogram_bins)) for _ in cfgs]
-    for view, s, h in zip(views, stats, hists):
-        for cb in (s, h):
-            cb.set_model(view)
-            cb.on_train_begin()
-    for epoch in range(int(base.train.epochs)):
+    records = [keras.callbacks.History() for _ in cfgs]  # last, as in fit: sees every value
+    lists = [keras.callbacks.CallbackList([EpochStats(), h, *(callbacks[k] if callbacks else []), r],
+                                          add_progbar=verbose > 0, model=view, verbose=verbose,
+                                          epochs=epochs, steps=len(order[0]))
+             for k, (view, h, r) in enumerate(zip(views, hists, records))]
+    for cbs in lists:
+        cbs.on_train_begin()
+    for epoch in range(epochs):
         running = [k for k, r in enumerate(results) if r.diverged_epoch is None]
         if not running:
             break
         for k in running:
-            stats[k].on_epoch_begin(epoch)
+            lists[k].on_epoch_begin(epoch)
         train_logs = fused.train_epoch(x, y, order[epoch])
         val_logs = fused.evaluate(xv, yv)
         fused.copy_to(views)
@@ -413,22 +469,24 @@ def fit_fused(cfgs: list[DictConfig], x_train: np.ndarray, y_train: np.ndarray,
             logs = {name: float(train_logs[name][k]) for name in ("accuracy", "data_loss", "loss")}
             logs.update({f"val_{name}": float(val_logs[name][k])
                          for name in ("accuracy", "data_loss", "loss")})
-            stats[k].on_epoch_end(epoch, logs)
-            hists[k].on_epoch_end(epoch, logs)
-            for name, value in logs.items():
-                results[k].history.setdefault(name, []).append(float(value))
+            lists[k].on_epoch_end(epoch, logs)
             if not math.isfinite(logs["loss"]):  # Keras' running mean: any bad step shows
                 results[k].diverged_epoch = epoch
-                log.warning("%s: %s diverged in epoch %d (loss %s); the other lambdas go on",
-                            label, cfgs[k].run_name, epoch, logs["loss"])
-        best = min(running, key=lambda k: results[k].history["val_loss"][-1]
-                   if math.isfinite(results[k].history["val_loss"][-1]) else math.inf)
-        log.info("%s: epoch %d/%d, %d lambdas in %.1f s; best val_loss %.4f (%s)", label, epoch + 1,
-                 int(base.train.epochs), len(running), results[best].history["epoch_time"][-1],
-                 results[best].history["val_loss"][-1], cfgs[best].run_name)
+                log.warning("%s: %s diverged in epoch %d (loss %s)%s", label, cfgs[k].run_name,
+                            epoch, logs["loss"], "; the other lambdas go on" if len(cfgs) > 1 else "")
+        if not verbose:
+            last = {k: {name: values[-1] for name, values in records[k].history.items()} for k in running}
+            best = min(running, key=lambda k: last[k]["val_loss"]
+                       if math.isfinite(last[k]["val_loss"]) else math.inf)
+            log.info("%s: epoch %d/%d, %d lambdas in %.1f s; best val_loss %.4f (%s)", label,
+                     epoch + 1, epochs, len(running), last[best]["epoch_time"],
+                     last[best]["val_loss"], cfgs[best].run_name)
     fused.copy_to(views, optimizer_state=True)
-    for k, h in enumerate(hists):
-        results[k].histograms = h.data
+    for cbs in lists:
+        cbs.on_train_end()
+    for result, h, r in zip(results, hists, records):
+        result.history = {name: [float(v) for v in values] for name, values in r.history.items()}
+        result.histograms = h.data
     return views, results
 
 

@@ -9,6 +9,11 @@ Run (from the repository root; params.yaml is layered over conf/, the command li
 
 Each run writes ``<paths.models>/<run_name>/{model.keras,history.json}`` and an MLflow child
 run under the sweep's parent run (see l2sweep.tracking).
+
+How one lambda trains is ``train.loop``: for the MLP by default the compiled loop (the fused
+engine of l2sweep.fused with one model: the same initial weights, batches, Adam and metrics as
+Keras ``fit``, a whole epoch per XLA call, compiled once per process), for the CNN Keras
+``Model.fit``; ``train.loop=keras`` forces ``fit`` (tests/test_fused.py shows all three equal).
 """
 
 from __future__ import annotations
@@ -30,20 +35,62 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from l2sweep import cli, tracking
-from l2sweep.config import CONF_DIR, flatten, validate
+from l2sweep.config import CONF_DIR, FUSABLE_MODELS, flatten, validate
 from l2sweep.preflight import preflight
 from l2sweep.sweep import launch_argv
 
 log = logging.getLogger(__name__)
 
 
+#: The last splits :func:`load_training_data` read: (folder, file stamps) -> the arrays.
+_LOADED: dict[tuple, Any] = {}
+
+
 def load_training_data(cfg: DictConfig):
-    """The prepared train and validation splits as float32 images in [0, 1] and int labels."""
+    """The prepared train and validation splits as float32 images in [0, 1] and int labels.
+
+    The jobs of a sweep in one process share one read (the arrays are read-only); a split
+    file that changed in between (size or modification time) is read again.
+    """
     from l2sweep.data import load_split, to_float
 
-    x_train, y_train = load_split(cfg.paths.prepared, "train")
-    x_val, y_val = load_split(cfg.paths.prepared, "val")
-    return (to_float(x_train), y_train), (to_float(x_val), y_val)
+    folder = Path(cfg.paths.prepared).resolve()
+    stamps = []
+    for split in ("train", "val"):
+        try:
+            st = (folder / f"{split}.npz").stat()
+            stamps.append((st.st_size, st.st_mtime_ns))
+        except OSError:
+            stamps.append(None)  # load_split says what is missing
+    key = (str(folder), tuple(stamps))
+    if key not in _LOADED:
+        _LOADED.clear()
+        loaded = []
+        for split in ("train", "val"):
+            x, y = load_split(folder, split)
+            x = to_float(x)
+            x.flags.writeable = y.flags.writeable = False
+            loaded.append((x, y))
+        _LOADED[key] = tuple(loaded)
+    return _LOADED[key]
+
+
+def configure_threads(cfg: DictConfig) -> None:
+    """Sets TensorFlow's intra-op threads for this process and its launcher's workers.
+
+    ``train.threads``, or when null: 1 for the compiled loop of one model (the seeds' GEMMs are
+    too small to split: on 2 cores one thread trains ~10 % faster and leaves the other core
+    to parallel jobs; bench/README.md), else TensorFlow's default (every core). An explicit
+    ``TF_NUM_INTRAOP_THREADS`` in the environment wins over the null default. It takes effect
+    only before TensorFlow starts, so entry points call it first.
+    """
+    threads = cfg.train.threads
+    if threads is None:
+        if cfg.train.fused or training_loop(cfg) != "compiled":
+            return
+        os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
+    else:
+        os.environ["TF_NUM_INTRAOP_THREADS"] = str(int(threads))
 
 
 def _job_label(cfg: DictConfig) -> str:
@@ -137,7 +184,8 @@ def log_run_artifacts(run: tracking.ChildRun, model: Any, history: dict[str, Any
     import keras
     from mlflow.models import infer_signature
 
-    signature = infer_signature(example, model.predict(example, verbose=0))
+    # A direct call, not predict(): the same output without building a tf.data pipeline.
+    signature = infer_signature(example, keras.ops.convert_to_numpy(model(example, training=False)))
     # MLflow predicts on the input example with Keras' default progress bar: keep it quiet.
     keras.utils.disable_interactive_logging()
     try:
@@ -185,33 +233,63 @@ def train(cfg: DictConfig) -> dict[str, float]:
         are NaN when the run diverged.
     """
     validate(cfg)
+    from l2sweep.callbacks import MlflowEpochLogger, StopOnSignal
     from l2sweep.data import load_meta
-    from l2sweep.callbacks import (EpochStats, MlflowEpochLogger, StopOnDivergence, StopOnSignal,
-                                   WeightHistograms)
-    from l2sweep.model import build_model, set_seeds
 
     (x_train, y_train), (x_val, y_val) = load_training_data(cfg)
     meta = load_meta(cfg.paths.prepared)
-    set_seeds(cfg.train.seed, cfg.train.deterministic)
-    model = build_model(cfg)
     label = _job_label(cfg)
     log.info("%s: %s, %d epochs on %d images (%d validation)", label, cfg.model.name,
              cfg.train.epochs, len(x_train), len(x_val))
-
-    stats, histograms, divergence = EpochStats(), WeightHistograms(cfg.tracking.histogram_bins), StopOnDivergence()
+    fit = _fit_compiled if training_loop(cfg) == "compiled" else _fit_keras
     with tracking.child_run(cfg, run_tags(cfg)) as run:
-        callbacks = [StopOnSignal(), stats, histograms, divergence]
+        callbacks = [StopOnSignal()]
         if run.run_id:
             log_run_inputs(cfg, meta, x_val, y_val)
             callbacks.append(MlflowEpochLogger(run.client, run.run_id, on_error=run.not_logged))
         with tracking.deferred_signals():
-            keras_history = model.fit(
-            x_train, y_train, validation_data=(x_val, y_val), epochs=cfg.train.epochs,
-                batch_size=cfg.train.batch_size, validation_batch_size=cfg.train.validation_batch_size,
-                shuffle=True, callbacks=callbacks,
-                verbose=1 if sys.stdout.isatty() else 2).history
-        return finish_run(cfg, run, model, keras_history, divergence.diverged_epoch,
-                          histograms.data, x_val[:5], label)
+            model, history, diverged, histograms = fit(cfg, x_train, y_train, x_val, y_val,
+                                                       callbacks, label)
+        return finish_run(cfg, run, model, history, diverged, histograms, x_val[:5], label)
+
+
+def training_loop(cfg: DictConfig) -> str:
+    """``compiled`` or ``keras``: what ``train.loop`` picks for ``cfg.model`` (``auto``: the
+    compiled loop for the models l2sweep.fused can vectorize, else Keras ``fit``)."""
+    if cfg.train.loop == "compiled" or (cfg.train.loop == "auto" and cfg.model.name in FUSABLE_MODELS):
+        return "compiled"  # validate() refused compiled for a model it cannot run
+    return "keras"
+
+
+def _verbose() -> int:
+    return 1 if sys.stdout.isatty() else 2
+
+
+def _fit_keras(cfg: DictConfig, x_train, y_train, x_val, y_val, callbacks: list, label: str):
+    """Keras ``Model.fit``: returns (model, history, diverged epoch or None, histogram data)."""
+    from l2sweep.callbacks import EpochStats, StopOnDivergence, WeightHistograms
+    from l2sweep.model import build_model, set_seeds
+
+    set_seeds(cfg.train.seed, cfg.train.deterministic)
+    model = build_model(cfg)
+    histograms, divergence = WeightHistograms(cfg.tracking.histogram_bins), StopOnDivergence()
+    stop, *loggers = callbacks
+    history = model.fit(
+        x_train, y_train, validation_data=(x_val, y_val), epochs=cfg.train.epochs,
+        batch_size=cfg.train.batch_size, validation_batch_size=cfg.train.validation_batch_size,
+        shuffle=True, callbacks=[stop, EpochStats(), histograms, divergence, *loggers],
+        verbose=_verbose()).history
+    return model, history, divergence.diverged_epoch, histograms.data
+
+
+def _fit_compiled(cfg: DictConfig, x_train, y_train, x_val, y_val, callbacks: list, label: str):
+    """The compiled loop (l2sweep.fused with one model): the same model, initial weights,
+    batches and Adam as ``fit``, an epoch per compiled call; same return as :func:`_fit_keras`."""
+    from l2sweep.fused import fit_fused
+
+    (model,), (result,) = fit_fused([cfg], x_train, y_train, x_val, y_val, label=label,
+                                    callbacks=[callbacks], verbose=_verbose())
+    return model, result.history, result.diverged_epoch, result.histograms
 
 
 def run_tags(cfg: DictConfig, extra: Optional[dict[str, str]] = None) -> dict[str, str]:
@@ -321,6 +399,11 @@ def _hydra_main(cfg: DictConfig) -> float:
     return val_loss if math.isfinite(val_loss) else math.inf
 
 
+def _before_training(cfg: DictConfig) -> None:
+    preflight(cfg)
+    configure_threads(cfg)
+
+
 _PRINT_ONLY_FLAGS = {"--help", "-h", "--hydra-help", "--version", "--cfg", "-c", "--info", "-i",
                      "--shell-completion", "-sc"}
 
@@ -338,7 +421,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     # Flags that only print (help, config, info) need no writable outputs or store.
     runs = not any(a.split("=", 1)[0] in _PRINT_ONLY_FLAGS for a in args)
     try:
-        hydra_args = launch_argv(args, check=preflight if runs else None)
+        hydra_args = launch_argv(args, check=_before_training if runs else None)
     except Exception as exc:  # bad input: nothing has been written
         raise SystemExit(cli.report(exc, args, verbose=verbose)) from None
     saved = sys.argv, os.environ.get("HYDRA_FULL_ERROR"), tracking.install_signal_handlers()
@@ -370,4 +453,4 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.exit_fast(main)
