@@ -28,6 +28,7 @@ import signal
 import sys
 import tempfile
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -304,9 +305,13 @@ def log_run_inputs(cfg: DictConfig, meta: dict[str, Any], x_val: Any, y_val: Any
     import mlflow
 
     mlflow.log_params({k: str(v)[:6000] for k, v in flatten(cfg).items()})
-    dataset = mlflow.data.from_numpy(x_val[:1], targets=y_val[:1], name=cfg.dataset.name,
-                                     source=str(meta.get("source", cfg.paths.prepared)),
-                                     digest=_content_digest(meta))
+    with warnings.catch_warnings():
+        # MLflow registers its local-path source twice ("" and "file" schemes) and warns, on
+        # every run, that a local path matches both; either one is the same source.
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+        dataset = mlflow.data.from_numpy(x_val[:1], targets=y_val[:1], name=cfg.dataset.name,
+                                         source=str(meta.get("source", cfg.paths.prepared)),
+                                         digest=_content_digest(meta))
     for attempt in range(3):
         try:
             mlflow.log_input(dataset, context="training")
