@@ -172,8 +172,9 @@ def exit_fast(main: Callable[[], Any]) -> None:
     interpreter's teardown.
 
     Everything a normal exit does that matters is done first, in the interpreter's order:
-    threading's exit hooks run and non-daemon threads are joined, ``atexit`` handlers run (MLflow ends a run left active, ``logging`` flushes its files),
-    and the standard streams are flushed. What is skipped is the destruction of every module
+    threading's exit hooks run and non-daemon threads are joined, ``atexit`` handlers run
+    (MLflow ends a run left active, ``logging`` flushes its files), and the standard streams
+    are flushed. What is skipped is the destruction of every module
     and object, which with TensorFlow and MLflow loaded takes 1-2 s and writes nothing
     (bench/README.md). An exception other than ``SystemExit`` (``--verbose`` re-raises)
     takes Python's normal path, so its traceback is printed as usual.

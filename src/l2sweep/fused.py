@@ -198,7 +198,7 @@ class FusedMLP:
         engine = _ENGINE.get(key)
         if engine is None:
             _ENGINE.clear()  # one engine at a time: a new grid's shapes free the old one
-            engine = _ENGINE[key] = cls(key[0], key[1], key[2], *key[3:])
+            engine = _ENGINE[key] = cls(*key)
         engine.load(views, l1, l2, decay)
         return engine
 
@@ -425,7 +425,7 @@ def fit_fused(cfgs: list[DictConfig], x_train: np.ndarray, y_train: np.ndarray,
     import keras
     import tensorflow as tf
 
-    from l2sweep.callbacks import EpochStats, WeightHistograms
+    from l2sweep.callbacks import EpochStats, StopOnDivergence, WeightHistograms
     from l2sweep.model import build_model, set_seeds
 
     base = cfgs[0]
@@ -449,11 +449,12 @@ def fit_fused(cfgs: list[DictConfig], x_train: np.ndarray, y_train: np.ndarray,
 
     results = [SliceResult() for _ in cfgs]
     hists = [WeightHistograms(int(base.tracking.histogram_bins)) for _ in cfgs]
+    stops = [StopOnDivergence() for _ in cfgs]
     records = [keras.callbacks.History() for _ in cfgs]  # last, as in fit: sees every value
-    lists = [keras.callbacks.CallbackList([EpochStats(), h, *(callbacks[k] if callbacks else []), r],
+    lists = [keras.callbacks.CallbackList([EpochStats(), h, d, *(callbacks[k] if callbacks else []), r],
                                           add_progbar=verbose > 0, model=view, verbose=verbose,
                                           epochs=epochs, steps=len(order[0]))
-             for k, (view, h, r) in enumerate(zip(views, hists, records))]
+             for k, (view, h, d, r) in enumerate(zip(views, hists, stops, records))]
     for cbs in lists:
         cbs.on_train_begin()
     for epoch in range(epochs):
@@ -470,8 +471,8 @@ def fit_fused(cfgs: list[DictConfig], x_train: np.ndarray, y_train: np.ndarray,
             logs.update({f"val_{name}": float(val_logs[name][k])
                          for name in ("accuracy", "data_loss", "loss")})
             lists[k].on_epoch_end(epoch, logs)
-            if not math.isfinite(logs["loss"]):  # Keras' running mean: any bad step shows
-                results[k].diverged_epoch = epoch
+            if stops[k].diverged:  # Keras' running mean of the loss: any bad step shows
+                results[k].diverged_epoch = stops[k].diverged_epoch
                 log.warning("%s: %s diverged in epoch %d (loss %s)%s", label, cfgs[k].run_name,
                             epoch, logs["loss"], "; the other lambdas go on" if len(cfgs) > 1 else "")
         if not verbose:
