@@ -543,7 +543,7 @@ def record_run(cfg: DictConfig, model: Any, result: SliceResult, meta: dict[str,
 
     with tracking.child_run(cfg, run_tags(cfg, {"l2sweep.fused": "true"})) as run:
         if run.run_id:
-            log_run_inputs(cfg, meta, x_val, y_val)
+            log_run_inputs(run, cfg, meta, x_val, y_val)
             logger = MlflowEpochLogger(run.client, run.run_id, on_error=run.not_logged)
             epochs = len(next(iter(result.history.values()), []))
             for epoch in range(epochs):

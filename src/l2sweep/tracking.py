@@ -19,7 +19,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
@@ -283,6 +283,11 @@ class SweepCallback(Callback):
         os.environ.update(self.job_env)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        # The last runs' artifacts may still be in the background; Hydra turns an exception
+        # raised here into a warning, so a tracking failure waits for raise_after_sweep().
+        failed = [h for h in finish_background() if h.unlogged]
+        if failed:
+            _after_sweep["error"] = tracking_failure(failed)
         manifest = write_manifest(config)
         if _open_parent is not None and manifest["best"]:
             try:
@@ -290,7 +295,7 @@ class SweepCallback(Callback):
             except Exception as exc:  # the results are in sweep.json; the parent still gets closed
                 log.warning("could not tag the best lambda on the sweep's MLflow run: %s", exc)
         statuses = {r["status"] for r in manifest["runs"]}
-        ok = bool(manifest["runs"]) and statuses <= {"FINISHED"}
+        ok = bool(manifest["runs"]) and statuses <= {"FINISHED"} and not failed
         close_parent("FINISHED" if ok else "FAILED", None if ok else "a child run did not finish")
 
 
@@ -390,14 +395,19 @@ class ChildRun:
 
     :meth:`not_logged` records what the store failed to take; :func:`child_run` then raises
     :class:`TrackingError` listing it, after the caller wrote the run's outputs to disk.
+    :meth:`defer` queues the logging that ends the run (its artifacts), which runs in the
+    background while the next job of the sweep trains (see :func:`child_run`).
     """
 
-    def __init__(self, run_id: Optional[str], client: Any) -> None:
+    def __init__(self, run_id: Optional[str], client: Any, name: str = "", out_dir: Optional[Path] = None,
+                 uri: str = "") -> None:
         self.run_id, self.client = run_id, client
+        self.name, self.out_dir, self.uri = name, out_dir, uri
         self.status, self.reason = "FINISHED", None
         self.unlogged: list[str] = []
         self.tracking_error: Optional[str] = None
         self.tracking_exc: Optional[BaseException] = None
+        self.deferred: list[tuple[str, Callable[[], None]]] = []
 
     def fail(self, reason: str) -> None:
         self.status, self.reason = "FAILED", reason
@@ -411,6 +421,73 @@ class ChildRun:
             self.tracking_error = " ".join(str(error).split()) or type(error).__name__
         log.warning("MLflow run %s: %s not logged (%s)", self.run_id, what, self.tracking_error)
 
+    def defer(self, what: str, log_it: Callable[[], None]) -> None:
+        """Queues ``log_it`` (which logs ``what``) for the end of the run. It must not depend
+        on the job's global state (Hydra's job config, the active directory): by the time it
+        runs, the next job may have started. A failure is recorded as :meth:`not_logged`."""
+        self.deferred.append((what, log_it))
+
+    def message(self) -> str:
+        """What was not logged, and where the outputs are (one clause of a TrackingError)."""
+        kept = f"; its outputs are in {self.out_dir}" if self.out_dir and self.out_dir.is_dir() else ""
+        return f"run {self.name}: not logged to MLflow: {', '.join(self.unlogged)}{kept}"
+
+
+def tracking_failure(runs: list[ChildRun]) -> TrackingError:
+    """One error for the runs that did not log everything (the first store error says why)."""
+    first = next((r for r in runs if r.tracking_exc is not None), None)
+    why = store_error(first.uri, first.tracking_exc) if first else "the store failed"
+    return TrackingError(f"{'; '.join(r.message() for r in runs)}. {why}")
+
+
+#: Runs the background thread is finishing (oldest first), and its executor.
+_background: dict[str, Any] = {"executor": None, "pending": []}
+#: A tracking failure found after the sweep's last job (see :meth:`SweepCallback.on_multirun_end`).
+_after_sweep: dict[str, Optional[TrackingError]] = {"error": None}
+
+
+def _in_background_allowed() -> bool:
+    """Whether a finished run's artifacts may be logged while the next job trains.
+
+    Only where the jobs run in the process that opened the sweep's parent run (Hydra's basic
+    launcher): its entry point waits for them (:func:`finish_background`) before it closes the
+    parent and exits. A launcher's worker process, or a direct call, logs them at once.
+    """
+    return _open_parent is not None
+
+
+def finish_background() -> list[ChildRun]:
+    """Waits until the background thread has ended every run handed to it; returns them."""
+    done = []
+    pending = _background["pending"]
+    while pending:
+        handle, future = pending[0]
+        future.result()  # _finish_run records failures instead of raising
+        pending.pop(0)  # only now: an interrupted wait leaves it for the next call
+        done.append(handle)
+    return done
+
+
+def raise_after_sweep() -> None:
+    """Raises the tracking failure the last job's background logging left, if any."""
+    error, _after_sweep["error"] = _after_sweep["error"], None
+    if error is not None:
+        raise error
+
+
+def _finish_run(handle: ChildRun) -> None:
+    """Runs the deferred logging of a run, then ends it; records failures, never raises."""
+    for what, log_it in handle.deferred:
+        if handle.tracking_error is not None:  # the store failed already: don't wait on it again
+            handle.not_logged(what)
+            continue
+        try:
+            log_it()
+        except Exception as exc:  # the outputs are on disk; the error says what is missing
+            handle.not_logged(what, exc)
+    handle.deferred = []
+    _end_child(handle)
+
 
 @contextmanager
 def child_run(cfg: DictConfig, tags: Optional[dict[str, str]] = None) -> Iterator[ChildRun]:
@@ -420,55 +497,68 @@ def child_run(cfg: DictConfig, tags: Optional[dict[str, str]] = None) -> Iterato
     or KILLED (Ctrl-C / SIGTERM). With ``tracking.enabled=false`` it yields a handle with no
     run, so callers need no second code path.
 
+    After a body that finished, the run's deferred logging (:meth:`ChildRun.defer`: figures,
+    MLflow model) and its end go to a background thread when the sweep's jobs run in this
+    process, so they overlap the next job's training (the one-thread training loop leaves a
+    core free); :func:`finish_background` waits for them (the entry point does before it
+    closes the sweep). Elsewhere they run before this returns.
+
     Raises:
-        TrackingError: after a body that finished, if the store failed to take something
-            (:meth:`ChildRun.not_logged`): the message lists what, and where the outputs are.
+        TrackingError: if the store failed to take something (:meth:`ChildRun.not_logged`)
+            in this run (when it is ended here) or in an earlier one the background thread
+            ended meanwhile: the message lists what, and where the outputs are.
     """
     if not cfg.tracking.enabled:
         yield ChildRun(None, None)
         return
-    import mlflow
+    from mlflow.tracking.context import registry
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-    # An inherited MLFLOW_RUN_ID would make start_run resume that run instead (MLflow #15713).
-    os.environ.pop("MLFLOW_RUN_ID", None)
-    mlflow.set_tracking_uri(tracking_uri(cfg))
+    uri = tracking_uri(cfg)
     experiment_id = ensure_store(cfg)
-    all_tags = {**git_tags(), **(tags or {})}
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=cfg.run_name,
-                           parent_run_id=os.environ.get(PARENT_ENV), tags=all_tags)
-    handle = ChildRun(run.info.run_id, get_client(cfg))
+    client = get_client(cfg)
+    # The client API, not mlflow.start_run: the fluent active run is per thread, and the
+    # background thread ends this run while this thread starts the next.
+    all_tags = {**git_tags(), **(tags or {}), MLFLOW_RUN_NAME: cfg.run_name}
+    if os.environ.get(PARENT_ENV):
+        all_tags[MLFLOW_PARENT_RUN_ID] = os.environ[PARENT_ENV]
+    run = client.create_run(experiment_id, run_name=cfg.run_name, tags=registry.resolve_tags(all_tags))
+    handle = ChildRun(run.info.run_id, client, cfg.run_name, Path(cfg.paths.models) / cfg.run_name, uri)
     try:
         yield handle
     except (KeyboardInterrupt, Terminated) as exc:
         handle.status, handle.reason = "KILLED", f"interrupted: {str(exc) or type(exc).__name__}"
+        _end_child(handle)
         raise
     except BaseException as exc:
         handle.status, handle.reason = "FAILED", f"{type(exc).__name__}: {exc}"
-        raise
-    finally:
         _end_child(handle)
-    if handle.unlogged:
-        out = Path(cfg.paths.models) / cfg.run_name
-        kept = f"; its outputs are in {out}" if out.is_dir() else ""
-        why = store_error(tracking_uri(cfg), handle.tracking_exc) if handle.tracking_exc else \
-            "the store failed"
-        raise TrackingError(f"run {cfg.run_name}: not logged to MLflow: "
-                            f"{', '.join(handle.unlogged)}{kept}. {why}")
+        raise
+    failed = [h for h in finish_background() if h.unlogged]
+    if _in_background_allowed():
+        if _background["executor"] is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _background["executor"] = ThreadPoolExecutor(1, thread_name_prefix="l2sweep-tracking")
+        _background["pending"].append((handle, _background["executor"].submit(_finish_run, handle)))
+    else:
+        _finish_run(handle)
+        failed += [handle] if handle.unlogged else []
+    if failed:
+        raise tracking_failure(failed)
 
 
 def _end_child(handle: ChildRun) -> None:
     """Tags the reason and ends the run; a store that fails here is recorded, not raised, so
     the job's own error (if any) is the one the user sees."""
-    import mlflow
-
     if handle.unlogged and handle.status == "FINISHED":
         handle.fail(f"tracking failed; not logged: {', '.join(handle.unlogged)}")
     if handle.reason and handle.tracking_error is None:  # a store that failed once: one try
         try:
-            mlflow.set_tag(REASON_TAG, handle.reason[:5000])
+            handle.client.set_tag(handle.run_id, REASON_TAG, handle.reason[:5000])
         except Exception as exc:
             handle.not_logged("the failure reason", exc)
     try:
-        mlflow.end_run(handle.status)  # pops the active run before it calls the store
+        handle.client.set_terminated(handle.run_id, handle.status)
     except Exception as exc:
         handle.not_logged(f"the run's end (status {handle.status})", exc)

@@ -19,6 +19,7 @@ Keras ``fit``, a whole epoch per XLA call, compiled once per process), for the C
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import math
@@ -155,16 +156,25 @@ def write_run_outputs(out_dir: Path, model: Any, history: dict[str, Any]) -> Non
 
 
 def log_run_artifacts(run: tracking.ChildRun, model: Any, history: dict[str, Any],
-                      histograms: dict[str, Any], example: Any,
+                      histograms: dict[str, Any], example: Any, hydra_dir: Optional[Path] = None,
                       job_config: Optional[DictConfig] = None) -> None:
     """Logs curves, weight histograms, the Hydra config and the MLflow model of one run.
 
-    ``job_config`` (a fused sweep's lambda) replaces the Hydra job's ``config.yaml``.
-    """
-    import mlflow
+    It may run in the background thread while the next job trains (l2sweep.tracking.child_run),
+    so it takes everything as arguments and uses only the client with ``run.run_id``.
 
+    Args:
+        run: the run to log to.
+        model: the trained Keras model, or None to log no MLflow model.
+        history: the run's ``history.json`` content.
+        histograms: :class:`l2sweep.callbacks.WeightHistograms` data.
+        example: a few validation images (the MLflow model's input example).
+        hydra_dir: the Hydra job's output folder; its ``.hydra/`` is logged as ``hydra/``.
+        job_config: logged as ``hydra/config.yaml`` instead (a fused sweep's lambda).
+    """
     from l2sweep.plots import plot_curves, plot_histograms, save_figure
 
+    client, run_id = run.client, run.run_id
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         save_figure(plot_curves(history["metrics"], history["run_name"]), tmp / "plots" / "curves.png")
@@ -174,35 +184,30 @@ def log_run_artifacts(run: tracking.ChildRun, model: Any, history: dict[str, Any
             save_figure(plot_histograms(data, layer, f"{history['run_name']}: {layer} weights"),
                         tmp / "histograms" / f"{layer}.png")
         (tmp / "history.json").write_text(json.dumps(history, indent=2))
-        mlflow.log_artifacts(str(tmp))
-    hydra_dir = _hydra_output_dir()
+        client.log_artifacts(run_id, str(tmp))
     if hydra_dir is not None and (hydra_dir / ".hydra").is_dir():
-        mlflow.log_artifacts(str(hydra_dir / ".hydra"), "hydra")
+        client.log_artifacts(run_id, str(hydra_dir / ".hydra"), "hydra")
     if job_config is not None:
-        mlflow.log_text(OmegaConf.to_yaml(job_config), "hydra/config.yaml")
+        client.log_text(run_id, OmegaConf.to_yaml(job_config), "hydra/config.yaml")
     if model is None:
         return
     import keras
+    import mlflow.tensorflow
     from mlflow.models import infer_signature
 
     # A direct call, not predict(): the same output without building a tf.data pipeline.
     signature = infer_signature(example, keras.ops.convert_to_numpy(model(example, training=False)))
-    # MLflow predicts on the input example with Keras' default progress bar: keep it quiet.
-    keras.utils.disable_interactive_logging()
-    try:
-        with tempfile.TemporaryDirectory() as tmp_dir:
-            # An MLflow model (MLmodel, signature, input example) as the run's `model/`
-            # artifact: `mlflow.pyfunc.load_model("runs:/<id>/model")` serves it. (A second copy
-            # as an MLflow 3 LoggedModel named "model" would shadow this path in list_artifacts.)
-            # Requirements given, not inferred: inference loads the model again in a fresh
-            # Python (~5 s per run, most of the tracking overhead; bench/README.md).
-            mlflow.tensorflow.save_model(model, f"{tmp_dir}/model", signature=signature,
-                                         input_example=example,
-                                         pip_requirements=[*mlflow.tensorflow.get_default_pip_requirements(),
-                                                           f"keras=={keras.__version__}"])
-            mlflow.log_artifacts(f"{tmp_dir}/model", "model")
-    finally:
-        keras.utils.enable_interactive_logging()
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        # An MLflow model (MLmodel, signature, input example) as the run's `model/` artifact:
+        # `mlflow.pyfunc.load_model("runs:/<id>/model")` serves it. (A second copy as an
+        # MLflow 3 LoggedModel named "model" would shadow this path in list_artifacts.)
+        # Requirements given, not inferred: inference loads the model again in a fresh
+        # Python (~5 s per run; bench/README.md).
+        mlflow.tensorflow.save_model(model, f"{tmp_dir}/model", signature=signature,
+                                     input_example=example,
+                                     pip_requirements=[*mlflow.tensorflow.get_default_pip_requirements(),
+                                                       f"keras=={keras.__version__}"])
+        client.log_artifacts(run_id, f"{tmp_dir}/model", "model")
 
 
 def _history_record(cfg: DictConfig, keras_history: dict[str, list], run: tracking.ChildRun,
@@ -246,7 +251,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     with tracking.child_run(cfg, run_tags(cfg)) as run:
         callbacks = [StopOnSignal()]
         if run.run_id:
-            log_run_inputs(cfg, meta, x_val, y_val)
+            log_run_inputs(run, cfg, meta, x_val, y_val)
             callbacks.append(MlflowEpochLogger(run.client, run.run_id, on_error=run.not_logged))
         with tracking.deferred_signals():
             model, history, diverged, histograms = fit(cfg, x_train, y_train, x_val, y_val,
@@ -300,11 +305,14 @@ def run_tags(cfg: DictConfig, extra: Optional[dict[str, str]] = None) -> dict[st
     return {k: v for k, v in tags.items() if v}
 
 
-def log_run_inputs(cfg: DictConfig, meta: dict[str, Any], x_val: Any, y_val: Any) -> None:
-    """Logs the resolved config as params and the dataset as input of the active run."""
+def log_run_inputs(run: tracking.ChildRun, cfg: DictConfig, meta: dict[str, Any], x_val: Any,
+                   y_val: Any) -> None:
+    """Logs the resolved config as params and the dataset as input of ``run``."""
     import mlflow
+    from mlflow.entities import DatasetInput, InputTag, Param
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-    mlflow.log_params({k: str(v)[:6000] for k, v in flatten(cfg).items()})
+    run.client.log_batch(run.run_id, params=[Param(k, str(v)[:6000]) for k, v in flatten(cfg).items()])
     with warnings.catch_warnings():
         # MLflow registers its local-path source twice ("" and "file" schemes) and warns, on
         # every run, that a local path matches both; either one is the same source.
@@ -314,7 +322,8 @@ def log_run_inputs(cfg: DictConfig, meta: dict[str, Any], x_val: Any, y_val: Any
                                          digest=_content_digest(meta))
     for attempt in range(3):
         try:
-            mlflow.log_input(dataset, context="training")
+            run.client.log_inputs(run.run_id, [DatasetInput(
+                dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, "training")])])
             return
         except mlflow.exceptions.MlflowException as exc:
             # Two jobs logging the same new dataset at once (parallel launchers, two sweeps):
@@ -329,7 +338,9 @@ def finish_run(cfg: DictConfig, run: tracking.ChildRun, model: Any, keras_histor
                job_config: Optional[DictConfig] = None) -> dict[str, float]:
     """Records a trained lambda: status, ``history.json`` + ``model.keras``, MLflow artifacts.
 
-    Shared by the sequential (:func:`train`) and the fused (l2sweep.fused) sweep.
+    Shared by the sequential (:func:`train`) and the fused (l2sweep.fused) sweep. The outputs
+    on disk are written here; the artifacts are handed to ``run`` (:meth:`ChildRun.defer`),
+    which logs them when the run ends (l2sweep.tracking.child_run).
 
     Args:
         cfg: the lambda's config.
@@ -352,16 +363,10 @@ def finish_run(cfg: DictConfig, run: tracking.ChildRun, model: Any, keras_histor
     # Disk first: if the tracking server is gone, the results still exist.
     write_run_outputs(Path(cfg.paths.models) / cfg.run_name,
                       model if diverged is None else None, history)
-    if run.run_id:
-        artifacts = "artifacts (curves, histograms, history, config, model)"
-        try:
-            if run.tracking_error is not None:  # the store failed during training: don't wait on it
-                run.not_logged(artifacts)
-            else:
-                log_run_artifacts(run, model if diverged is None and cfg.tracking.log_model else None,
-                                  history, histograms, example, job_config=job_config)
-        except Exception as exc:  # the outputs are on disk; child_run says what is missing
-            run.not_logged(artifacts, exc)
+    if run.run_id:  # logged when the run ends: in the background while the next job trains
+        run.defer("artifacts (curves, histograms, history, config, model)", functools.partial(
+            log_run_artifacts, run, model if diverged is None and cfg.tracking.log_model else None,
+            history, histograms, example, hydra_dir=_hydra_output_dir(), job_config=job_config))
     final = {k: v[-1] if v else math.nan for k, v in history["metrics"].items()}
     log.info("%s: val_loss %.4f val_accuracy %.4f", label, final.get("val_loss", math.nan),
              final.get("val_accuracy", math.nan))
@@ -436,6 +441,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     status, reason, error = "FAILED", "the sweep stopped with an error", None
     try:
         _hydra_main()
+        tracking.raise_after_sweep()
         status, reason = "FINISHED", None
     except (Exception, KeyboardInterrupt, tracking.Terminated) as exc:
         interrupted = not isinstance(exc, Exception)
@@ -450,9 +456,15 @@ def main(argv: Optional[list[str]] = None) -> None:
             os.environ.pop("HYDRA_FULL_ERROR", None)
         else:
             os.environ["HYDRA_FULL_ERROR"] = saved[1]
-        for signum, handler in saved[2].items():
-            signal.signal(signum, handler)
-        tracking.close_parent(status, reason)
+        try:  # no run left RUNNING: wait for the background thread to end the last ones
+            with tracking.deferred_signals():
+                tracking.finish_background()
+        except (KeyboardInterrupt, tracking.Terminated):
+            pass  # it arrived while they were being ended; they are, so nothing is left to stop
+        finally:
+            for signum, handler in saved[2].items():
+                signal.signal(signum, handler)
+            tracking.close_parent(status, reason)
     if error is not None:  # reported last, after the parent run's own log lines
         raise SystemExit(cli.report(error, args))
 

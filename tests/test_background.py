@@ -1,0 +1,111 @@
+"""A run's artifacts are logged by a background thread while the next job of the sweep trains;
+what goes wrong there is reported, and no run is left RUNNING. Real CLI on tiny data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from helpers import cli_env, make_project, sqlite_uri, tiny_arrays
+
+GRID = [0.001, 0.01, 0.1]
+
+#: Runs the sweep with l2sweep.train's artifact logging and compiled loop wrapped: each call
+#: is written to $EVENTS as [thread name, what, run name]. The artifacts of $HOLD wait (up to
+#: 60 s) until the next lambda's training has started, which only a background thread can
+#: see; those of $FAIL raise.
+_DRIVER = """
+import json, os, sys, threading
+import l2sweep.train as t
+
+events, hold, fail = os.environ["EVENTS"], os.environ.get("HOLD"), os.environ.get("FAIL")
+next_started = threading.Event()
+log_run_artifacts, fit_compiled = t.log_run_artifacts, t._fit_compiled
+
+def note(what, name):
+    with open(events, "a") as f:
+        f.write(json.dumps([threading.current_thread().name, what, name]) + "\\n")
+
+def artifacts(run, model, history, *args, **kwargs):
+    note("artifacts", history["run_name"])
+    if history["run_name"] == fail:
+        raise OSError("the artifact store is gone")
+    if history["run_name"] == hold:
+        note("saw the next job train" if next_started.wait(60) else "timed out", hold)
+    return log_run_artifacts(run, model, history, *args, **kwargs)
+
+def fit(cfg, *args, **kwargs):
+    note("fit", cfg.run_name)
+    if hold and cfg.run_name != hold:
+        next_started.set()
+    return fit_compiled(cfg, *args, **kwargs)
+
+t.log_run_artifacts, t._fit_compiled = artifacts, fit
+sys.argv[1:] = ["-m"]
+t.main()
+"""
+
+
+def _sweep(root: Path, **env: str) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
+    events = root / "events.jsonl"
+    proc = subprocess.run([sys.executable, "-c", _DRIVER], cwd=root, capture_output=True, text=True,
+                          env=cli_env(EVENTS=str(events), **env), timeout=600)
+    return proc, [json.loads(line) for line in events.read_text().splitlines()]
+
+
+def _runs(root: Path) -> tuple[list, dict]:
+    client = MlflowClient(sqlite_uri(root))
+    runs = client.search_runs([client.get_experiment_by_name("l2-sweep").experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    return parents, {r.info.run_name: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    return make_project(tmp_path / "p", tiny_arrays(), sweep={"strengths": GRID})
+
+
+def test_artifacts_are_logged_while_the_next_lambda_trains(project):
+    proc, events = _sweep(project, HOLD="l2-0.001")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # l2-0.001's artifacts were still being logged when l2-0.01 started training.
+    assert ["l2sweep-tracking_0", "saw the next job train", "l2-0.001"] in events, events
+    artifacts = [e for e in events if e[1] == "artifacts"]
+    assert [name for _, _, name in artifacts] == [f"l2-{s}" for s in GRID]
+    assert {thread for thread, _, _ in artifacts} == {"l2sweep-tracking_0"}
+    assert {thread for thread, what, _ in events if what == "fit"} == {"MainThread"}
+
+    (parent,), children = _runs(project)
+    assert parent.info.status == "FINISHED"
+    client = MlflowClient(sqlite_uri(project))
+    for name, run in children.items():
+        assert run.info.status == "FINISHED", name
+        assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"plots", "histograms", "model", "hydra"}
+        # Each run got its own job's Hydra config, though the next job had started.
+        (project / "downloads" / name).mkdir(parents=True)
+        overrides = client.download_artifacts(run.info.run_id, "hydra/overrides.yaml",
+                                              str(project / "downloads" / name))
+        assert f"regularizer.strength={run.data.params['regularizer.strength']}" in Path(overrides).read_text()
+
+
+def test_a_failure_in_the_background_names_the_run_and_leaves_nothing_running(project):
+    proc, _ = _sweep(project, FAIL="l2-0.001")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: run l2-0.001: not logged to MLflow: artifacts (curves, histograms, "
+                            f"history, config, model); its outputs are in {Path('models') / 'l2-0.001'}. "
+                            "MLflow store sqlite:///"), error
+    assert error.endswith("the artifact store is gone"), error
+    assert "Traceback" not in proc.stderr
+
+    (parent,), children = _runs(project)
+    assert parent.info.status == "FAILED"
+    assert {name: r.info.status for name, r in children.items()} == {
+        "l2-0.001": "FAILED", "l2-0.01": "FINISHED", "l2-0.1": "FINISHED"}
+    for strength in GRID:  # nothing lost: every lambda's outputs are on disk
+        assert (project / "models" / f"l2-{strength}" / "model.keras").is_file()
