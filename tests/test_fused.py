@@ -171,6 +171,28 @@ def test_the_compiled_loop_compiles_once_per_process(prepared_tiny, tiny_cfg):
     np.testing.assert_allclose(reused.l2.numpy(), [0.1])
 
 
+def test_the_jobs_of_a_process_share_the_batch_order_and_data_tensors(prepared_tiny, tiny_cfg, monkeypatch):
+    """The second job reuses the first one's batch order (the same seed gives the same order)
+    and its tensors of the read-only shared arrays; other arrays, or another seed, do not."""
+    from l2sweep import fused
+    from l2sweep.train import load_training_data
+
+    calls = []
+    order = fused.keras_batch_order
+    monkeypatch.setattr(fused, "_ORDER", {})  # nothing from the tests before
+    monkeypatch.setattr(fused, "_TENSORS", {})
+    monkeypatch.setattr(fused, "keras_batch_order", lambda *a: calls.append(a) or order(*a))
+    (x, y), (xv, yv) = load_training_data(prepared_tiny)
+    cfgs = [tiny_cfg(f"regularizer.strength={s}", "tracking.enabled=false") for s in (0.001, 0.1)]
+    fused.fit_fused([cfgs[0]], x, y, xv, yv)
+    tensors = fused._data_tensors(x, y, xv, yv)
+    fused.fit_fused([cfgs[1]], x, y, xv, yv)
+    assert len(calls) == 1 and fused._data_tensors(x, y, xv, yv) is tensors
+    assert fused._data_tensors(x.copy(), y, xv, yv) is not tensors  # writeable: not kept
+    fused.fit_fused([tiny_cfg("train.seed=7", "tracking.enabled=false")], x, y, xv, yv)
+    assert len(calls) == 2
+
+
 def test_the_compiled_loop_is_refused_for_the_cnn(tiny_cfg):
     from l2sweep.config import ConfigError, validate
     from l2sweep.train import training_loop

@@ -375,6 +375,46 @@ class FusedMLP:
             opt.iterations.assign(int(self.iterations.numpy()))
 
 
+#: The last batch order and data tensors built, for the next job of the process (see below).
+_ORDER: dict[tuple, list[list[np.ndarray]]] = {}
+_TENSORS: dict[tuple, tuple] = {}
+
+
+def _batch_order(cfg: DictConfig, n: int) -> list[list[np.ndarray]]:
+    """:func:`keras_batch_order` for ``cfg``; call it right after ``set_seeds(cfg.train.seed)``.
+    The order is then a function of the seed, so the jobs of a sweep in one process (same
+    seed, data size, batch size and epochs) share the last one computed (~1 s of tf.data
+    each on 50,000 images)."""
+    key = (int(cfg.train.seed), bool(cfg.train.deterministic), n, int(cfg.train.batch_size),
+           int(cfg.train.epochs))
+    if key not in _ORDER:
+        _ORDER.clear()
+        _ORDER[key] = keras_batch_order(n, int(cfg.train.batch_size), int(cfg.train.epochs))
+    return _ORDER[key]
+
+
+def _data_tensors(*arrays: np.ndarray) -> tuple:
+    """The training and validation arrays as tensors (images flattened, labels int64).
+
+    Read-only arrays (l2sweep.train.load_training_data's, shared by the jobs of a process)
+    keep their tensors for the next job: the first copy of 50,000 images into TensorFlow
+    costs ~1 s. The key holds the arrays themselves, so their ids cannot be reused.
+    """
+    import tensorflow as tf
+
+    def convert():
+        return tuple(tf.constant(a.reshape(len(a), -1)) if a.ndim > 1 else tf.constant(a.astype(np.int64))
+                     for a in arrays)
+
+    if any(a.flags.writeable for a in arrays):
+        return convert()
+    key = tuple(id(a) for a in arrays)
+    if key not in _TENSORS:
+        _TENSORS.clear()
+        _TENSORS[key] = (arrays, convert())
+    return _TENSORS[key][1]
+
+
 def keras_batch_order(n: int, batch_size: int, epochs: int) -> list[list[np.ndarray]]:
     """The index batches ``Model.fit(x, y, batch_size, shuffle=True)`` feeds, epoch by epoch.
 
@@ -423,7 +463,6 @@ def fit_fused(cfgs: list[DictConfig], x_train: np.ndarray, y_train: np.ndarray,
         per-lambda :class:`SliceResult`).
     """
     import keras
-    import tensorflow as tf
 
     from l2sweep.callbacks import EpochStats, StopOnDivergence, WeightHistograms
     from l2sweep.model import build_model, set_seeds
@@ -437,15 +476,12 @@ def fit_fused(cfgs: list[DictConfig], x_train: np.ndarray, y_train: np.ndarray,
         views.append(build_model(cfg))
     set_seeds(base.train.seed, base.train.deterministic)
     epochs = int(base.train.epochs)
-    order = keras_batch_order(len(x_train), int(base.train.batch_size), epochs)
+    order = _batch_order(base, len(x_train))
 
     l1, l2, decay = _penalty_coefficients(base, [float(c.regularizer.strength) for c in cfgs])
     fused = FusedMLP.for_views(views, l1, l2, decay, float(base.train.learning_rate),
                                jit_compile=bool(base.train.jit_compile))
-    x = tf.constant(x_train.reshape(len(x_train), -1))
-    y = tf.constant(y_train.astype(np.int64))
-    xv = tf.constant(x_val.reshape(len(x_val), -1))
-    yv = tf.constant(y_val.astype(np.int64))
+    x, y, xv, yv = _data_tensors(x_train, y_train, x_val, y_val)
 
     results = [SliceResult() for _ in cfgs]
     hists = [WeightHistograms(int(base.tracking.histogram_bins)) for _ in cfgs]
