@@ -4,6 +4,12 @@ Layout (see ../shared/docs/interface.md): one experiment; each sweep is a parent
 by :class:`SweepCallback` in the launching process; each lambda is a child run started by the
 job itself (in this process or in a launcher's worker) with ``parent_run_id`` read from the
 environment, so children on any launcher attach to the same parent.
+
+A child run's artifacts (figures, histograms, the MLflow model) and its end are logged by one
+background thread while the next job of the sweep trains, where the jobs run in the process
+that opened the parent (Hydra's basic launcher); the entry point waits for that thread before
+it closes the parent. All calls go through ``MlflowClient`` with explicit run ids: MLflow's
+fluent active run is per thread.
 """
 
 from __future__ import annotations
