@@ -220,6 +220,44 @@ def seed_noise(ref: dict[str, Any], other: dict[str, Any], seeds: tuple[int, int
             "max_abs_diff": {k: max(p[k] for p in per.values()) for k in ("val_accuracy", "val_loss")}}
 
 
+# --- tracking overhead vs sweep length ----------------------------------------------------
+
+
+def tracking_overhead(work: Path, data: Path, epochs_list: list[int], reps: int,
+                      known: dict[int, dict[str, float]]) -> dict[str, Any]:
+    """(b) and (c) at several epoch counts: what tracking costs per sweep and per epoch.
+
+    Fits ``b - c = fixed + per_epoch * epochs`` and ``c = c0 + c_epoch * epochs`` by least
+    squares over the medians, and solves for the sweep length from which b/c <= 1.05.
+    ``known``: medians already measured (epochs -> {"b": s, "c": s}), not run again.
+    """
+    rows = []
+    for epochs in epochs_list:
+        walls: dict[str, list[float]] = {"b": [], "c": []}
+        if epochs in known:
+            medians = dict(known[epochs])
+        else:
+            for rep in range(reps):
+                for v in ("b", "c") if rep % 2 == 0 else ("c", "b"):
+                    walls[v].append(run_variant(v, work, data, GRID, epochs, tag=f"e{epochs}-r{rep}")["wall_s"])
+            medians = {v: statistics.median(w) for v, w in walls.items()}
+        rows.append({"epochs": epochs, "wall_s": medians, "runs": walls,
+                     "overhead_s": medians["b"] - medians["c"], "b/c": medians["b"] / medians["c"]})
+    out: dict[str, Any] = {"grid": GRID, "rows": rows}
+    if len({r["epochs"] for r in rows}) >= 2:
+        e = np.asarray([r["epochs"] for r in rows], float)
+        per_epoch, fixed = np.polyfit(e, [r["overhead_s"] for r in rows], 1)
+        c_epoch, c0 = np.polyfit(e, [r["wall_s"]["c"] for r in rows], 1)
+        # (fixed + per_epoch * E) / (c0 + c_epoch * E) <= 0.05  <=>  E >= (fixed - 0.05 c0) / (0.05 c_epoch - per_epoch)
+        slack = 0.05 * c_epoch - per_epoch
+        needed = (fixed - 0.05 * c0) / slack if slack > 0 else None
+        out["fit"] = {"fixed_s": float(fixed), "per_epoch_s": float(per_epoch),
+                      "per_lambda_epoch_s": float(per_epoch) / len(GRID),
+                      "untracked_fixed_s": float(c0), "untracked_per_epoch_s": float(c_epoch),
+                      "epochs_for_1.05": None if needed is None else max(float(needed), 0.0)}
+    return out
+
+
 # --- dvc repro with nothing to do ---------------------------------------------------------
 
 _NOOP = ("import json, sys, time; from dvc.cli import main; t = time.perf_counter(); "
@@ -345,6 +383,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--scaling-variants", help="variants of the scaling runs (default a,b,d; --full b,d)")
     p.add_argument("--noise-seed", type=int, default=43, help="second train.seed for the seed noise")
     p.add_argument("--no-dvc", action="store_true", help="skip timing dvc repro")
+    p.add_argument("--overhead-epochs", default="",
+                   help="epoch counts at which to time (b) and (c) again, e.g. 10,20,40: tracking's "
+                        "fixed and per-epoch cost (default: none)")
     p.add_argument("--prepared", default=str(REPO / "data" / "prepared"),
                    help="prepared data with 50,000 training images (python -m l2sweep.prepare)")
     p.add_argument("--out", help="results file (default bench/results.json; --full: bench/results-full.json)")
@@ -436,6 +477,13 @@ def main(argv: Optional[list[str]] = None) -> None:
                 row["ratios"] = {f"{x}/{y}": w[x] / w[y] for x, y in RATIOS if x in w and y in w}
         results["scaling"] = scaling
 
+        overhead_epochs = [int(e) for e in args.overhead_epochs.split(",") if e]
+        if overhead_epochs:
+            print(f"tracking overhead: (b) and (c) at {overhead_epochs} epochs", flush=True)
+            known = ({epochs: {v: summary[v]["wall_s"]["median"] for v in ("b", "c")}}
+                     if {"b", "c"} <= set(summary) else {})
+            results["tracking_overhead"] = tracking_overhead(work, main_data, overhead_epochs, reps, known)
+
         if not args.no_dvc:
             print("dvc repro with nothing to do", flush=True)
             results["dvc_repro_noop"] = dvc_noop(work, min(n_train, 2000), reps=3)
@@ -478,6 +526,15 @@ def print_summary(results: dict[str, Any]) -> None:
     for kind, rows in results.get("scaling", {}).items():
         print(f"scaling ({kind}): " + "; ".join(
             f"{r['x']}: " + " ".join(f"{v} {t:.0f}s" for v, t in r["wall_s"].items()) for r in rows))
+    overhead = results.get("tracking_overhead")
+    if overhead:
+        print("tracking overhead (b - c): " + "; ".join(
+            f"{r['epochs']} epochs {r['overhead_s']:.1f} s (b/c {r['b/c']:.3f})" for r in overhead["rows"]))
+        fit = overhead.get("fit")
+        if fit:
+            needed = fit["epochs_for_1.05"]
+            print(f"  fit: {fit['fixed_s']:.2f} s per sweep + {fit['per_lambda_epoch_s'] * 1000:.0f} ms per "
+                  f"λ-epoch; b/c <= 1.05 from {'never' if needed is None else f'{needed:.0f} epochs'}")
     dvc = results.get("dvc_repro_noop")
     if dvc:
         print(f"dvc repro, nothing to do: {dvc['noop_wall_s']['median']:.2f} s "
