@@ -224,38 +224,45 @@ def seed_noise(ref: dict[str, Any], other: dict[str, Any], seeds: tuple[int, int
 
 
 def tracking_overhead(work: Path, data: Path, epochs_list: list[int], reps: int,
-                      known: dict[int, dict[str, float]]) -> dict[str, Any]:
+                      known: dict[int, dict[str, list[float]]]) -> dict[str, Any]:
     """(b) and (c) at several epoch counts: what tracking costs per sweep and per epoch.
 
     Fits ``b - c = fixed + per_epoch * epochs`` and ``c = c0 + c_epoch * epochs`` by least
     squares over the medians, and solves for the sweep length from which b/c <= 1.05.
-    ``known``: medians already measured (epochs -> {"b": s, "c": s}), not run again.
+    ``known``: wall times already measured (epochs -> {"b": [s, ...], "c": [s, ...]}), not run again.
     """
     rows = []
     for epochs in epochs_list:
-        walls: dict[str, list[float]] = {"b": [], "c": []}
-        if epochs in known:
-            medians = dict(known[epochs])
-        else:
-            for rep in range(reps):
-                for v in ("b", "c") if rep % 2 == 0 else ("c", "b"):
-                    walls[v].append(run_variant(v, work, data, GRID, epochs, tag=f"e{epochs}-r{rep}")["wall_s"])
-            medians = {v: statistics.median(w) for v, w in walls.items()}
+        walls: dict[str, list[float]] = known.get(epochs) or {"b": [], "c": []}
+        for rep in range(0 if epochs in known else reps):
+            for v in ("b", "c") if rep % 2 == 0 else ("c", "b"):
+                walls[v].append(run_variant(v, work, data, GRID, epochs, tag=f"e{epochs}-r{rep}")["wall_s"])
+        medians = {v: statistics.median(w) for v, w in walls.items()}
         rows.append({"epochs": epochs, "wall_s": medians, "runs": walls,
                      "overhead_s": medians["b"] - medians["c"], "b/c": medians["b"] / medians["c"]})
     out: dict[str, Any] = {"grid": GRID, "rows": rows}
     if len({r["epochs"] for r in rows}) >= 2:
-        e = np.asarray([r["epochs"] for r in rows], float)
-        per_epoch, fixed = np.polyfit(e, [r["overhead_s"] for r in rows], 1)
-        c_epoch, c0 = np.polyfit(e, [r["wall_s"]["c"] for r in rows], 1)
-        # (fixed + per_epoch * E) / (c0 + c_epoch * E) <= 0.05  <=>  E >= (fixed - 0.05 c0) / (0.05 c_epoch - per_epoch)
-        slack = 0.05 * c_epoch - per_epoch
-        needed = (fixed - 0.05 * c0) / slack if slack > 0 else None
-        out["fit"] = {"fixed_s": float(fixed), "per_epoch_s": float(per_epoch),
-                      "per_lambda_epoch_s": float(per_epoch) / len(GRID),
-                      "untracked_fixed_s": float(c0), "untracked_per_epoch_s": float(c_epoch),
-                      "epochs_for_1.05": None if needed is None else max(float(needed), 0.0)}
+        out["fit"] = fit_overhead(rows, len(GRID))
     return out
+
+
+def fit_overhead(rows: list[dict[str, Any]], n_lambdas: int, target: float = 1.05) -> dict[str, Any]:
+    """Least-squares lines through ``rows`` (each ``epochs``, ``wall_s`` {"b", "c"}):
+    ``b - c = fixed + per_epoch * epochs`` and ``c = c0 + c_epoch * epochs``; and the epochs
+    from which b/c <= ``target`` (None: never, tracking grows as fast as the rest; 0: always).
+    """
+    e = np.asarray([r["epochs"] for r in rows], float)
+    c = np.asarray([r["wall_s"]["c"] for r in rows], float)
+    per_epoch, fixed = np.polyfit(e, np.asarray([r["wall_s"]["b"] for r in rows], float) - c, 1)
+    c_epoch, c0 = np.polyfit(e, c, 1)
+    # (fixed + per_epoch E) <= (target - 1)(c0 + c_epoch E)  <=>  E >= (fixed - m c0) / (m c_epoch - per_epoch)
+    margin = target - 1.0
+    slack = margin * c_epoch - per_epoch
+    needed = (fixed - margin * c0) / slack if slack > 0 else None
+    return {"fixed_s": float(fixed), "per_epoch_s": float(per_epoch),
+            "per_lambda_epoch_s": float(per_epoch) / n_lambdas,
+            "untracked_fixed_s": float(c0), "untracked_per_epoch_s": float(c_epoch),
+            f"epochs_for_{target}": None if needed is None else max(float(needed), 0.0)}
 
 
 # --- dvc repro with nothing to do ---------------------------------------------------------
@@ -480,7 +487,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         overhead_epochs = [int(e) for e in args.overhead_epochs.split(",") if e]
         if overhead_epochs:
             print(f"tracking overhead: (b) and (c) at {overhead_epochs} epochs", flush=True)
-            known = ({epochs: {v: summary[v]["wall_s"]["median"] for v in ("b", "c")}}
+            known = ({epochs: {v: list(summary[v]["wall_s"]["runs"]) for v in ("b", "c")}}
                      if {"b", "c"} <= set(summary) else {})
             results["tracking_overhead"] = tracking_overhead(work, main_data, overhead_epochs, reps, known)
 
