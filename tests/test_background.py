@@ -1,9 +1,11 @@
-"""A run's artifacts are logged by a background thread while the next job of the sweep trains;
-what goes wrong there is reported, and no run is left RUNNING. Real CLI on tiny data."""
+"""A run's artifacts are logged by a background thread while the next job of the sweep trains,
+and MLflow itself starts there while the first job trains; what goes wrong there is reported,
+and no run is left RUNNING. Real CLI on tiny data."""
 
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -45,7 +47,14 @@ def fit(cfg, *args, **kwargs):
         next_started.set()
     return fit_compiled(cfg, *args, **kwargs)
 
-t.log_run_artifacts, t._fit_compiled = artifacts, fit
+import l2sweep.tracking as tracking
+start_parent = tracking.SweepCallback._start_parent
+
+def parent(self, config, started):
+    note("parent", "sweep")
+    return start_parent(self, config, started)
+
+t.log_run_artifacts, t._fit_compiled, tracking.SweepCallback._start_parent = artifacts, fit, parent
 sys.argv[1:] = ["-m"]
 t.main()
 """
@@ -109,3 +118,38 @@ def test_a_failure_in_the_background_names_the_run_and_leaves_nothing_running(pr
         "l2-0.001": "FAILED", "l2-0.01": "FINISHED", "l2-0.1": "FINISHED"}
     for strength in GRID:  # nothing lost: every lambda's outputs are on disk
         assert (project / "models" / f"l2-{strength}" / "model.keras").is_file()
+
+
+def test_mlflow_starts_on_the_tracking_thread_once_the_first_job_trains(project):
+    proc, events = _sweep(project)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert events.index(["l2sweep-tracking_0", "parent", "sweep"]) > events.index(["MainThread", "fit", "l2-0.001"])
+    (parent,), children = _runs(project)
+    assert parent.info.status == "FINISHED" and parent.info.run_name.startswith("sweep-l2-")
+    client = MlflowClient(sqlite_uri(project))
+    epochs = json.loads((project / "models" / "l2-0.001" / "history.json").read_text())["epochs"]
+    for name, run in children.items():  # the first job's too: every epoch, params and input
+        assert run.info.status == "FINISHED", name
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == epochs, name
+        assert run.data.params["regularizer.strength"] and run.inputs.dataset_inputs, name
+
+
+def test_a_store_mlflow_cannot_use_stops_the_sweep_after_the_first_job(project):
+    # A database sqlite reads (so preflight passes) with a schema version MLflow does not know.
+    (project / "mlruns").mkdir()
+    with sqlite3.connect(project / "mlruns" / "mlflow.db") as con:
+        con.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)")
+        con.execute("INSERT INTO alembic_version VALUES ('0123456789ab')")
+    proc = subprocess.run([sys.executable, "-m", "l2sweep.train", "-m"], cwd=project,
+                          capture_output=True, text=True, env=cli_env(), timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: run l2-0.001: not logged to MLflow: the run, params and input, "
+                            "metrics of epoch"), error
+    assert f"its outputs are in {Path('models') / 'l2-0.001'}. MLflow store sqlite:///" in error, error
+    assert "0123456789ab" in error, error
+    assert "Traceback" not in proc.stderr
+    # Nothing lost, nothing more trained: the first job's outputs, and no second job.
+    assert [p.name for p in (project / "models").iterdir() if p.is_dir()] == ["l2-0.001"]
+    assert (project / "models" / "l2-0.001" / "model.keras").is_file()

@@ -7,6 +7,8 @@ import json
 import math
 import os
 import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import keras
 import matplotlib.pyplot as plt
@@ -16,8 +18,8 @@ from mlflow import MlflowClient
 
 from conftest import model_cfg
 from l2sweep import tracking
-from l2sweep.callbacks import (EpochStats, MlflowEpochLogger, StopOnDivergence, StopOnSignal,
-                               WeightHistograms)
+from l2sweep.callbacks import (EpochStats, MlflowEpochLogger, MlflowRunLogger, StopOnDivergence,
+                               StopOnSignal, WeightHistograms)
 from l2sweep.model import build_model, regularization_penalty, set_seeds, weight_norms
 from l2sweep.plots import plot_curves, plot_histograms, save_figure
 
@@ -287,6 +289,79 @@ def test_mlflow_logger_with_on_error_keeps_training_and_reports_the_missing_epoc
     assert client.calls == 1  # not asked again once it failed
     with pytest.raises(ConnectionError):  # without on_error, the failure stops training
         MlflowEpochLogger(GoneClient(), "abc").on_epoch_end(0, {"loss": 1.0})
+
+
+def _pending_run(create) -> tuple[tracking.ChildRun, threading.Event]:
+    """A ChildRun whose creation (``create(handle)``) runs on a thread once the event is set,
+    as the deferred MLflow start creates the first job's run while it trains."""
+    handle, go = tracking.ChildRun(None, None, "l2-test"), threading.Event()
+    handle.enabled = True
+
+    def created():
+        go.wait(30)
+        create(handle)
+
+    handle.created = ThreadPoolExecutor(1).submit(created)
+    return handle, go
+
+
+def test_run_logger_keeps_the_epochs_until_the_run_exists_then_logs_each(mlflow_store):
+    client, experiment_id = mlflow_store
+    counting = CountingClient(client)
+
+    def create(handle):
+        handle._client, handle._run_id = counting, client.create_run(experiment_id).info.run_id
+
+    run, go = _pending_run(create)
+    logger = MlflowRunLogger(run)
+    logger.on_train_begin()
+    logger.on_epoch_end(0, {"loss": 3.0})
+    logger.on_epoch_end(1, {"loss": 2.0})
+    assert counting.calls == []  # the run does not exist yet: nothing waits on it
+    go.set()
+    run.created.result()
+    logger.on_epoch_end(2, {"loss": 1.0})
+    assert len(counting.calls) == 3  # the kept epochs, then this one: one call per epoch
+    logger.on_epoch_end(3, {"loss": 0.5})
+    logger.on_train_end()
+    history = client.get_metric_history(run.run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(0, 3.0), (1, 2.0), (2, 1.0), (3, 0.5)]
+    assert run.unlogged == []
+
+
+def test_run_logger_waits_for_the_run_at_the_end_of_training(mlflow_store):
+    client, experiment_id = mlflow_store
+
+    def create(handle):
+        handle._client, handle._run_id = client, client.create_run(experiment_id).info.run_id
+
+    run, go = _pending_run(create)
+    logger = MlflowRunLogger(run)
+    logger.on_train_begin()
+    for epoch in range(2):
+        logger.on_epoch_end(epoch, {"loss": 1.0 / (epoch + 1)})
+    # The run is created only after the last epoch: on_train_end waits for it.
+    threading.Timer(0.2, go.set).start()
+    logger.on_train_end()
+    assert [m.step for m in client.get_metric_history(run.run_id, "loss")] == [0, 1]
+
+
+def test_run_logger_reports_the_epochs_of_a_run_that_could_not_be_created():
+    run, go = _pending_run(lambda handle: handle.not_logged("the run", OSError("database disk image is malformed")))
+    logger = MlflowRunLogger(run)
+    logger.on_train_begin()
+    for epoch in range(3):
+        logger.on_epoch_end(epoch, {"loss": 1.0})
+    go.set()
+    logger.on_train_end()
+    assert run.run_id is None
+    assert run.unlogged == ["the run", "metrics of epochs 0-2"]
+    assert run.tracking_error == "database disk image is malformed"
+
+
+def test_run_logger_validates_its_argument():
+    with pytest.raises(TypeError, match="run=.*ChildRun"):
+        MlflowRunLogger("abc")
 
 
 # --- per-run figures ---------------------------------------------------------------------

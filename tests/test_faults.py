@@ -212,6 +212,10 @@ def test_temp_folders_of_killed_runs_are_removed(tmp_path):
 
 
 def _fill(project: Path, what: str, monkeypatch) -> str:
+    if what == "store is not a database":
+        (project / "mlruns").mkdir()
+        (project / "mlruns" / "mlflow.db").write_bytes(b"not a database\n" * 512)
+        return "MLflow store sqlite:///mlruns/mlflow.db: file is not a database"
     if what == "mlruns is a file":
         (project / "mlruns").write_text("")
         return ("mlruns: cannot write the MLflow store (sqlite:///mlruns/mlflow.db) there "
@@ -234,7 +238,7 @@ def _fill(project: Path, what: str, monkeypatch) -> str:
 
 
 @pytest.mark.parametrize("what", ["mlruns is a file", "read-only mlruns", "models is a file",
-                                  "disk full", "server not running"])
+                                  "disk full", "server not running", "store is not a database"])
 def test_an_unusable_store_fails_before_training(prepared_project, capsys, monkeypatch, what):
     expected = _fill(prepared_project, what, monkeypatch)
     with pytest.raises(SystemExit) as exit_info:

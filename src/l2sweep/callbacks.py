@@ -6,7 +6,7 @@ after it, and Keras' ``History``, sees the values it adds to ``logs``)::
     stats = EpochStats()
     hists = WeightHistograms(bins=cfg.tracking.histogram_bins)
     stop = StopOnDivergence()
-    mlf = MlflowEpochLogger(client, run_id)
+    mlf = MlflowEpochLogger(client, run_id)     # or MlflowRunLogger(run) for a ChildRun
     model.fit(..., callbacks=[stats, hists, stop, mlf])
 """
 
@@ -314,6 +314,66 @@ class MlflowEpochLogger(keras.callbacks.Callback):
 
     def on_train_end(self, logs: Optional[dict] = None) -> None:
         if self.unlogged_epochs and self.on_error is not None:
-            first, last = self.unlogged_epochs[0], self.unlogged_epochs[-1]
-            epochs = f"epoch {first}" if first == last else f"epochs {first}-{last}"
-            self.on_error(f"metrics of {epochs}", self.error)
+            self.on_error(metrics_of(self.unlogged_epochs), self.error)
+
+
+def metrics_of(epochs: list[int]) -> str:
+    """``"metrics of epoch 3"`` / ``"metrics of epochs 3-9"``: what a list of unlogged epochs says."""
+    first, last = epochs[0], epochs[-1]
+    return f"metrics of {f'epoch {first}' if first == last else f'epochs {first}-{last}'}"
+
+
+class MlflowRunLogger(keras.callbacks.Callback):
+    """:class:`MlflowEpochLogger` for a run that may still be being created.
+
+    With the deferred MLflow start (l2sweep.tracking) the first job trains while its run is
+    created on the tracking thread. Until the run exists, each epoch's ``logs`` are kept (a
+    copy); at the first epoch end after that, they are logged, one ``log_batch`` per epoch as
+    :class:`MlflowEpochLogger` does (it does the logging), and from then on each epoch as it
+    ends. ``on_train_end`` waits for the run and logs what is left. A run whose creation
+    failed gets ``run.not_logged("metrics of epochs A-B")``; a store that fails later is
+    handled as :class:`MlflowEpochLogger` handles it, with ``on_error=run.not_logged``.
+
+    Args:
+        run: the run's handle (:class:`l2sweep.tracking.ChildRun`: ``ready()``, ``wait()``,
+            ``client``, ``run_id``, ``not_logged``).
+
+    Example:
+        >>> with tracking.child_run(cfg) as run:
+        ...     model.fit(x, y, epochs=10, callbacks=[EpochStats(), MlflowRunLogger(run)])
+    """
+
+    def __init__(self, run: Any) -> None:
+        super().__init__()
+        if not all(callable(getattr(run, name, None)) for name in ("ready", "wait", "not_logged")):
+            raise TypeError(f"run={run!r} is not allowed: an l2sweep.tracking.ChildRun "
+                            "(needs ready, wait, not_logged)")
+        self.run = run
+        self._logger: Optional[MlflowEpochLogger] = None
+        self._pending: list[tuple[int, dict]] = []
+
+    def on_train_begin(self, logs: Optional[dict] = None) -> None:
+        self._logger, self._pending = None, []
+
+    def on_epoch_end(self, epoch: int, logs: Optional[dict] = None) -> None:
+        self._pending.append((int(epoch), dict(logs or {})))
+        if self.run.ready():
+            self._flush()
+
+    def on_train_end(self, logs: Optional[dict] = None) -> None:
+        self.run.wait()  # the run, and what was queued for it before these metrics
+        self._flush()
+        if self._logger is not None:
+            self._logger.on_train_end(logs)
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        if self.run.run_id is None:  # its creation failed (recorded): nor are its metrics logged
+            if pending:
+                self.run.not_logged(metrics_of([epoch for epoch, _ in pending]))
+            return
+        if self._logger is None:
+            self._logger = MlflowEpochLogger(self.run.client, self.run.run_id, on_error=self.run.not_logged)
+            self._logger.on_train_begin()
+        for epoch, logs in pending:
+            self._logger.on_epoch_end(epoch, logs)

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import tempfile
+from contextlib import closing
 from pathlib import Path
 from omegaconf import DictConfig
 
@@ -124,7 +125,14 @@ def check_server(uri: str, timeout: float = 10.0) -> None:
 
 
 def check_store(cfg: DictConfig) -> None:
-    """The MLflow store can be written (local) or answers (a server), and so can its artifacts."""
+    """The MLflow store can be written (local) or answers (a server), and so can its artifacts.
+
+    For the embedded sqlite store only what needs no MLflow is checked here (the folder is
+    writable, the disk has room, an existing database opens): importing MLflow and its
+    SQLAlchemy store costs ~2 s before any training, so the sweep does that on its tracking
+    thread while the first job trains (l2sweep.tracking), and checks the store's artifact root
+    there (single runs and other launchers: before training, when the run is created).
+    """
     from l2sweep import tracking
 
     uri = tracking.tracking_uri(cfg)
@@ -132,6 +140,9 @@ def check_store(cfg: DictConfig) -> None:
     if folder is not None:
         check_writable(folder, f"the MLflow store ({uri})")
         check_free_space(folder, f"the MLflow store ({uri})")
+        if uri.startswith("sqlite:///"):
+            check_sqlite(uri)
+            return
     elif uri.startswith(("http://", "https://")):
         check_server(uri)
     try:
@@ -139,8 +150,33 @@ def check_store(cfg: DictConfig) -> None:
         location = tracking.get_client(cfg).get_experiment(experiment_id).artifact_location
     except Exception as exc:  # MLflow raises many kinds; all mean the same here
         raise PreflightError(tracking.store_error(uri, exc)) from exc
+    check_artifact_root(uri, location)
+
+
+def check_sqlite(uri: str) -> None:
+    """An existing sqlite store is a database sqlite can read (no MLflow needed: ~1 ms).
+
+    Raises:
+        PreflightError: naming the store and sqlite's reason (e.g. "file is not a database").
+    """
+    import sqlite3
+
+    db = Path(uri[len("sqlite:///"):])
+    if not db.is_file():
+        return  # created on first use
+    try:
+        with closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=30)) as con:
+            con.execute("PRAGMA schema_version").fetchone()
+    except sqlite3.Error as exc:
+        from l2sweep import tracking
+
+        raise PreflightError(tracking.store_error(uri, exc)) from exc
+
+
+def check_artifact_root(uri: str, location: str | None) -> None:
+    """The artifact root of the store at ``uri`` can be written, where it is a local folder."""
     artifacts = _local_path(location or "")
-    if artifacts is not None and artifacts != folder:
+    if artifacts is not None and artifacts != _local_path(uri):
         check_writable(artifacts, f"MLflow artifacts ({location})")
         check_free_space(artifacts, f"MLflow artifacts ({location})")
 

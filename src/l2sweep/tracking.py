@@ -10,10 +10,21 @@ background thread while the next job of the sweep trains, where the jobs run in 
 that opened the parent (Hydra's basic launcher); the entry point waits for that thread before
 it closes the parent. All calls go through ``MlflowClient`` with explicit run ids: MLflow's
 fluent active run is per thread.
+
+With the embedded sqlite store and Hydra's basic launcher, MLflow's start is deferred too:
+importing MLflow and its SQLAlchemy store (~2 s, holding the GIL) would otherwise come before
+any training. :class:`SweepCallback` queues the parent run's creation on that thread, which
+starts once the first epoch has trained (:func:`release_deferred_start`) and so overlaps the
+first job's training; the first job's run, its params and input follow in order, and its
+first epochs' metrics wait in :class:`l2sweep.callbacks.MlflowRunLogger` until the run exists.
+Preflight has checked what can be known without MLflow (folders writable, disk space); a store
+that fails only inside MLflow is reported at the end of the first job, its outputs kept.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import copy
 import fcntl
 import json
 import logging
@@ -21,8 +32,10 @@ import os
 import signal
 import sqlite3
 import subprocess
+import threading
 import time
 import uuid
+from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -43,6 +56,11 @@ REASON_TAG = "l2sweep.failure_reason"
 MANIFEST = "sweep.json"
 #: (tracking URI, run id) of the parent run this process opened and has not closed yet.
 _open_parent: Optional[tuple[str, str]] = None
+#: The deferred start (see the module docstring): the parent run's creation on the tracking
+#: thread, and the event that lets it begin.
+_deferred: dict[str, Any] = {"parent": None, "go": None}
+#: Hydra's own launcher: the jobs run one after the other in the launching process.
+BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
 
 
 class CallbackAbort(SystemExit):
@@ -258,20 +276,36 @@ class SweepCallback(Callback):
         self.job_env = {SWEEP_ENV: os.environ[SWEEP_ENV]}
         if not config.tracking.enabled:
             return
+        if (OmegaConf.select(config, "hydra.launcher._target_") == BASIC_LAUNCHER
+                and _sqlite_path(tracking_uri(config)) is not None):
+            # The jobs run here, after this: MLflow starts on the tracking thread while the
+            # first one trains (module docstring). A copy: Hydra goes on with its own config.
+            go = _deferred["go"] = threading.Event()
+            _deferred["parent"] = _executor().submit(self._deferred_start, copy.deepcopy(config), go,
+                                                     time.strftime("%Y%m%d-%H%M%S"))
+            return
         try:
-            self._start_parent(config)
+            self._start_parent(config, time.strftime("%Y%m%d-%H%M%S"))
         except Exception as exc:  # no parent run: stop before any job trains
             raise CallbackAbort(store_error(tracking_uri(config), exc)) from exc
 
-    def _start_parent(self, config: DictConfig) -> None:
+    def _deferred_start(self, config: DictConfig, go: threading.Event, started: str) -> None:
+        go.wait()
+        self._start_parent(config, started)
+
+    def _start_parent(self, config: DictConfig, started: str) -> None:
+        """Creates the parent run named ``sweep-<regularizer>-<started>``, logs the grid."""
+        from l2sweep.preflight import check_artifact_root
+
         experiment_id = ensure_store(config)
         client = get_client(config)
+        check_artifact_root(tracking_uri(config), client.get_experiment(experiment_id).artifact_location)
         tags = {**git_tags(), "l2sweep.kind": "sweep", "l2sweep.sweep_id": os.environ[SWEEP_ENV],
                 "dataset": config.dataset.name, "model": config.model.name,
                 "regularizer": config.regularizer.name}
         if os.environ.get("DVC_STAGE"):  # set by `dvc repro` for the stage's command
             tags["dvc.stage"] = os.environ["DVC_STAGE"]
-        name = f"sweep-{config.regularizer.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        name = f"sweep-{config.regularizer.name}-{started}"
         run = client.create_run(experiment_id, run_name=name, tags=tags)
         global _open_parent
         _open_parent = (tracking_uri(config), run.info.run_id)
@@ -315,11 +349,13 @@ def close_parent(status: str, reason: Optional[str] = None) -> None:
     """Ends the sweep's parent run if this process opened it and it is still RUNNING."""
     global _open_parent
     if _open_parent is None:
+        _deferred.update(parent=None, go=None)
         return
     from mlflow import MlflowClient
 
     uri, parent = _open_parent
     _open_parent = None
+    _deferred.update(parent=None, go=None)
     os.environ.pop(PARENT_ENV, None)
     client = MlflowClient(tracking_uri=uri)
     try:
@@ -407,13 +443,65 @@ class ChildRun:
 
     def __init__(self, run_id: Optional[str], client: Any, name: str = "", out_dir: Optional[Path] = None,
                  uri: str = "") -> None:
-        self.run_id, self.client = run_id, client
+        self._run_id, self._client = run_id, client
+        #: Whether tracking is on (the run exists or is being created).
+        self.enabled = run_id is not None
+        #: The run's creation on the tracking thread (deferred start), else None.
+        self.created: Optional[Future] = None
+        self._queued: list[Future] = []  # what call() queued after it
         self.name, self.out_dir, self.uri = name, out_dir, uri
         self.status, self.reason = "FINISHED", None
         self.unlogged: list[str] = []
         self.tracking_error: Optional[str] = None
         self.tracking_exc: Optional[BaseException] = None
         self.deferred: list[tuple[str, Callable[[], None]]] = []
+
+    @property
+    def run_id(self) -> Optional[str]:
+        """The run's id (waits for a deferred creation; None if tracking is off or it failed)."""
+        self._wait_created()
+        return self._run_id
+
+    @property
+    def client(self) -> Any:
+        self._wait_created()
+        return self._client
+
+    def _wait_created(self) -> None:
+        if self.created is not None and not self.created.done():
+            release_deferred_start()
+            self.created.result()  # _create_child records failures instead of raising
+
+    def ready(self) -> bool:
+        """Whether the run's creation, and what :meth:`call` queued after it, are over (always,
+        unless the creation is deferred and still going on)."""
+        return self.created is None or all(f.done() for f in (self.created, *self._queued))
+
+    def wait(self) -> None:
+        """Waits for a deferred creation and what :meth:`call` queued after it (letting the
+        deferred start begin, if it has not)."""
+        if not self.ready():  # never from the tracking thread: it would wait for itself
+            release_deferred_start()
+            for future in (self.created, *self._queued):
+                future.result()  # the queued functions record failures instead of raising
+
+    def call(self, what: str, log_it: Callable[[], None]) -> None:
+        """Runs ``log_it`` (which logs ``what``) now, or after a deferred creation on the
+        tracking thread, where a failure is recorded as :meth:`not_logged`."""
+        if self.created is None:
+            log_it()
+            return
+
+        def queued() -> None:
+            if self._run_id is None or self.tracking_error is not None:
+                self.not_logged(what)
+                return
+            try:
+                log_it()
+            except Exception as exc:
+                self.not_logged(what, exc)
+
+        self._queued.append(_executor().submit(queued))
 
     def fail(self, reason: str) -> None:
         self.status, self.reason = "FAILED", reason
@@ -425,7 +513,7 @@ class ChildRun:
         if self.tracking_error is None and error is not None:
             self.tracking_exc = error
             self.tracking_error = " ".join(str(error).split()) or type(error).__name__
-        log.warning("MLflow run %s: %s not logged (%s)", self.run_id, what, self.tracking_error)
+        log.warning("MLflow run %s: %s not logged (%s)", self._run_id or self.name, what, self.tracking_error)
 
     def defer(self, what: str, log_it: Callable[[], None]) -> None:
         """Queues ``log_it`` (which logs ``what``) for the end of the run. It must not depend
@@ -452,6 +540,23 @@ _background: dict[str, Any] = {"executor": None, "pending": []}
 _after_sweep: dict[str, Optional[TrackingError]] = {"error": None}
 
 
+def _executor():
+    """The tracking thread (one, so that what is queued runs in order)."""
+    if _background["executor"] is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _background["executor"] = ThreadPoolExecutor(1, thread_name_prefix="l2sweep-tracking")
+    return _background["executor"]
+
+
+def release_deferred_start() -> None:
+    """Lets the deferred MLflow start begin (called once training is under way, and by anything
+    that waits for it)."""
+    go = _deferred["go"]
+    if go is not None:
+        go.set()
+
+
 def _in_background_allowed() -> bool:
     """Whether a finished run's artifacts may be logged while the next job trains.
 
@@ -459,11 +564,15 @@ def _in_background_allowed() -> bool:
     launcher): its entry point waits for them (:func:`finish_background`) before it closes the
     parent and exits. A launcher's worker process, or a direct call, logs them at once.
     """
-    return _open_parent is not None
+    return _open_parent is not None or _deferred["parent"] is not None
 
 
 def finish_background() -> list[ChildRun]:
     """Waits until the background thread has ended every run handed to it; returns them."""
+    parent = _deferred["parent"]
+    if parent is not None:  # a deferred start that failed is reported by the first job's run
+        release_deferred_start()
+        concurrent.futures.wait([parent])
     done = []
     pending = _background["pending"]
     while pending:
@@ -517,19 +626,16 @@ def child_run(cfg: DictConfig, tags: Optional[dict[str, str]] = None) -> Iterato
     if not cfg.tracking.enabled:
         yield ChildRun(None, None)
         return
-    from mlflow.tracking.context import registry
-    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
-
-    uri = tracking_uri(cfg)
-    experiment_id = ensure_store(cfg)
-    client = get_client(cfg)
-    # The client API, not mlflow.start_run: the fluent active run is per thread, and the
-    # background thread ends this run while this thread starts the next.
-    all_tags = {**git_tags(), **(tags or {}), MLFLOW_RUN_NAME: cfg.run_name}
-    if os.environ.get(PARENT_ENV):
-        all_tags[MLFLOW_PARENT_RUN_ID] = os.environ[PARENT_ENV]
-    run = client.create_run(experiment_id, run_name=cfg.run_name, tags=registry.resolve_tags(all_tags))
-    handle = ChildRun(run.info.run_id, client, cfg.run_name, Path(cfg.paths.models) / cfg.run_name, uri)
+    handle = ChildRun(None, None, cfg.run_name, Path(cfg.paths.models) / cfg.run_name, tracking_uri(cfg))
+    handle.enabled = True
+    parent = _deferred["parent"]
+    if parent is not None and parent.done() and parent.exception() is not None:
+        # The deferred start failed during an earlier job (which reports it): train no more.
+        raise TrackingError(store_error(handle.uri, parent.exception()))
+    if parent is not None:  # after the parent's creation, on the tracking thread
+        handle.created = _executor().submit(_create_child, handle, cfg, tags, True)
+    else:
+        _create_child(handle, cfg, tags)
     try:
         yield handle
     except (KeyboardInterrupt, Terminated) as exc:
@@ -540,23 +646,54 @@ def child_run(cfg: DictConfig, tags: Optional[dict[str, str]] = None) -> Iterato
         handle.status, handle.reason = "FAILED", f"{type(exc).__name__}: {exc}"
         _end_child(handle)
         raise
+    handle.wait()
     failed = [h for h in finish_background() if h.unlogged]
-    if _in_background_allowed():
-        if _background["executor"] is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            _background["executor"] = ThreadPoolExecutor(1, thread_name_prefix="l2sweep-tracking")
-        _background["pending"].append((handle, _background["executor"].submit(_finish_run, handle)))
-    else:
+    if handle.run_id is not None and _in_background_allowed():
+        _background["pending"].append((handle, _executor().submit(_finish_run, handle)))
+    else:  # here, or the run could not be created: say so now, not after the next job
         _finish_run(handle)
         failed += [handle] if handle.unlogged else []
     if failed:
         raise tracking_failure(failed)
 
 
+def _create_child(handle: ChildRun, cfg: DictConfig, tags: Optional[dict[str, str]],
+                  deferred: bool = False) -> None:
+    """Creates the job's run (nested under the sweep's parent, if any) into ``handle``.
+
+    Raises the store's error, unless ``deferred`` (on the tracking thread, while the job
+    trains): then the failure is recorded on ``handle`` (:meth:`ChildRun.not_logged`).
+    """
+    try:
+        if deferred:
+            _deferred["parent"].result()  # done (queued first); its failure is this run's
+        from mlflow.tracking.context import registry
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+        experiment_id = ensure_store(cfg)
+        client = get_client(cfg)
+        if not deferred:  # (the deferred start checked it with the parent)
+            from l2sweep.preflight import check_artifact_root
+
+            check_artifact_root(handle.uri, client.get_experiment(experiment_id).artifact_location)
+        # The client API, not mlflow.start_run: the fluent active run is per thread, and the
+        # background thread ends this run while this thread starts the next.
+        all_tags = {**git_tags(), **(tags or {}), MLFLOW_RUN_NAME: cfg.run_name}
+        if os.environ.get(PARENT_ENV):
+            all_tags[MLFLOW_PARENT_RUN_ID] = os.environ[PARENT_ENV]
+        run = client.create_run(experiment_id, run_name=cfg.run_name, tags=registry.resolve_tags(all_tags))
+        handle._client, handle._run_id = client, run.info.run_id
+    except Exception as exc:
+        if not deferred:
+            raise
+        handle.not_logged("the run", exc)
+
+
 def _end_child(handle: ChildRun) -> None:
     """Tags the reason and ends the run; a store that fails here is recorded, not raised, so
     the job's own error (if any) is the one the user sees."""
+    if handle.run_id is None:  # a deferred creation that failed: there is no run to end
+        return
     if handle.unlogged and handle.status == "FINISHED":
         handle.fail(f"tracking failed; not logged: {', '.join(handle.unlogged)}")
     if handle.reason and handle.tracking_error is None:  # a store that failed once: one try

@@ -239,7 +239,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         are NaN when the run diverged.
     """
     validate(cfg)
-    from l2sweep.callbacks import MlflowEpochLogger, StopOnSignal
+    import keras
+
+    from l2sweep.callbacks import MlflowRunLogger, StopOnSignal
     from l2sweep.data import load_meta
 
     (x_train, y_train), (x_val, y_val) = load_training_data(cfg)
@@ -250,9 +252,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     fit = _fit_compiled if training_loop(cfg) == "compiled" else _fit_keras
     with tracking.child_run(cfg, run_tags(cfg)) as run:
         callbacks = [StopOnSignal()]
-        if run.run_id:
-            log_run_inputs(run, cfg, meta, x_val, y_val)
-            callbacks.append(MlflowEpochLogger(run.client, run.run_id, on_error=run.not_logged))
+        if run.enabled:
+            run.call("params and input", functools.partial(log_run_inputs, run, cfg, meta, x_val, y_val))
+            # A deferred MLflow start begins once an epoch has trained (l2sweep.tracking).
+            release = keras.callbacks.LambdaCallback(
+                on_epoch_end=lambda epoch, logs: tracking.release_deferred_start())
+            callbacks += [release, MlflowRunLogger(run)]
         with tracking.deferred_signals():
             model, history, diverged, histograms = fit(cfg, x_train, y_train, x_val, y_val,
                                                        callbacks, label)
