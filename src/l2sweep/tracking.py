@@ -640,7 +640,8 @@ def child_run(cfg: DictConfig, tags: Optional[dict[str, str]] = None) -> Iterato
         yield handle
     except (KeyboardInterrupt, Terminated) as exc:
         handle.status, handle.reason = "KILLED", f"interrupted: {str(exc) or type(exc).__name__}"
-        _end_child(handle)
+        with deferred_signals():  # a second Ctrl-C while a deferred creation finishes: after it
+            _end_child(handle)
         raise
     except BaseException as exc:
         handle.status, handle.reason = "FAILED", f"{type(exc).__name__}: {exc}"
