@@ -377,3 +377,11 @@ class MlflowRunLogger(keras.callbacks.Callback):
             self._logger.on_train_begin()
         for epoch, logs in pending:
             self._logger.on_epoch_end(epoch, logs)
+
+
+def start_deferred_tracking() -> keras.callbacks.Callback:
+    """A callback that lets a deferred MLflow start (l2sweep.tracking) begin at the first epoch
+    end, once training is under way (the epochs after it leave the GIL free for MLflow)."""
+    from l2sweep.tracking import release_deferred_start
+
+    return keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: release_deferred_start())

@@ -545,9 +545,7 @@ def train_fused(cfg: DictConfig) -> dict[str, dict[str, float]]:
     """
     validate(cfg)
     check_fusable(cfg)
-    import keras
-
-    from l2sweep import tracking
+    from l2sweep.callbacks import start_deferred_tracking
     from l2sweep.data import load_meta
     from l2sweep.train import _job_label, load_training_data
 
@@ -558,11 +556,8 @@ def train_fused(cfg: DictConfig) -> dict[str, dict[str, float]]:
     log.info("%s: fused %s x %d lambdas, %d epochs on %d images (%d validation)", label,
              cfg.model.name, len(cfgs), cfg.train.epochs, len(x_train), len(x_val))
     start = time.perf_counter()
-    # A deferred MLflow start (l2sweep.tracking) begins once the first fused epoch has trained.
-    release = keras.callbacks.LambdaCallback(
-        on_epoch_end=lambda epoch, logs: tracking.release_deferred_start())
     views, results = fit_fused(cfgs, x_train, y_train, x_val, y_val, label=label,
-                               callbacks=[[release]] + [[] for _ in cfgs[1:]])
+                               callbacks=[[start_deferred_tracking()]] + [[] for _ in cfgs[1:]])
     log.info("%s: trained %d lambdas in %.1f s", label, len(cfgs), time.perf_counter() - start)
 
     finals = {}

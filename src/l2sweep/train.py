@@ -239,9 +239,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         are NaN when the run diverged.
     """
     validate(cfg)
-    import keras
-
-    from l2sweep.callbacks import MlflowRunLogger, StopOnSignal
+    from l2sweep.callbacks import MlflowRunLogger, StopOnSignal, start_deferred_tracking
     from l2sweep.data import load_meta
 
     (x_train, y_train), (x_val, y_val) = load_training_data(cfg)
@@ -254,10 +252,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         callbacks = [StopOnSignal()]
         if run.enabled:
             run.call("params and input", functools.partial(log_run_inputs, run, cfg, meta, x_val, y_val))
-            # A deferred MLflow start begins once an epoch has trained (l2sweep.tracking).
-            release = keras.callbacks.LambdaCallback(
-                on_epoch_end=lambda epoch, logs: tracking.release_deferred_start())
-            callbacks += [release, MlflowRunLogger(run)]
+            callbacks += [start_deferred_tracking(), MlflowRunLogger(run)]
         with tracking.deferred_signals():
             model, history, diverged, histograms = fit(cfg, x_train, y_train, x_val, y_val,
                                                        callbacks, label)
