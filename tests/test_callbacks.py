@@ -321,15 +321,17 @@ def test_run_logger_keeps_the_epochs_until_the_run_exists_then_logs_each(mlflow_
     go.set()
     run.created.result()
     logger.on_epoch_end(2, {"loss": 1.0})
+    run.wait()  # handed to the tracking thread: training does not wait for the store
     assert len(counting.calls) == 3  # the kept epochs, then this one: one call per epoch
     logger.on_epoch_end(3, {"loss": 0.5})
     logger.on_train_end()
+    run.wait()
     history = client.get_metric_history(run.run_id, "loss")
     assert [(m.step, m.value) for m in history] == [(0, 3.0), (1, 2.0), (2, 1.0), (3, 0.5)]
     assert run.unlogged == []
 
 
-def test_run_logger_waits_for_the_run_at_the_end_of_training(mlflow_store):
+def test_run_logger_hands_the_last_epochs_over_at_the_end_of_training(mlflow_store):
     client, experiment_id = mlflow_store
 
     def create(handle):
@@ -340,9 +342,11 @@ def test_run_logger_waits_for_the_run_at_the_end_of_training(mlflow_store):
     logger.on_train_begin()
     for epoch in range(2):
         logger.on_epoch_end(epoch, {"loss": 1.0 / (epoch + 1)})
-    # The run is created only after the last epoch: on_train_end waits for it.
-    threading.Timer(0.2, go.set).start()
+    # The run is created only after the last epoch: on_train_end does not wait for it, the
+    # run's end does (ChildRun.wait).
     logger.on_train_end()
+    threading.Timer(0.2, go.set).start()
+    run.wait()
     assert [m.step for m in client.get_metric_history(run.run_id, "loss")] == [0, 1]
 
 
@@ -354,6 +358,7 @@ def test_run_logger_reports_the_epochs_of_a_run_that_could_not_be_created():
         logger.on_epoch_end(epoch, {"loss": 1.0})
     go.set()
     logger.on_train_end()
+    run.wait()
     assert run.run_id is None
     assert run.unlogged == ["the run", "metrics of epochs 0-2"]
     assert run.tracking_error == "database disk image is malformed"

@@ -12,6 +12,7 @@ after it, and Keras' ``History``, sees the values it adds to ``logs``)::
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import time
@@ -324,18 +325,22 @@ def metrics_of(epochs: list[int]) -> str:
 
 
 class MlflowRunLogger(keras.callbacks.Callback):
-    """:class:`MlflowEpochLogger` for a run that may still be being created.
+    """:class:`MlflowEpochLogger` for a run that lives on the sweep's tracking thread.
 
-    With the deferred MLflow start (l2sweep.tracking) the first job trains while its run is
-    created on the tracking thread. Until the run exists, each epoch's ``logs`` are kept (a
-    copy); at the first epoch end after that, they are logged, one ``log_batch`` per epoch as
-    :class:`MlflowEpochLogger` does (it does the logging), and from then on each epoch as it
-    ends. ``on_train_end`` waits for the run and logs what is left. A run whose creation
-    failed gets ``run.not_logged("metrics of epochs A-B")``; a store that fails later is
-    handled as :class:`MlflowEpochLogger` handles it, with ``on_error=run.not_logged``.
+    With the deferred MLflow start (l2sweep.tracking) a job's run is created, and logged to,
+    on the tracking thread, in order. Each epoch's ``logs`` (a copy) are handed over to that
+    thread at the epoch's end, where :class:`MlflowEpochLogger` logs them (one ``log_batch``
+    per epoch): the training loop never waits for the store. While the thread is busy (the
+    run is still being created, or the previous job's artifacts are being logged) the epochs
+    are kept, and handed over together at the next epoch end. ``on_train_end`` hands over the
+    rest; :meth:`l2sweep.tracking.ChildRun.wait` waits until they are logged (the run's end
+    does). A run whose creation failed gets ``run.not_logged("metrics of epochs A-B")``; a
+    store that fails later is handled as :class:`MlflowEpochLogger` handles it, with
+    ``on_error=run.not_logged``. A run created in this thread (``run.created`` None) is
+    logged to here, as each epoch ends.
 
     Args:
-        run: the run's handle (:class:`l2sweep.tracking.ChildRun`: ``ready()``, ``wait()``,
+        run: the run's handle (:class:`l2sweep.tracking.ChildRun`: ``ready()``, ``queue()``,
             ``client``, ``run_id``, ``not_logged``).
 
     Example:
@@ -345,38 +350,48 @@ class MlflowRunLogger(keras.callbacks.Callback):
 
     def __init__(self, run: Any) -> None:
         super().__init__()
-        if not all(callable(getattr(run, name, None)) for name in ("ready", "wait", "not_logged")):
+        if not all(callable(getattr(run, name, None)) for name in ("ready", "queue", "not_logged")):
             raise TypeError(f"run={run!r} is not allowed: an l2sweep.tracking.ChildRun "
-                            "(needs ready, wait, not_logged)")
+                            "(needs ready, queue, not_logged)")
         self.run = run
         self._logger: Optional[MlflowEpochLogger] = None
         self._pending: list[tuple[int, dict]] = []
+        self._no_run: list[int] = []
 
     def on_train_begin(self, logs: Optional[dict] = None) -> None:
-        self._logger, self._pending = None, []
+        self._logger, self._pending, self._no_run = None, [], []
 
     def on_epoch_end(self, epoch: int, logs: Optional[dict] = None) -> None:
         self._pending.append((int(epoch), dict(logs or {})))
         if self.run.ready():
-            self._flush()
+            self._hand_over(end=False)
 
     def on_train_end(self, logs: Optional[dict] = None) -> None:
-        self.run.wait()  # the run, and what was queued for it before these metrics
-        self._flush()
-        if self._logger is not None:
-            self._logger.on_train_end(logs)
+        self._hand_over(end=True)
 
-    def _flush(self) -> None:
+    def _hand_over(self, end: bool) -> None:
         pending, self._pending = self._pending, []
-        if self.run.run_id is None:  # its creation failed (recorded): nor are its metrics logged
-            if pending:
-                self.run.not_logged(metrics_of([epoch for epoch, _ in pending]))
-            return
-        if self._logger is None:
-            self._logger = MlflowEpochLogger(self.run.client, self.run.run_id, on_error=self.run.not_logged)
-            self._logger.on_train_begin()
-        for epoch, logs in pending:
-            self._logger.on_epoch_end(epoch, logs)
+        self.run.queue(functools.partial(self._log, pending, end))
+
+    def _log(self, pending: list[tuple[int, dict]], end: bool) -> None:
+        """Logs ``pending`` (on the tracking thread, or here); at the ``end``, reports what
+        was not logged. Records failures, never raises."""
+        try:
+            if self.run.run_id is None:  # its creation failed (recorded): nor are its metrics logged
+                self._no_run += [epoch for epoch, _ in pending]
+            else:
+                if self._logger is None:
+                    self._logger = MlflowEpochLogger(self.run.client, self.run.run_id,
+                                                     on_error=self.run.not_logged)
+                    self._logger.on_train_begin()
+                for epoch, logs in pending:
+                    self._logger.on_epoch_end(epoch, logs)
+            if end and self._no_run:
+                self.run.not_logged(metrics_of(self._no_run))
+            if end and self._logger is not None:
+                self._logger.on_train_end()
+        except Exception as exc:  # not the store's (MlflowEpochLogger records those): say so
+            self.run.not_logged(metrics_of([epoch for epoch, _ in pending]) if pending else "metrics", exc)
 
 
 def start_deferred_tracking() -> keras.callbacks.Callback:

@@ -178,6 +178,9 @@ class TrackingConfig:
         enabled: log to MLflow at all (off only for benchmarks).
         log_model: log the trained model as an MLflow model.
         histogram_bins: bins of the per-epoch weight histograms.
+        figure_workers: helper processes that draw each run's figures while the sweep goes
+            on (l2sweep.render; with the embedded store and Hydra's basic launcher); 0 draws
+            them on the tracking thread.
     """
 
     uri: str = "sqlite:///mlruns/mlflow.db"
@@ -185,6 +188,7 @@ class TrackingConfig:
     enabled: bool = True
     log_model: bool = True
     histogram_bins: int = 50
+    figure_workers: int = 2
 
 
 @dataclass
@@ -551,6 +555,9 @@ def validate(cfg: DictConfig | Config) -> None:
         _positive_int("train.threads", cfg.train.threads)
     validate_strengths(list(cfg.sweep.strengths))
     _positive_int("model.hidden_units", cfg.model.hidden_units)
+    workers = cfg.tracking.figure_workers
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ConfigError("tracking.figure_workers", workers, "an integer >= 0 (0: no helper processes)")
     if cfg.train.loop == "compiled" and cfg.model.name not in FUSABLE_MODELS:
         raise ConfigError("train.loop", cfg.train.loop,
                           f"auto or keras for model.name={cfg.model.name} (the compiled loop runs "

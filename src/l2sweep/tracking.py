@@ -290,8 +290,12 @@ class SweepCallback(Callback):
             raise CallbackAbort(store_error(tracking_uri(config), exc)) from exc
 
     def _deferred_start(self, config: DictConfig, go: threading.Event, started: str) -> None:
+        from l2sweep.render import start_workers
+
         go.wait()
         self._start_parent(config, started)
+        # Then the processes that will draw the runs' figures (l2sweep.render), on the free core.
+        start_workers(config.tracking.figure_workers)
 
     def _start_parent(self, config: DictConfig, started: str) -> None:
         """Creates the parent run named ``sweep-<regularizer>-<started>``, logs the grid."""
@@ -488,9 +492,6 @@ class ChildRun:
     def call(self, what: str, log_it: Callable[[], None]) -> None:
         """Runs ``log_it`` (which logs ``what``) now, or after a deferred creation on the
         tracking thread, where a failure is recorded as :meth:`not_logged`."""
-        if self.created is None:
-            log_it()
-            return
 
         def queued() -> None:
             if self._run_id is None or self.tracking_error is not None:
@@ -501,7 +502,19 @@ class ChildRun:
             except Exception as exc:
                 self.not_logged(what, exc)
 
-        self._queued.append(_executor().submit(queued))
+        if self.created is None:
+            log_it()
+        else:
+            self.queue(queued)
+
+    def queue(self, log_it: Callable[[], None]) -> None:
+        """Runs ``log_it`` now, or, when the run is created on the tracking thread (deferred
+        start), there after everything queued before it; ``log_it`` records its own failures
+        (a queued exception would surface in :meth:`wait`)."""
+        if self.created is None:
+            log_it()
+        else:
+            self._queued.append(_executor().submit(log_it))
 
     def fail(self, reason: str) -> None:
         self.status, self.reason = "FAILED", reason
@@ -641,10 +654,12 @@ def child_run(cfg: DictConfig, tags: Optional[dict[str, str]] = None) -> Iterato
     except (KeyboardInterrupt, Terminated) as exc:
         handle.status, handle.reason = "KILLED", f"interrupted: {str(exc) or type(exc).__name__}"
         with deferred_signals():  # a second Ctrl-C while a deferred creation finishes: after it
+            handle.wait()
             _end_child(handle)
         raise
     except BaseException as exc:
         handle.status, handle.reason = "FAILED", f"{type(exc).__name__}: {exc}"
+        handle.wait()
         _end_child(handle)
         raise
     handle.wait()

@@ -155,9 +155,31 @@ def write_run_outputs(out_dir: Path, model: Any, history: dict[str, Any]) -> Non
         shutil.rmtree(old, ignore_errors=True)
 
 
+def draw_run_figures(history: dict[str, Any], histograms: dict[str, Any]) -> tuple[Any, Any]:
+    """Starts drawing a run's figures (``plots/curves.png``, ``histograms/<layer>.png``) into a
+    new temp folder, by the helper processes when the sweep started them (l2sweep.render).
+
+    Returns:
+        (the folder, a ``tempfile.TemporaryDirectory`` removed when dropped or cleaned up;
+        the :class:`l2sweep.render.Drawing` to wait for).
+    """
+    from l2sweep.render import Figure, draw
+
+    folder = tempfile.TemporaryDirectory(prefix="l2sweep-artifacts-")
+    tmp = Path(folder.name)
+    (tmp / "plots").mkdir()
+    (tmp / "histograms").mkdir()
+    figures = [Figure("plot_curves", {"metrics": history["metrics"], "title": history["run_name"]},
+                      str(tmp / "plots" / "curves.png"))]
+    figures += [Figure("plot_histograms", {"hist_layer_data": data, "layer": layer,
+                                           "title": f"{history['run_name']}: {layer} weights"},
+                       str(tmp / "histograms" / f"{layer}.png")) for layer, data in histograms.items()]
+    return folder, draw(figures)
+
+
 def log_run_artifacts(run: tracking.ChildRun, model: Any, history: dict[str, Any],
                       histograms: dict[str, Any], example: Any, hydra_dir: Optional[Path] = None,
-                      job_config: Optional[DictConfig] = None) -> None:
+                      job_config: Optional[DictConfig] = None, figures: Optional[tuple[Any, Any]] = None) -> None:
     """Logs curves, weight histograms, the Hydra config and the MLflow model of one run.
 
     It may run in the background thread while the next job trains (l2sweep.tracking.child_run),
@@ -171,26 +193,31 @@ def log_run_artifacts(run: tracking.ChildRun, model: Any, history: dict[str, Any
         example: a few validation images (the MLflow model's input example).
         hydra_dir: the Hydra job's output folder; its ``.hydra/`` is logged as ``hydra/``.
         job_config: logged as ``hydra/config.yaml`` instead (a fused sweep's lambda).
+        figures: :func:`draw_run_figures` of ``history`` and ``histograms``, started earlier;
+            None to draw them here.
     """
-    from l2sweep.plots import plot_curves, plot_histograms, save_figure
-
-    client, run_id = run.client, run.run_id
-    with tempfile.TemporaryDirectory() as tmp_dir:
-        tmp = Path(tmp_dir)
-        save_figure(plot_curves(history["metrics"], history["run_name"]), tmp / "plots" / "curves.png")
+    folder, drawing = figures or draw_run_figures(history, histograms)
+    try:
+        client, run_id = run.client, run.run_id
+        if hydra_dir is not None and (hydra_dir / ".hydra").is_dir():
+            client.log_artifacts(run_id, str(hydra_dir / ".hydra"), "hydra")
+        if job_config is not None:
+            client.log_text(run_id, OmegaConf.to_yaml(job_config), "hydra/config.yaml")
+        if model is not None:  # while the helpers draw the figures
+            log_mlflow_model(client, run_id, model, example)
+        tmp = Path(folder.name)
         for layer, data in histograms.items():
-            (tmp / "histograms").mkdir(exist_ok=True)
             (tmp / "histograms" / f"{layer}.json").write_text(json.dumps(data))
-            save_figure(plot_histograms(data, layer, f"{history['run_name']}: {layer} weights"),
-                        tmp / "histograms" / f"{layer}.png")
         (tmp / "history.json").write_text(json.dumps(history, indent=2))
+        drawing.wait()
         client.log_artifacts(run_id, str(tmp))
-    if hydra_dir is not None and (hydra_dir / ".hydra").is_dir():
-        client.log_artifacts(run_id, str(hydra_dir / ".hydra"), "hydra")
-    if job_config is not None:
-        client.log_text(run_id, OmegaConf.to_yaml(job_config), "hydra/config.yaml")
-    if model is None:
-        return
+    finally:
+        folder.cleanup()
+
+
+def log_mlflow_model(client: Any, run_id: str, model: Any, example: Any) -> None:
+    """Logs ``model`` as the run's ``model/`` artifact: an MLflow model (MLmodel, signature,
+    input ``example``) that ``mlflow.pyfunc.load_model("runs:/<id>/model")`` serves."""
     import keras
     import mlflow.tensorflow
     from mlflow.models import infer_signature
@@ -198,11 +225,9 @@ def log_run_artifacts(run: tracking.ChildRun, model: Any, history: dict[str, Any
     # A direct call, not predict(): the same output without building a tf.data pipeline.
     signature = infer_signature(example, keras.ops.convert_to_numpy(model(example, training=False)))
     with tempfile.TemporaryDirectory() as tmp_dir:
-        # An MLflow model (MLmodel, signature, input example) as the run's `model/` artifact:
-        # `mlflow.pyfunc.load_model("runs:/<id>/model")` serves it. (A second copy as an
-        # MLflow 3 LoggedModel named "model" would shadow this path in list_artifacts.)
-        # Requirements given, not inferred: inference loads the model again in a fresh
-        # Python (~5 s per run; bench/README.md).
+        # (A second copy as an MLflow 3 LoggedModel named "model" would shadow this path in
+        # list_artifacts.) Requirements given, not inferred: inference loads the model again
+        # in a fresh Python (~5 s per run; bench/README.md).
         mlflow.tensorflow.save_model(model, f"{tmp_dir}/model", signature=signature,
                                      input_example=example,
                                      pip_requirements=[*mlflow.tensorflow.get_default_pip_requirements(),
@@ -366,7 +391,8 @@ def finish_run(cfg: DictConfig, run: tracking.ChildRun, model: Any, keras_histor
     if run.run_id:  # logged when the run ends: in the background while the next job trains
         run.defer("artifacts (curves, histograms, history, config, model)", functools.partial(
             log_run_artifacts, run, model if diverged is None and cfg.tracking.log_model else None,
-            history, histograms, example, hydra_dir=_hydra_output_dir(), job_config=job_config))
+            history, histograms, example, hydra_dir=_hydra_output_dir(), job_config=job_config,
+            figures=draw_run_figures(history, histograms)))
     final = {k: v[-1] if v else math.nan for k, v in history["metrics"].items()}
     log.info("%s: val_loss %.4f val_accuracy %.4f", label, final.get("val_loss", math.nan),
              final.get("val_accuracy", math.nan))
@@ -462,6 +488,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         except (KeyboardInterrupt, tracking.Terminated):
             pass  # it arrived while they were being ended; they are, so nothing is left to stop
         finally:
+            from l2sweep.render import stop_workers
+
+            stop_workers()
             for signum, handler in saved[2].items():
                 signal.signal(signum, handler)
             tracking.close_parent(status, reason)
