@@ -80,6 +80,16 @@ def test_a_killed_helper_figures_are_drawn_here(trained, workers, tmp_path):
     assert not workers[0].alive
 
 
+def test_a_helper_not_ready_in_time_is_left_out(trained, workers, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(render, "READY_TIMEOUT_S", 0.001)  # far less than its matplotlib import
+    with caplog.at_level("WARNING", logger="l2sweep.render"):
+        render.start_workers(2)
+    assert workers == []  # killed, and the second one not tried
+    assert "no helper process (the helper process was not ready within 0.001 s)" in caplog.text
+    render.draw(figures_of(trained, tmp_path)).wait()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "hidden.png", "output.png"]
+
+
 def test_a_figure_that_fails_raises_its_own_error(trained, workers, tmp_path):
     render.start_workers(1)
     metrics, hists = trained

@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import queue
+import select
 import signal
 import subprocess
 import sys
@@ -42,6 +43,9 @@ log = logging.getLogger(__name__)
 FIGURES = ("plot_curves", "plot_histograms")
 #: A helper's first line.
 READY = "ready\n"
+#: How long a helper may take to say it is ready (it imports matplotlib: ~0.5 s here) before
+#: it is killed and left out, so a wedged helper never holds up the sweep.
+READY_TIMEOUT_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,11 @@ class _Worker:
         self.outstanding = 0
         self.lock = threading.Lock()
         # Its first line says it has imported matplotlib (so helpers start one at a time).
+        readable, _, _ = select.select([self.proc.stdout], [], [], READY_TIMEOUT_S)
+        if not readable:
+            self.proc.kill()
+            self.close()
+            raise OSError(f"the helper process was not ready within {READY_TIMEOUT_S:g} s")
         self.alive = self.proc.stdout.readline() == READY
         if not self.alive:
             self.close()
