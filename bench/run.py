@@ -214,9 +214,16 @@ def agreement(summary: dict[str, Any], noise: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def seed_noise(ref: dict[str, Any], other: dict[str, Any], seeds: tuple[int, int]) -> dict[str, Any]:
-    per = {lam: {k: abs(other[lam][k] - ref[lam][k]) for k in ("val_accuracy", "val_loss")} for lam in ref}
-    return {"seeds": list(seeds), "variant": "b", "per_lambda": per,
+def seed_noise(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Per-lambda spread (max - min) of (b)'s final val metrics over ``runs`` ({seed:
+    per_lambda}, two seeds or more): the run-to-run noise that speed must stay within."""
+    seeds = sorted(runs)
+    lambdas = runs[seeds[0]]
+    per = {lam: {k: max(r[lam][k] for r in runs.values()) - min(r[lam][k] for r in runs.values())
+                 for k in ("val_accuracy", "val_loss")} for lam in lambdas}
+    return {"seeds": seeds, "variant": "b", "per_lambda": per,
+            "values": {lam: {k: [runs[s][lam][k] for s in seeds] for k in ("val_accuracy", "val_loss")}
+                       for lam in lambdas},
             "max_abs_diff": {k: max(p[k] for p in per.values()) for k in ("val_accuracy", "val_loss")}}
 
 
@@ -388,7 +395,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--variants", default="a,b,c,d", help="which of a,b,c,d (default all)")
     p.add_argument("--scaling", default="grid,data", help="grid,data | grid | data | none")
     p.add_argument("--scaling-variants", help="variants of the scaling runs (default a,b,d; --full b,d)")
-    p.add_argument("--noise-seed", type=int, default=43, help="second train.seed for the seed noise")
+    p.add_argument("--noise-seeds", default="43",
+                   help="further train.seed values of (b) for the seed noise, e.g. 43,44,45 (default 43)")
     p.add_argument("--no-dvc", action="store_true", help="skip timing dvc repro")
     p.add_argument("--overhead-epochs", default="",
                    help="epoch counts at which to time (b) and (c) again, e.g. 10,20,40: tracking's "
@@ -410,6 +418,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     for v in variants + scale_variants:
         if v not in VARIANTS:
             p.error(f"variant {v!r} is not one of {', '.join(VARIANTS)}")
+    try:
+        noise_seeds = [int(x) for x in args.noise_seeds.split(",") if x]
+    except ValueError:
+        p.error(f"--noise-seeds={args.noise_seeds!r}: comma-separated integers other than 42 expected")
+    if not noise_seeds or 42 in noise_seeds:
+        p.error(f"--noise-seeds={args.noise_seeds!r}: comma-separated integers other than 42 expected")
     out = Path(args.out or REPO / "bench" / ("results-full.json" if args.full else "results.json"))
     plot = Path(args.plot) if args.plot else out.with_name(out.stem.replace("results", "scaling") + ".png")
     prepared = Path(args.prepared)
@@ -444,10 +458,13 @@ def main(argv: Optional[list[str]] = None) -> None:
         results["variants"] = summary
         results["ratios"] = ratios(summary)
 
-        print("seed noise: (b) with train.seed=%d" % args.noise_seed, flush=True)
-        other = run_variant("b", work, main_data, GRID, epochs, seed=args.noise_seed)
-        noise = seed_noise(summary["b"]["per_lambda"], other["per_lambda"], (42, args.noise_seed)) \
-            if "b" in summary else {}
+        noise = {}
+        if "b" in summary:
+            by_seed = {42: summary["b"]["per_lambda"]}
+            for seed in noise_seeds:
+                print(f"seed noise: (b) with train.seed={seed}", flush=True)
+                by_seed[seed] = run_variant("b", work, main_data, GRID, epochs, seed=seed)["per_lambda"]
+            noise = seed_noise(by_seed)
         results["seed_noise"] = noise
         results["agreement"] = agreement(summary, noise)
 
@@ -525,7 +542,7 @@ def print_summary(results: dict[str, Any]) -> None:
             for v, r in variants.items()))
     noise = results.get("seed_noise")
     if noise:
-        print(f"seed noise (b, seeds {noise['seeds']}): max |Δ| val_accuracy "
+        print(f"seed noise (b, seeds {noise['seeds']}): max spread val_accuracy "
               f"{noise['max_abs_diff']['val_accuracy']:.4f}, val_loss {noise['max_abs_diff']['val_loss']:.4f}")
     for k, a in results.get("agreement", {}).items():
         print(f"  {k}: max |Δ| val_accuracy {a['val_accuracy']:.4f}, val_loss {a['val_loss']:.4f}, "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.run import fit_overhead
+from bench.run import agreement, fit_overhead, seed_noise
 
 
 def _rows(fixed: float, per_epoch: float, c0: float, c_epoch: float, epochs: list[int]) -> list[dict]:
@@ -30,3 +30,28 @@ def test_fit_says_never_when_tracking_grows_as_fast_as_training():
 
 def test_fit_says_zero_when_tracking_is_already_cheap_enough():
     assert fit_overhead(_rows(0.1, 0.0, 8.0, 1.0, [10, 20]), n_lambdas=3)["epochs_for_1.05"] == 0.0
+
+
+def _per_lambda(acc_small: float, acc_large: float) -> dict:
+    return {"0.0001": {"val_accuracy": acc_small, "val_loss": 1 - acc_small},
+            "0.01": {"val_accuracy": acc_large, "val_loss": 1 - acc_large}}
+
+
+def test_seed_noise_is_the_spread_over_every_seed_per_lambda():
+    noise = seed_noise({44: _per_lambda(0.87, 0.83), 42: _per_lambda(0.86, 0.84), 43: _per_lambda(0.88, 0.835)})
+    assert noise["seeds"] == [42, 43, 44]
+    assert noise["per_lambda"]["0.0001"]["val_accuracy"] == pytest.approx(0.02)  # 0.88 - 0.86
+    assert noise["per_lambda"]["0.01"]["val_accuracy"] == pytest.approx(0.01)    # 0.84 - 0.83
+    assert noise["values"]["0.01"]["val_accuracy"] == [0.84, 0.835, 0.83]
+    assert noise["max_abs_diff"]["val_accuracy"] == pytest.approx(0.02)
+
+
+def test_agreement_compares_each_variant_with_b_against_that_noise():
+    noise = seed_noise({42: _per_lambda(0.86, 0.84), 43: _per_lambda(0.88, 0.835)})
+    summary = {v: {"per_lambda": pl} for v, pl in
+               {"b": _per_lambda(0.86, 0.84), "c": _per_lambda(0.86, 0.84),
+                "d": _per_lambda(0.87, 0.83), "a": _per_lambda(0.885, 0.84)}.items()}
+    out = agreement(summary, noise)
+    assert out["c-b"] == {"val_accuracy": 0.0, "val_loss": 0.0, "within_noise": True}
+    assert out["d-b"]["within_noise"] and out["d-b"]["val_accuracy"] == pytest.approx(0.01)
+    assert not out["a-b"]["within_noise"] and out["a-b"]["val_accuracy"] == pytest.approx(0.025)

@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
+from mlflow import MlflowClient
+
 from conftest import model_cfg
+from helpers import cli_env, make_project, sqlite_uri, tiny_arrays, wait_until
 from l2sweep import render
 from l2sweep.callbacks import EpochStats, WeightHistograms
 from l2sweep.model import build_model, set_seeds
@@ -117,3 +123,55 @@ def test_helpers_ignore_ctrl_c_and_end_when_the_sweep_closes_them(workers):
     render.stop_workers()
     assert proc.wait(30) == 0
     assert render._workers == []
+
+
+_COUNT_DRAWN_HERE = """
+import sys
+import l2sweep.render as render
+draw_here = render.draw_here
+def counted(figure):
+    with open("drawn-here.txt", "a") as f:
+        f.write(figure.path + "\\n")
+    draw_here(figure)
+render.draw_here = counted
+import l2sweep.train as train
+sys.argv[1:] = ["-m", "tracking.figure_workers=%d"]
+train.main()
+"""
+
+
+def _helpers_in(folder: Path) -> list[int]:
+    """Live helper processes started from ``folder`` (their working directory)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if (proc.name.isdigit() and b"l2sweep.render" in (proc / "cmdline").read_bytes()
+                    and os.readlink(proc / "cwd") == str(folder)):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.mark.parametrize("count", [2, 0])
+def test_a_sweep_hands_its_figures_to_the_helpers_and_leaves_none_behind(tmp_path, count):
+    root = make_project(tmp_path / "p", tiny_arrays(), sweep={"strengths": [0.001, 0.01]},
+                        train={"epochs": 1})
+    proc = subprocess.run([sys.executable, "-c", _COUNT_DRAWN_HERE % count], cwd=root, env=cli_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    drawn_here = (root / "drawn-here.txt").read_text().split() if (root / "drawn-here.txt").exists() else []
+    if count:  # helpers are ready within ~1 s, long before a job ends: ideally all of them
+        assert len(drawn_here) < 6, drawn_here
+    else:
+        assert sorted(Path(p).name for p in drawn_here) == ["curves.png", "curves.png", "hidden.png",
+                                                            "hidden.png", "output.png", "output.png"]
+    client = MlflowClient(sqlite_uri(root))
+    children = [r for r in client.search_runs([client.get_experiment_by_name("l2-sweep").experiment_id])
+                if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 2
+    for child in children:
+        paths = {a.path for folder in ("plots", "histograms")
+                 for a in client.list_artifacts(child.info.run_id, folder)}
+        assert {"plots/curves.png", "histograms/hidden.png", "histograms/output.png"} <= paths
+    wait_until(lambda: not _helpers_in(root), 30, "the helper processes to end")
