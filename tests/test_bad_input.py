@@ -78,6 +78,10 @@ TRAIN_CASES = [
     (["model=cnn", "train.loop=compiled"], "train.loop='compiled' is not allowed: auto or keras for "
                                            "model.name=cnn (the compiled loop runs only mlp)"),
     (["train.threads=0"], "train.threads=0 is not allowed: a positive integer"),
+    # tracking settings
+    (["tracking.figure_workers=-1"], "tracking.figure_workers=-1 is not allowed: an integer >= 0 "
+                                     "(0: no helper processes)"),
+    (["tracking.figure_workers=two"], "tracking.figure_workers='two' is not allowed: an integer"),
     # data settings
     (["data.val_fraction=0"], "data.val_fraction=0.0 is not allowed: a number strictly between 0 and 1"),
     (["data.val_fraction=1"], "data.val_fraction=1.0 is not allowed: a number strictly between 0 and 1"),
