@@ -27,7 +27,7 @@ def _weights(path: Path) -> list[np.ndarray]:
     return [np.asarray(w) for w in keras.saving.load_model(path).get_weights()]
 
 
-@pytest.mark.parametrize("regularizer", ["l2", "weight_decay"])
+@pytest.mark.parametrize("regularizer", ["l2", "l1_l2", "weight_decay"])
 def test_fused_equals_sequential(prepared_tiny, tiny_cfg, tmp_path, regularizer):
     """The same tiny grid trained three ways for one epoch: fused, one job per lambda in the
     compiled loop (the default for mlp) and one job per lambda in Keras' own ``fit``. Every
