@@ -60,3 +60,22 @@ def test_agreement_measures_each_variant_from_the_seeds_mean_against_their_sprea
     assert out["a-b"]["val_accuracy"] == pytest.approx(0.025)
     assert out["a-b"]["vs_seed_mean"]["val_accuracy"] == pytest.approx(0.015) and out["a-b"]["within_noise"]
     assert out["x-b"]["vs_seed_mean"]["val_accuracy"] == pytest.approx(0.025) and not out["x-b"]["within_noise"]
+
+
+def test_the_engine_benchmark_times_a_real_training_of_k_models(capsys):
+    """bench.engine trains the compiled engine for real: K finite losses that fall as the
+    epochs go, the compiling call and the steady epochs timed apart."""
+    import json
+    import math
+
+    from bench.engine import main
+
+    main(["--k", "2", "--epochs", "2", "--n", "640"])
+    one = json.loads(capsys.readouterr().out)
+    main(["--k", "2", "--epochs", "4", "--n", "640"])
+    longer = json.loads(capsys.readouterr().out)
+    assert one["k"] == 2 and len(one["epoch_s"]) == 2 and len(longer["epoch_s"]) == 4
+    assert one["first_s"] > 0 and all(t > 0 for t in one["epoch_s"])
+    assert len(one["loss"]) == 2 and all(math.isfinite(v) for v in one["loss"])
+    # More epochs on the same data: a lower training loss for every slice.
+    assert all(b < a for a, b in zip(one["loss"], longer["loss"]))

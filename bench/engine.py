@@ -1,0 +1,61 @@
+"""Seconds per epoch of the compiled training engine (``l2sweep.fused.FusedMLP``) alone.
+
+    python -m bench.engine --k 3                 # the fused 3-lambda model, TensorFlow's threads
+    python -m bench.engine --k 1 --threads 1     # one model on one thread (the sequential default)
+    PYTHONPATH=/tmp/old/src python -m bench.engine --k 3   # another version (a git worktree)
+
+Random images and labels (shape of the default data), l2 with lambda = 0.001 on every slice,
+batch 32, a fresh shuffled order per epoch. The first call (tracing and XLA compilation) is
+reported apart from the steady epochs. For A/B comparisons run both versions one after the
+other, several times, on an otherwise idle machine: the printed loss must be the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from typing import Optional
+
+import numpy as np
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--k", type=int, default=3, help="models trained as one (lambdas), default 3")
+    p.add_argument("--epochs", type=int, default=3, help="steady epochs timed after the first, default 3")
+    p.add_argument("--n", type=int, default=50_000, help="training images, default 50,000")
+    p.add_argument("--threads", type=int, help="TF_NUM_INTRAOP_THREADS (default: TensorFlow's)")
+    p.add_argument("--penalty", choices=["l2", "none"], default="l2")
+    args = p.parse_args(argv)
+    if args.threads:
+        os.environ["TF_NUM_INTRAOP_THREADS"] = str(args.threads)
+
+    import tensorflow as tf
+
+    from l2sweep.fused import FusedMLP
+
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.random((args.n, 784), dtype=np.float32))
+    y = tf.constant(rng.integers(0, 10, args.n).astype(np.int64))
+    engine = FusedMLP(args.k, 784, 128, (False, args.penalty == "l2", False), 0.001, 0.9, 0.999, 1e-7)
+    for param in engine.params:
+        param.assign(rng.normal(0, 0.05, param.shape).astype(np.float32))
+    engine.l2.assign(np.full(args.k, 1e-3, np.float32))
+    orders = [rng.permutation(args.n) for _ in range(args.epochs + 1)]
+    epochs = [[order[i:i + 32] for i in range(0, args.n, 32)] for order in orders]
+
+    times = []
+    for batches in epochs:
+        start = time.perf_counter()
+        logs = engine.train_epoch(x, y, batches)
+        times.append(time.perf_counter() - start)
+    print(json.dumps({"k": args.k, "threads": args.threads or "default", "penalty": args.penalty,
+                      "first_s": round(times[0], 3), "epoch_s": [round(t, 3) for t in times[1:]],
+                      "loss": [float(v) for v in logs["loss"]]}))
+
+
+if __name__ == "__main__":
+    main()
