@@ -4,7 +4,7 @@
     python -m bench.engine --k 1 --threads 1     # one model on one thread (the sequential default)
     PYTHONPATH=/tmp/old/src python -m bench.engine --k 3   # another version (a git worktree)
 
-Random images and labels (shape of the default data), l2 with lambda = 0.001 on every slice,
+Random images (uint8, as prepared, or ``--pixels float32``) and labels (shape of the default data), l2 with lambda = 0.001 on every slice,
 batch 32, a fresh shuffled order per epoch. The first call (tracing and XLA compilation) is
 reported apart from the steady epochs. For A/B comparisons run both versions one after the
 other, several times, on an otherwise idle machine: the printed loss must be the same.
@@ -29,16 +29,20 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--n", type=int, default=50_000, help="training images, default 50,000")
     p.add_argument("--threads", type=int, help="TF_NUM_INTRAOP_THREADS (default: TensorFlow's)")
     p.add_argument("--penalty", choices=["l2", "none"], default="l2")
+    p.add_argument("--pixels", choices=["uint8", "float32"], default="uint8",
+                   help="images as prepared (uint8, scaled in the step: the pipeline's) or as floats")
     args = p.parse_args(argv)
     if args.threads:
         os.environ["TF_NUM_INTRAOP_THREADS"] = str(args.threads)
 
     import tensorflow as tf
 
+    from l2sweep.data import to_float
     from l2sweep.fused import FusedMLP
 
     rng = np.random.default_rng(0)
-    x = tf.constant(rng.random((args.n, 784), dtype=np.float32))
+    x = rng.integers(0, 256, (args.n, 784), dtype=np.uint8)
+    x = tf.constant(x if args.pixels == "uint8" else to_float(x))
     y = tf.constant(rng.integers(0, 10, args.n).astype(np.int64))
     engine = FusedMLP(args.k, 784, 128, (False, args.penalty == "l2", False), 0.001, 0.9, 0.999, 1e-7)
     for param in engine.params:
@@ -52,7 +56,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         start = time.perf_counter()
         logs = engine.train_epoch(x, y, batches)
         times.append(time.perf_counter() - start)
-    print(json.dumps({"k": args.k, "threads": args.threads or "default", "penalty": args.penalty,
+    print(json.dumps({"k": args.k, "threads": args.threads or "default", "penalty": args.penalty, "pixels": args.pixels,
                       "first_s": round(times[0], 3), "epoch_s": [round(t, 3) for t in times[1:]],
                       "loss": [float(v) for v in logs["loss"]]}))
 

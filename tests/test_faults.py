@@ -53,9 +53,9 @@ def run_dirs(models: Path) -> list[str]:
 
 
 def signal_when(cmd: list[str], cwd: Path, line_start: str, send, timeout: float = 300,
-                env: Optional[dict] = None) -> tuple[int, str]:
+                env: Optional[dict] = None, anywhere: bool = False) -> tuple[int, str]:
     """Runs ``cmd`` (own session), calls ``send(proc)`` once an output line starts with
-    ``line_start``; returns (exit status, all output)."""
+    ``line_start`` (or, ``anywhere``, contains it); returns (exit status, all output)."""
     proc = subprocess.Popen(cmd, cwd=cwd, env=env or cli_env(PYTHONUNBUFFERED="1"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -65,7 +65,7 @@ def signal_when(cmd: list[str], cwd: Path, line_start: str, send, timeout: float
     try:
         for line in proc.stdout:
             output.append(line)
-            if not sent and line.startswith(line_start):
+            if not sent and (line_start in line if anywhere else line.startswith(line_start)):
                 send(proc)
                 sent = True
         proc.wait(60)
@@ -195,6 +195,24 @@ def test_sigterm_kills_the_run_and_keeps_the_data(tmp_path):
     assert parent.info.status == "KILLED"
     assert run_dirs(root / "models") == []
     assert digest(root / "data" / "prepared") == prepared
+
+
+def test_sigterm_kills_every_run_of_a_fused_sweep(tmp_path):
+    """The fused sweep's runs are open while the grid trains (each gets its epochs as they
+    end): SIGTERM ends all of them KILLED, and no model is written."""
+    root = make_project(tmp_path / "p", tiny_arrays(), sweep={"strengths": GRID}, train={"epochs": 50})
+    status, output = signal_when([sys.executable, "-m", "l2sweep.train", "-m", "train.fused=true"], root,
+                                 ": epoch 2/50, ", lambda p: p.send_signal(signal.SIGTERM),
+                                 anywhere=True)
+    assert status == 128 + signal.SIGTERM, output
+    assert output.strip().splitlines()[-1].startswith("error: interrupted (SIGTERM)")
+    (parent,), children = runs_of(sqlite_uri(root))
+    assert {name: r.info.status for name, r in children.items()} == {f"l2-{s}": "KILLED" for s in GRID}
+    for name, run in children.items():
+        assert run.data.tags[REASON_TAG].startswith("interrupted")
+        assert run.data.params["regularizer.strength"] == name.split("-", 1)[1]
+    assert parent.info.status == "KILLED"
+    assert run_dirs(root / "models") == []
 
 
 def test_temp_folders_of_killed_runs_are_removed(tmp_path):

@@ -108,6 +108,7 @@ def test_fused_keeps_keras_optimizer_state(prepared_tiny, tiny_cfg, tmp_path):
     """A fused lambda's model.keras carries its Adam moments and step count, like fit's."""
     import keras
 
+    from l2sweep.data import to_float
     from l2sweep.fused import fit_fused, slice_configs
     from l2sweep.model import build_model, set_seeds
     from l2sweep.train import load_training_data
@@ -117,11 +118,32 @@ def test_fused_keeps_keras_optimizer_state(prepared_tiny, tiny_cfg, tmp_path):
     views, _ = fit_fused(slice_configs(cfg), x, y, xv, yv)
     set_seeds(cfg.train.seed, cfg.train.deterministic)
     model = build_model(slice_configs(cfg)[0])
-    model.fit(x, y, batch_size=cfg.train.batch_size, epochs=1, shuffle=True, verbose=0)
+    model.fit(to_float(x), y, batch_size=cfg.train.batch_size, epochs=1, shuffle=True, verbose=0)
     assert int(views[0].optimizer.iterations) == int(model.optimizer.iterations) == math.ceil(len(x) / 32)
     for a, b in zip(views[0].optimizer.variables, model.optimizer.variables):
         np.testing.assert_allclose(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b),
                                    rtol=RTOL, atol=ATOL)
+
+
+def test_uint8_images_train_exactly_as_their_float_copy(prepared_tiny, tiny_cfg):
+    """The compiled loop takes the prepared uint8 images and scales them in its step to
+    exactly to_float's values (the float arrays fit is given): every metric and weight is the
+    float copy's, bit for bit."""
+    from l2sweep.data import to_float
+    from l2sweep.fused import fit_fused, slice_configs
+    from l2sweep.train import load_training_data
+
+    cfg = tiny_cfg("sweep.strengths=[0.001,0.01]", "tracking.enabled=false")
+    (x, y), (xv, yv) = load_training_data(cfg)
+    assert x.dtype == xv.dtype == np.uint8
+    runs = [fit_fused(slice_configs(cfg), *data) for data in
+            ((x, y, xv, yv), (to_float(x), y, to_float(xv), yv))]
+    for (view, result), (ref_view, ref) in zip(zip(*runs[0]), zip(*runs[1])):
+        assert result.history.keys() == ref.history.keys()
+        for key in set(ref.history) - {"epoch_time"}:  # a wall time
+            assert result.history[key] == ref.history[key], key
+        for w, w_ref in zip(view.get_weights(), ref_view.get_weights()):
+            np.testing.assert_array_equal(w, w_ref)
 
 
 def test_a_diverging_lambda_fails_alone(prepared_tiny, tiny_cfg, tmp_path):

@@ -52,6 +52,7 @@ lambdas; ``train.steps_per_execution`` does not apply (an epoch is one compiled 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -158,6 +159,7 @@ class FusedMLP:
                  jit_compile: bool = True) -> None:
         import tensorflow as tf
 
+        from l2sweep.data import to_float
         from l2sweep.model import NUM_CLASSES
 
         self.k, self.units = int(k), int(units)
@@ -173,6 +175,9 @@ class FusedMLP:
         self.use_l1, self.use_l2, self.use_decay = kinds
         self.lr = float(learning_rate)
         self.beta_1, self.beta_2, self.epsilon = float(beta_1), float(beta_2), float(epsilon)
+        # Pixel value -> model input: to_float's own values, looked up (XLA's x / 255 rounds
+        # 126 of the 256 values differently from numpy's).
+        self.pixel_values = tf.constant(to_float(np.arange(256, dtype=np.uint8)))
         self._train = tf.function(self._train_steps, jit_compile=jit_compile, reduce_retracing=True)
         self._eval = tf.function(self._eval_chunk, jit_compile=jit_compile, reduce_retracing=True)
 
@@ -231,6 +236,14 @@ class FusedMLP:
         h = tf.nn.relu(tf.matmul(x, w1) + b1)                       # one GEMM for all slices
         h = tf.reshape(h, (-1, self.k, self.units))                 # (B, K, H)
         return tf.einsum("bkh,kho->bko", h, w2) + b2                # (B, K, 10)
+
+    def _inputs(self, x):
+        """The model's float32 input for a batch of images: uint8 pixels through
+        :func:`~l2sweep.data.to_float`'s values (exactly the float arrays ``fit`` is given),
+        float32 images as they are."""
+        import tensorflow as tf
+
+        return tf.gather(self.pixel_values, tf.cast(x, tf.int32)) if x.dtype == tf.uint8 else x
 
     def _penalty(self, w1):
         """Per-slice penalty of the hidden kernels, shape (K,) (keras.regularizers semantics)."""
@@ -301,7 +314,7 @@ class FusedMLP:
             idx = batches[i]
             weight = tf.cast(positions < sizes[i], tf.float32)
             size = tf.cast(sizes[i], tf.float32)
-            xb, yb = tf.gather(x, idx), tf.gather(y, idx)
+            xb, yb = self._inputs(tf.gather(x, idx)), tf.gather(y, idx)
             with tf.GradientTape() as tape:
                 ce_sum, correct = self._batch_stats(xb, yb, weight)
                 # summed, not averaged: per-slice gradients intact
@@ -339,7 +352,7 @@ class FusedMLP:
     def _eval_chunk(self, x, y):
         import tensorflow as tf
 
-        ce_sum, correct = self._batch_stats(x, y, tf.ones(tf.shape(y), tf.float32))
+        ce_sum, correct = self._batch_stats(self._inputs(x), y, tf.ones(tf.shape(y), tf.float32))
         # The penalty at these weights, compiled like the training step's (an eager float32
         # sum over 100k squares drifts by ~1e-5 relative).
         return ce_sum, correct, self._penalty(self.params[0])
@@ -428,7 +441,7 @@ def _data_tensors(*arrays: np.ndarray) -> tuple:
 
     Read-only arrays (l2sweep.train.load_training_data's, shared by the jobs of a process)
     keep their tensors for the next job: the first copy of 50,000 images into TensorFlow
-    costs ~1 s. The key holds the arrays themselves, so their ids cannot be reused.
+    costs ~0.5 s as float32 (~0.1 s as uint8). The key holds the arrays themselves, so their ids cannot be reused.
     """
     import tensorflow as tf
 
@@ -482,7 +495,9 @@ def fit_fused(cfgs: list[DictConfig], x_train: np.ndarray, y_train: np.ndarray,
 
     Args:
         cfgs: per-lambda configs (:func:`slice_configs`).
-        x_train, y_train, x_val, y_val: float32 images in [0, 1] (N, 28, 28) and int labels.
+        x_train, y_train, x_val, y_val: images (N, 28, 28), uint8 as prepared (scaled inside the
+            compiled step, to exactly :func:`~l2sweep.data.to_float`'s values: a quarter of the
+            memory, and no float copy to make) or float32 in [0, 1]; int labels.
         label: prefix of the progress lines.
         callbacks: per slice, more Keras callbacks (e.g. ``MlflowEpochLogger``, ``StopOnSignal``).
         verbose: Keras' progress lines per slice, as ``fit(verbose=...)`` (0: none; then one
@@ -562,7 +577,9 @@ def train_fused(cfg: DictConfig) -> dict[str, dict[str, float]]:
 
     Each lambda gets what the sequential sweep's job would give it: an MLflow child run (params,
     input, per-epoch metrics, histograms, plots, model, Hydra config) and
-    ``<paths.models>/<run_name>/{model.keras,history.json}``.
+    ``<paths.models>/<run_name>/{model.keras,history.json}``. The K runs are open while the
+    grid trains: each gets its epochs' metrics as they end (``MlflowRunLogger``), and an
+    interrupt ends them all KILLED.
 
     Args:
         cfg: the composed config with ``train.fused=true`` (see l2sweep.config.Config).
@@ -575,46 +592,26 @@ def train_fused(cfg: DictConfig) -> dict[str, dict[str, float]]:
     """
     validate(cfg)
     check_fusable(cfg)
-    from l2sweep.callbacks import start_deferred_tracking
-    from l2sweep.data import load_meta
-    from l2sweep.train import _job_label, load_training_data
+    from l2sweep import tracking
+    from l2sweep.data import load_meta, to_float
+    from l2sweep.train import _job_label, finish_run, load_training_data, run_callbacks, run_tags
 
     cfgs = slice_configs(cfg)
     (x_train, y_train), (x_val, y_val) = load_training_data(cfg)
     meta = load_meta(cfg.paths.prepared)
+    example = to_float(x_val[:5])  # the MLflow model's input example
     label = _job_label(cfg)
     log.info("%s: fused %s x %d lambdas, %d epochs on %d images (%d validation)", label,
              cfg.model.name, len(cfgs), cfg.train.epochs, len(x_train), len(x_val))
-    start = time.perf_counter()
-    views, results = fit_fused(cfgs, x_train, y_train, x_val, y_val, label=label,
-                               callbacks=[[start_deferred_tracking()]] + [[] for _ in cfgs[1:]])
-    log.info("%s: trained %d lambdas in %.1f s", label, len(cfgs), time.perf_counter() - start)
-
-    finals = {}
-    for i, (sub, view, result) in enumerate(zip(cfgs, views, results)):
-        finals[sub.run_name] = record_run(sub, view, result, meta, x_val, y_val,
-                                          f"{label} [{i + 1}/{len(cfgs)}] {sub.run_name}")
-    return finals
-
-
-def record_run(cfg: DictConfig, model: Any, result: SliceResult, meta: dict[str, Any],
-               x_val: np.ndarray, y_val: np.ndarray, label: str) -> dict[str, float]:
-    """Records one lambda of a fused sweep exactly as the sequential job records its run.
-
-    Opens its child run, logs params and input, then the per-epoch metrics (one
-    ``log_batch`` per epoch, through the sequential path's ``MlflowEpochLogger``), and hands
-    over to :func:`l2sweep.train.finish_run` (``history.json``, ``model.keras``, artifacts).
-    """
-    from l2sweep import tracking
-    from l2sweep.callbacks import MlflowEpochLogger
-    from l2sweep.train import finish_run, log_run_inputs, run_tags
-
-    with tracking.child_run(cfg, run_tags(cfg, {"l2sweep.fused": "true"})) as run:
-        if run.run_id:
-            log_run_inputs(run, cfg, meta, x_val, y_val)
-            logger = MlflowEpochLogger(run.client, run.run_id, on_error=run.not_logged)
-            epochs = len(next(iter(result.history.values()), []))
-            for epoch in range(epochs):
-                logger.on_epoch_end(epoch, {k: v[epoch] for k, v in result.history.items()})
-        return finish_run(cfg, run, model, result.history, result.diverged_epoch,
-                          result.histograms, x_val[:5], label, job_config=cfg)
+    with contextlib.ExitStack() as stack:
+        runs = [stack.enter_context(tracking.child_run(sub, run_tags(sub, {"l2sweep.fused": "true"})))
+                for sub in cfgs]
+        callbacks = [run_callbacks(run, sub, meta, example, y_val) for run, sub in zip(runs, cfgs)]
+        start = time.perf_counter()
+        with tracking.deferred_signals():
+            views, results = fit_fused(cfgs, x_train, y_train, x_val, y_val, label=label, callbacks=callbacks)
+        log.info("%s: trained %d lambdas in %.1f s", label, len(cfgs), time.perf_counter() - start)
+        return {sub.run_name: finish_run(sub, run, view, result.history, result.diverged_epoch,
+                                         result.histograms, example,
+                                         f"{label} [{i + 1}/{len(cfgs)}] {sub.run_name}", job_config=sub)
+                for i, (sub, run, view, result) in enumerate(zip(cfgs, runs, views, results))}

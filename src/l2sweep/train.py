@@ -49,12 +49,13 @@ _LOADED: dict[tuple, Any] = {}
 
 
 def load_training_data(cfg: DictConfig):
-    """The prepared train and validation splits as float32 images in [0, 1] and int labels.
+    """The prepared train and validation splits: uint8 images as prepared and int labels.
 
-    The jobs of a sweep in one process share one read (the arrays are read-only); a split
+    The model sees them as :func:`~l2sweep.data.to_float` makes them: the compiled loop scales
+    them inside its step, Keras' ``fit`` gets a float copy. The jobs of a sweep in one process share one read (the arrays are read-only); a split
     file that changed in between (size or modification time) is read again.
     """
-    from l2sweep.data import load_split, to_float
+    from l2sweep.data import load_split
 
     folder = Path(cfg.paths.prepared).resolve()
     stamps = []
@@ -70,7 +71,6 @@ def load_training_data(cfg: DictConfig):
         loaded = []
         for split in ("train", "val"):
             x, y = load_split(folder, split)
-            x = to_float(x)
             x.flags.writeable = y.flags.writeable = False
             loaded.append((x, y))
         _LOADED[key] = tuple(loaded)
@@ -264,24 +264,35 @@ def train(cfg: DictConfig) -> dict[str, float]:
         are NaN when the run diverged.
     """
     validate(cfg)
-    from l2sweep.callbacks import MlflowRunLogger, StopOnSignal, start_deferred_tracking
-    from l2sweep.data import load_meta
+    from l2sweep.data import load_meta, to_float
 
     (x_train, y_train), (x_val, y_val) = load_training_data(cfg)
     meta = load_meta(cfg.paths.prepared)
+    example = to_float(x_val[:5])  # the MLflow model's input example
     label = _job_label(cfg)
     log.info("%s: %s, %d epochs on %d images (%d validation)", label, cfg.model.name,
              cfg.train.epochs, len(x_train), len(x_val))
     fit = _fit_compiled if training_loop(cfg) == "compiled" else _fit_keras
     with tracking.child_run(cfg, run_tags(cfg)) as run:
-        callbacks = [StopOnSignal()]
-        if run.enabled:
-            run.call("params and input", functools.partial(log_run_inputs, run, cfg, meta, x_val, y_val))
-            callbacks += [start_deferred_tracking(), MlflowRunLogger(run)]
+        callbacks = run_callbacks(run, cfg, meta, example, y_val)
         with tracking.deferred_signals():
             model, history, diverged, histograms = fit(cfg, x_train, y_train, x_val, y_val,
                                                        callbacks, label)
-        return finish_run(cfg, run, model, history, diverged, histograms, x_val[:5], label)
+        return finish_run(cfg, run, model, history, diverged, histograms, example, label)
+
+
+def run_callbacks(run: tracking.ChildRun, cfg: DictConfig, meta: dict[str, Any], example: Any,
+                  y_val: Any) -> list:
+    """The Keras callbacks a lambda's training gets from its run: ``StopOnSignal`` first, then,
+    with tracking on, the deferred MLflow start's trigger and ``MlflowRunLogger``, after the
+    run's params and input are queued (:func:`log_run_inputs`)."""
+    from l2sweep.callbacks import MlflowRunLogger, StopOnSignal, start_deferred_tracking
+
+    callbacks = [StopOnSignal()]
+    if run.enabled:
+        run.call("params and input", functools.partial(log_run_inputs, run, cfg, meta, example, y_val))
+        callbacks += [start_deferred_tracking(), MlflowRunLogger(run)]
+    return callbacks
 
 
 def training_loop(cfg: DictConfig) -> str:
@@ -299,8 +310,10 @@ def _verbose() -> int:
 def _fit_keras(cfg: DictConfig, x_train, y_train, x_val, y_val, callbacks: list, label: str):
     """Keras ``Model.fit``: returns (model, history, diverged epoch or None, histogram data)."""
     from l2sweep.callbacks import EpochStats, StopOnDivergence, WeightHistograms
+    from l2sweep.data import to_float
     from l2sweep.model import build_model, set_seeds
 
+    x_train, x_val = to_float(x_train), to_float(x_val)
     set_seeds(cfg.train.seed, cfg.train.deterministic)
     model = build_model(cfg)
     histograms, divergence = WeightHistograms(cfg.tracking.histogram_bins), StopOnDivergence()
@@ -330,9 +343,10 @@ def run_tags(cfg: DictConfig, extra: Optional[dict[str, str]] = None) -> dict[st
     return {k: v for k, v in tags.items() if v}
 
 
-def log_run_inputs(run: tracking.ChildRun, cfg: DictConfig, meta: dict[str, Any], x_val: Any,
+def log_run_inputs(run: tracking.ChildRun, cfg: DictConfig, meta: dict[str, Any], example: Any,
                    y_val: Any) -> None:
-    """Logs the resolved config as params and the dataset as input of ``run``."""
+    """Logs the resolved config as params and the dataset as input of ``run`` (its schema from
+    ``example``, validation images as the model sees them, and the first labels of ``y_val``)."""
     import mlflow
     from mlflow.entities import DatasetInput, InputTag, Param
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
@@ -342,7 +356,7 @@ def log_run_inputs(run: tracking.ChildRun, cfg: DictConfig, meta: dict[str, Any]
         # MLflow registers its local-path source twice ("" and "file" schemes) and warns, on
         # every run, that a local path matches both; either one is the same source.
         warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
-        dataset = mlflow.data.from_numpy(x_val[:1], targets=y_val[:1], name=cfg.dataset.name,
+        dataset = mlflow.data.from_numpy(example[:1], targets=y_val[:1], name=cfg.dataset.name,
                                          source=str(meta.get("source", cfg.paths.prepared)),
                                          digest=_content_digest(meta))
     for attempt in range(3):
