@@ -441,7 +441,8 @@ def _data_tensors(*arrays: np.ndarray) -> tuple:
 
     Read-only arrays (l2sweep.train.load_training_data's, shared by the jobs of a process)
     keep their tensors for the next job: the first copy of 50,000 images into TensorFlow
-    costs ~0.5 s as float32 (~0.1 s as uint8). The key holds the arrays themselves, so their ids cannot be reused.
+    costs ~0.5 s as float32 (~0.1 s as uint8). The key holds the arrays themselves, so their
+    ids cannot be reused.
     """
     import tensorflow as tf
 

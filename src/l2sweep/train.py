@@ -52,8 +52,9 @@ def load_training_data(cfg: DictConfig):
     """The prepared train and validation splits: uint8 images as prepared and int labels.
 
     The model sees them as :func:`~l2sweep.data.to_float` makes them: the compiled loop scales
-    them inside its step, Keras' ``fit`` gets a float copy. The jobs of a sweep in one process share one read (the arrays are read-only); a split
-    file that changed in between (size or modification time) is read again.
+    them inside its step, Keras' ``fit`` gets a float copy. The jobs of a sweep in one process
+    share one read (the arrays are read-only); a split file that changed in between (size or
+    modification time) is read again.
     """
     from l2sweep.data import load_split
 
