@@ -31,8 +31,9 @@ over the epoch's batches weighted by batch size; ``loss`` includes the penalty, 
 does not; validation with the epoch's final weights). ``penalty``, ``weight_norm/<layer>``,
 the weight histograms and the saved model come from a standalone Keras model per lambda whose
 weights are set from its slice, through the same callbacks the sequential path uses. So each
-lambda still gets its own MLflow child run, ``models/<run>/{model.keras,history.json}`` and
-artifacts, and ``evaluate`` cannot tell the two paths apart.
+lambda still gets its own MLflow child run (open while the grid trains, its metrics logged
+epoch by epoch), ``models/<run>/{model.keras,history.json}`` and artifacts, and ``evaluate``
+cannot tell the two paths apart.
 
 A slice whose loss becomes NaN or infinite is reported FAILED for its lambda (``diverged_epoch``
 = that epoch, no model written) and ignored from then on; slices share nothing, so the others
