@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -63,17 +64,47 @@ def child_env() -> dict[str, str]:
 
 
 def measure(cmd: list[str], cwd: Path, log_file: Path) -> dict[str, Any]:
-    """Runs ``cmd``; returns wall seconds (spawn to exit), peak RSS (MB) and the exit code."""
+    """Runs ``cmd``; returns wall seconds (spawn to exit), peak RSS (MB), the exit code, and
+    where its output starts in ``log_file`` and when it was spawned (for :func:`phases`)."""
     with open(log_file, "ab") as log:
         log.write(f"\n$ {' '.join(cmd)}\n".encode())
         log.flush()
-        start = time.perf_counter()
+        offset = log.tell()
+        spawned, start = time.time(), time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=cwd, env=child_env(), stdout=log, stderr=subprocess.STDOUT)
         # wait4 gives this child's own rusage (ru_maxrss: its peak resident set, KiB on Linux).
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
         proc.returncode = os.waitstatus_to_exitcode(status)
-    return {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024, "rc": proc.returncode}
+    return {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024, "rc": proc.returncode,
+            "log_offset": offset, "spawned": spawned}
+
+
+#: A job's log lines (l2sweep.train, l2sweep.fused): "[time][logger][LEVEL] - job 2/3 name: ...".
+_JOB_LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3})\]\S* - job (\d+)/\S+ (.*)$")
+
+
+def phases(log_text: str, spawned: float, wall: float) -> Optional[dict[str, Any]]:
+    """Where a sweep's wall time went, from its log's timestamps (ms): ``start_s`` (spawn to the
+    first job's first line: Python, TensorFlow's and Hydra's imports), ``jobs_s`` (each job, its
+    first line to its last result line, ``...: val_loss``), ``between_s`` (from each job's end
+    to the next one's start: Hydra, the job's set-up), ``after_s`` (the last result line to the
+    exit: the last run's artifacts, the sweep's end). None without job lines."""
+    jobs: dict[int, list[float]] = {}
+    for line in log_text.splitlines():
+        m = _JOB_LINE.match(line)
+        if not m:
+            continue
+        t = time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")) + int(m.group(2)) / 1000
+        times = jobs.setdefault(int(m.group(3)), [t, t])
+        if ": val_loss " in m.group(4):
+            times[1] = t
+    if not jobs:
+        return None
+    spans = [jobs[n] for n in sorted(jobs)]
+    return {"start_s": spans[0][0] - spawned, "jobs_s": [end - start for start, end in spans],
+            "between_s": sum(nxt[0] - cur[1] for cur, nxt in zip(spans, spans[1:])),
+            "after_s": spawned + wall - spans[-1][1]}
 
 
 def python(*args: str) -> list[str]:
@@ -150,6 +181,11 @@ def run_variant(variant: str, work: Path, prepared: Path, grid: list[float], epo
             make_project(root, prepared, grid, epochs, seed)
         result = measure(python("-m", "l2sweep.train", "-m", *CLI_ARGS[variant]), root, root / "log.txt")
         per_lambda = pipeline_results(root) if result["rc"] == 0 else {}
+        with open(root / "log.txt", encoding="utf-8", errors="replace") as log:
+            log.seek(result["log_offset"])
+            result["phases"] = phases(log.read(), result["spawned"], result["wall_s"])
+    for key in ("log_offset", "spawned"):
+        result.pop(key)
     if result["rc"] != 0:
         raise RuntimeError(f"variant {variant} failed (exit {result['rc']}); see {root / 'log.txt'}")
     # Seconds of training per lambda and epoch, validation included (d: the fused epoch / K).
@@ -175,6 +211,16 @@ def spread(values: list[float]) -> dict[str, float]:
             "runs": values}
 
 
+def phase_medians(rs: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """Median of each :func:`phases` entry over repetitions (``jobs_s`` job by job)."""
+    ps = [r["phases"] for r in rs if r.get("phases")]
+    if not ps:
+        return None
+    out = {k: statistics.median(p[k] for p in ps) for k in ("start_s", "between_s", "after_s")}
+    out["jobs_s"] = [statistics.median(js) for js in zip(*(p["jobs_s"] for p in ps))]
+    return out
+
+
 def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     out = {}
     for v, rs in runs.items():
@@ -191,6 +237,9 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
                               "status": [r["per_lambda"][lam]["status"] for r in rs]}
                            for lam in lambdas},
         }
+        ph = phase_medians(rs)
+        if ph is not None:
+            out[v]["phases"] = ph
     return out
 
 
@@ -551,6 +600,13 @@ def print_summary(results: dict[str, Any]) -> None:
         print(f"  λ={lam:<8}" + "  ".join(
             f"({v}) {r['per_lambda'][lam]['val_accuracy']:.4f}/{r['per_lambda'][lam]['val_loss']:.4f}"
             for v, r in variants.items()))
+    ph = {v: r["phases"] for v, r in variants.items() if "phases" in r}
+    if "b" in ph and "c" in ph:
+        b, c = ph["b"], ph["c"]
+        print("(b) - (c) by phase, s (medians): start {:+.2f}, jobs {}, between jobs {:+.2f}, after the "
+              "last {:+.2f}".format(b["start_s"] - c["start_s"],
+                                    " ".join(f"{x - y:+.2f}" for x, y in zip(b["jobs_s"], c["jobs_s"])),
+                                    b["between_s"] - c["between_s"], b["after_s"] - c["after_s"]))
     noise = results.get("seed_noise")
     if noise:
         print(f"seed noise (b, seeds {noise['seeds']}): max spread val_accuracy "

@@ -17,8 +17,9 @@ from helpers import cli_env, make_project, sqlite_uri, tiny_arrays
 
 GRID = [0.001, 0.01, 0.1]
 
-#: Runs the sweep with l2sweep.train's artifact logging and compiled loop wrapped: each call
-#: is written to $EVENTS as [thread name, what, run name]. The artifacts of $HOLD wait (up to
+#: Runs the sweep with l2sweep.train's artifact logging and compiled loop, and the epochs'
+#: begin (l2sweep.tracking.training_under_way), wrapped: each call is written to $EVENTS as
+#: [thread name, what, run name]. The artifacts of $HOLD wait (up to
 #: 60 s) until the next lambda's training has started, which only a background thread can
 #: see; those of $FAIL raise.
 _DRIVER = """
@@ -54,7 +55,14 @@ def parent(self, config, started):
     note("parent", "sweep")
     return start_parent(self, config, started)
 
+under_way = tracking.training_under_way
+
+def training():  # an epoch begins
+    note("epoch", "")
+    under_way()
+
 t.log_run_artifacts, t._fit_compiled, tracking.SweepCallback._start_parent = artifacts, fit, parent
+tracking.training_under_way = training
 sys.argv[1:] = ["-m"]
 t.main()
 """
@@ -100,6 +108,22 @@ def test_artifacts_are_logged_while_the_next_lambda_trains(project):
         overrides = client.download_artifacts(run.info.run_id, "hydra/overrides.yaml",
                                               str(project / "downloads" / name))
         assert f"regularizer.strength={run.data.params['regularizer.strength']}" in Path(overrides).read_text()
+
+
+def test_a_runs_artifacts_wait_until_the_next_job_trains(project):
+    # The end of a job and the start of the next (Hydra, building the model) are Python: the
+    # tracking thread and the figure helpers keep off them, and start once an epoch begins.
+    proc, events = _sweep(project)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for done, following in zip(GRID, GRID[1:]):
+        next_fit = events.index(["MainThread", "fit", f"l2-{following}"])
+        first_epoch = events.index(["MainThread", "epoch", ""], next_fit)
+        assert events.index(["l2sweep-tracking_0", "artifacts", f"l2-{done}"]) > first_epoch, events
+    # The last job's are logged at once: no job follows.
+    assert ["l2sweep-tracking_0", "artifacts", f"l2-{GRID[-1]}"] in events
+    (parent,), children = _runs(project)
+    assert parent.info.status == "FINISHED"
+    assert {r.info.status for r in children.values()} == {"FINISHED"}
 
 
 def test_a_failure_in_the_background_names_the_run_and_leaves_nothing_running(project):

@@ -79,3 +79,34 @@ def test_the_engine_benchmark_times_a_real_training_of_k_models(capsys):
     assert len(one["loss"]) == 2 and all(math.isfinite(v) for v in one["loss"])
     # More epochs on the same data: a lower training loss for every slice.
     assert all(b < a for a, b in zip(one["loss"], longer["loss"]))
+
+
+def _log_line(when: float, message: str) -> str:
+    """A line as Hydra's default job logging writes it (hydra/job_logging/default.yaml)."""
+    import logging
+    from importlib.resources import files
+
+    import yaml
+
+    conf = yaml.safe_load((files("hydra.conf") / "hydra" / "job_logging" / "default.yaml").read_text())
+    record = logging.LogRecord("l2sweep.train", logging.INFO, __file__, 1, message, None, None)
+    record.created, record.msecs = when, (when % 1) * 1000
+    return logging.Formatter(conf["formatters"]["simple"]["format"]).format(record)
+
+
+def test_phases_split_a_sweeps_wall_time_at_its_job_log_lines():
+    from bench.run import phases
+
+    t0 = 1_800_000_000.0
+    lines = ["2026 some TensorFlow noise",
+             _log_line(t0 + 4.0, "job 1/2 l2-0.0001: 1 epochs, batch 32"),
+             _log_line(t0 + 9.5, "job 1/2 l2-0.0001: val_loss 0.4000 val_accuracy 0.8600"),
+             _log_line(t0 + 9.75, "job 2/2 l2-0.01: 1 epochs, batch 32"),
+             _log_line(t0 + 14.25, "job 2/2 l2-0.01: val_loss 0.5000 val_accuracy 0.8300"),
+             _log_line(t0 + 14.5, "sweep done")]
+    got = phases("\n".join(lines), spawned=t0, wall=15.0)
+    assert got["start_s"] == pytest.approx(4.0, abs=1e-3)
+    assert got["jobs_s"] == pytest.approx([5.5, 4.5], abs=1e-3)
+    assert got["between_s"] == pytest.approx(0.25, abs=1e-3)
+    assert got["after_s"] == pytest.approx(0.75, abs=1e-3)
+    assert phases(lines[0], spawned=t0, wall=1.0) is None

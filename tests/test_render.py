@@ -117,6 +117,10 @@ def test_only_the_per_run_figures_are_drawn_by_name():
 def test_helpers_ignore_ctrl_c_and_end_when_the_sweep_closes_them(workers):
     render.start_workers(1)
     proc = workers[0].proc
+    # Their own process group (a terminal's Ctrl-C reaches the sweep only), in the sweep's
+    # session (the kernel's autogroups weigh a session against a session), below its priority.
+    assert os.getpgid(proc.pid) == proc.pid and os.getsid(proc.pid) == os.getsid(0)
+    assert os.getpriority(os.PRIO_PROCESS, proc.pid) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + render.NICENESS)
     os.kill(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C: the sweep decides, not the helper
     time.sleep(0.5)
     assert proc.poll() is None

@@ -395,8 +395,11 @@ class MlflowRunLogger(keras.callbacks.Callback):
 
 
 def start_deferred_tracking() -> keras.callbacks.Callback:
-    """A callback that lets a deferred MLflow start (l2sweep.tracking) begin at the first epoch
-    end, once training is under way (the epochs after it leave the GIL free for MLflow)."""
-    from l2sweep.tracking import release_deferred_start
+    """A callback that lets the sweep's tracking thread (l2sweep.tracking) work while the job
+    trains: the deferred MLflow start at the first epoch's end (the epochs after it leave the
+    GIL free for MLflow; the first one compiles), and the previous run's artifacts, held from
+    that job's end, as each epoch begins."""
+    from l2sweep.tracking import release_deferred_start, training_under_way
 
-    return keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: release_deferred_start())
+    return keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: training_under_way(),
+                                          on_epoch_end=lambda epoch, logs: release_deferred_start())

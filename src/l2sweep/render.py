@@ -5,14 +5,18 @@ run) and holds the GIL all the while. Drawn on the tracking thread, that slows t
 loop of the next job (its Python between compiled calls waits for the GIL), and the last
 run's figures stand between the end of training and the end of the sweep. With the embedded
 store and Hydra's basic launcher the sweep starts ``tracking.figure_workers`` helper
-processes (``python -m l2sweep.render``) at its start, while the first job imports
-TensorFlow; each run's figures are handed to them when the run ends, and the tracking
-thread only waits for the files before it logs them (bench/README.md has the figures).
+processes (``python -m l2sweep.render``) on its tracking thread, after MLflow, while the
+first job trains; each run's figures are handed to them when the run ends (or, when another
+job follows, once that one trains: l2sweep.tracking.child_run), and the tracking thread
+only waits for the files before it logs them (bench/README.md has the figures).
 
 Anything a helper cannot do (it did not start, died, or failed on a figure) is drawn in the
 waiting thread with :mod:`l2sweep.plots`, as without helpers, so the result is the same
-figure or the same error. Helpers ignore Ctrl-C (a new session: the sweep decides) and end
-when the sweep closes their input, or when the sweep's process is gone.
+figure or the same error. Helpers ignore Ctrl-C (their own process group: the sweep decides)
+and end when the sweep closes their input, or when the sweep's process is gone. They run at a
+lower priority (:data:`NICENESS`) and in the sweep's session: on a machine with fewer free
+cores than busy threads, the training thread comes first (Linux's autogroups would weigh a
+new session as much as the whole sweep).
 
 Example:
     >>> start_workers(2)
@@ -46,6 +50,8 @@ READY = "ready\n"
 #: How long a helper may take to say it is ready (it imports matplotlib: ~0.5 s here) before
 #: it is killed and left out, so a wedged helper never holds up the sweep.
 READY_TIMEOUT_S = 120.0
+#: How much a helper lowers its priority (``os.nice``) before it imports matplotlib.
+NICENESS = 10
 
 
 @dataclass(frozen=True)
@@ -78,7 +84,7 @@ class _Worker:
     def __init__(self) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "l2sweep.render"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            start_new_session=True, text=True, bufsize=1)
+            process_group=0, text=True, bufsize=1)
         self.pending: "queue.SimpleQueue[Future]" = queue.SimpleQueue()
         self.outstanding = 0
         self.lock = threading.Lock()
@@ -199,6 +205,7 @@ def draw(figures: list[Figure]) -> Drawing:
 def _serve() -> None:
     """Draws each request line of stdin; one reply line each on the original stdout."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.nice(NICENESS)
     replies = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints must not break the replies
     requests: "queue.SimpleQueue[Optional[str]]" = queue.SimpleQueue()

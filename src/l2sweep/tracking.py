@@ -61,6 +61,10 @@ _open_parent: Optional[tuple[str, str]] = None
 _deferred: dict[str, Any] = {"parent": None, "go": None}
 #: Hydra's own launcher: the jobs run one after the other in the launching process.
 BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
+#: Open while a job trains; closed from the end of a job that another job of this process
+#: follows until that one trains (see :func:`child_run`: the finished run's artifacts wait).
+_training = threading.Event()
+_training.set()
 
 
 class CallbackAbort(SystemExit):
@@ -459,6 +463,8 @@ class ChildRun:
         self.tracking_error: Optional[str] = None
         self.tracking_exc: Optional[BaseException] = None
         self.deferred: list[tuple[str, Callable[[], None]]] = []
+        #: Whether its deferred logging waits for the next job's training (:func:`child_run`).
+        self.held = False
 
     @property
     def run_id(self) -> Optional[str]:
@@ -473,7 +479,7 @@ class ChildRun:
 
     def _wait_created(self) -> None:
         if self.created is not None and not self.created.done():
-            release_deferred_start()
+            _wake_tracking_thread()
             self.created.result()  # _create_child records failures instead of raising
 
     def ready(self) -> bool:
@@ -485,7 +491,7 @@ class ChildRun:
         """Waits for a deferred creation and what :meth:`call` queued after it (letting the
         deferred start begin, if it has not)."""
         if not self.ready():  # never from the tracking thread: it would wait for itself
-            release_deferred_start()
+            _wake_tracking_thread()
             for future in (self.created, *self._queued):
                 future.result()  # the queued functions record failures instead of raising
 
@@ -570,6 +576,33 @@ def release_deferred_start() -> None:
         go.set()
 
 
+def training_under_way() -> None:
+    """Lets the tracking thread log what it holds for the next job's training (the previous
+    run's artifacts, :func:`child_run`): called as each epoch begins, and by anything that
+    waits for that thread."""
+    _training.set()
+
+
+def _wake_tracking_thread() -> None:
+    """Before this thread waits for the tracking thread: nothing there may wait for it."""
+    release_deferred_start()
+    training_under_way()
+
+
+def _another_job_follows() -> bool:
+    """Whether this process runs another job of the sweep after the current one (Hydra's job
+    number against the sweep's job count; False when either is unknown: a search sweeper, a
+    direct call)."""
+    total = os.environ.get(JOBS_ENV, "")
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        num = HydraConfig.get().job.num
+    except ValueError:
+        return False
+    return total.isdigit() and num + 1 < int(total)
+
+
 def _in_background_allowed() -> bool:
     """Whether a finished run's artifacts may be logged while the next job trains.
 
@@ -582,9 +615,9 @@ def _in_background_allowed() -> bool:
 
 def finish_background() -> list[ChildRun]:
     """Waits until the background thread has ended every run handed to it; returns them."""
+    _wake_tracking_thread()
     parent = _deferred["parent"]
     if parent is not None:  # a deferred start that failed is reported by the first job's run
-        release_deferred_start()
         concurrent.futures.wait([parent])
     done = []
     pending = _background["pending"]
@@ -601,6 +634,14 @@ def raise_after_sweep() -> None:
     error, _after_sweep["error"] = _after_sweep["error"], None
     if error is not None:
         raise error
+
+
+def _finish_held_run(handle: ChildRun) -> None:
+    """:func:`_finish_run` once the next job trains, something waits for it, or the
+    interpreter is exiting (no job came, and nothing waited: it must not hang the exit)."""
+    while not _training.wait(0.5) and threading.main_thread().is_alive():
+        pass
+    _finish_run(handle)
 
 
 def _finish_run(handle: ChildRun) -> None:
@@ -629,7 +670,11 @@ def child_run(cfg: DictConfig, tags: Optional[dict[str, str]] = None) -> Iterato
     MLflow model) and its end go to a background thread when the sweep's jobs run in this
     process, so they overlap the next job's training (the one-thread training loop leaves a
     core free); :func:`finish_background` waits for them (the entry point does before it
-    closes the sweep). Elsewhere they run before this returns.
+    closes the sweep). Elsewhere they run before this returns. When another job of the sweep
+    follows (``handle.held``), they wait until that job trains (its first epoch begins:
+    :func:`training_under_way`), so that the end of this job and the start of the next
+    (Hydra's job set-up, building the model: Python) have the GIL and the second core to
+    themselves; the figures are then handed to the helpers there too (bench/README.md).
 
     Raises:
         TrackingError: if the store failed to take something (:meth:`ChildRun.not_logged`)
@@ -641,6 +686,7 @@ def child_run(cfg: DictConfig, tags: Optional[dict[str, str]] = None) -> Iterato
         return
     handle = ChildRun(None, None, cfg.run_name, Path(cfg.paths.models) / cfg.run_name, tracking_uri(cfg))
     handle.enabled = True
+    handle.held = _in_background_allowed() and _another_job_follows()
     parent = _deferred["parent"]
     if parent is not None and parent.done() and parent.exception() is not None:
         # The deferred start failed during an earlier job (which reports it): train no more.
@@ -665,7 +711,10 @@ def child_run(cfg: DictConfig, tags: Optional[dict[str, str]] = None) -> Iterato
     handle.wait()
     failed = [h for h in finish_background() if h.unlogged]
     if handle.run_id is not None and _in_background_allowed():
-        _background["pending"].append((handle, _executor().submit(_finish_run, handle)))
+        if handle.held:
+            _training.clear()
+        _background["pending"].append(
+            (handle, _executor().submit(_finish_held_run if handle.held else _finish_run, handle)))
     else:  # here, or the run could not be created: say so now, not after the next job
         _finish_run(handle)
         failed += [handle] if handle.unlogged else []

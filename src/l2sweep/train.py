@@ -407,7 +407,8 @@ def finish_run(cfg: DictConfig, run: tracking.ChildRun, model: Any, keras_histor
         run.defer("artifacts (curves, histograms, history, config, model)", functools.partial(
             log_run_artifacts, run, model if diverged is None and cfg.tracking.log_model else None,
             history, histograms, example, hydra_dir=_hydra_output_dir(), job_config=job_config,
-            figures=draw_run_figures(history, histograms)))
+            # Now, unless the logging waits for the next job's training (then, there).
+            figures=None if run.held else draw_run_figures(history, histograms)))
     final = {k: v[-1] if v else math.nan for k, v in history["metrics"].items()}
     log.info("%s: val_loss %.4f val_accuracy %.4f", label, final.get("val_loss", math.nan),
              final.get("val_accuracy", math.nan))
