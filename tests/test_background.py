@@ -19,11 +19,11 @@ GRID = [0.001, 0.01, 0.1]
 
 #: Runs the sweep with l2sweep.train's artifact logging and compiled loop, and the epochs'
 #: begin (l2sweep.tracking.training_under_way), wrapped: each call is written to $EVENTS as
-#: [thread name, what, run name]. The artifacts of $HOLD wait (up to
-#: 60 s) until the next lambda's training has started, which only a background thread can
-#: see; those of $FAIL raise.
+#: [thread name, what, run name] (and with each fit, how many objects the collector has
+#: frozen). The artifacts of $HOLD wait (up to 60 s) until the next lambda's training has
+#: started, which only a background thread can see; those of $FAIL raise.
 _DRIVER = """
-import json, os, sys, threading
+import gc, json, os, sys, threading
 import l2sweep.train as t
 
 events, hold, fail = os.environ["EVENTS"], os.environ.get("HOLD"), os.environ.get("FAIL")
@@ -44,6 +44,7 @@ def artifacts(run, model, history, *args, **kwargs):
 
 def fit(cfg, *args, **kwargs):
     note("fit", cfg.run_name)
+    note("frozen objects", gc.get_freeze_count())
     if hold and cfg.run_name != hold:
         next_started.set()
     return fit_compiled(cfg, *args, **kwargs)
@@ -148,6 +149,9 @@ def test_mlflow_starts_on_the_tracking_thread_once_the_first_job_trains(project)
     proc, events = _sweep(project)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert events.index(["l2sweep-tracking_0", "parent", "sweep"]) > events.index(["MainThread", "fit", "l2-0.001"])
+    # Then what it, TensorFlow and Keras hold for good leaves the collector's full passes.
+    frozen = [count for _, what, count in events if what == "frozen objects"]
+    assert frozen[0] == 0 and min(frozen[1:]) > 100_000, frozen
     (parent,), children = _runs(project)
     assert parent.info.status == "FINISHED" and parent.info.run_name.startswith("sweep-l2-")
     client = MlflowClient(sqlite_uri(project))
