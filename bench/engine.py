@@ -1,4 +1,4 @@
-"""Seconds per epoch of the compiled training engine (``l2sweep.fused.FusedMLP``) alone.
+"""Seconds per epoch of the compiled training engine (``l2sweep.engine.compiled.FusedMLP``) alone.
 
     python -m bench.engine --k 3                 # the fused 3-lambda model, TensorFlow's threads
     python -m bench.engine --k 1 --threads 1     # one model on one thread (the sequential default)
@@ -37,8 +37,8 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     import tensorflow as tf
 
-    from l2sweep.data import to_float
-    from l2sweep.fused import FusedMLP
+    from l2sweep.base.data import to_float
+    from l2sweep.engine.compiled import FusedMLP
 
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (args.n, 784), dtype=np.uint8)

@@ -80,7 +80,7 @@ def measure(cmd: list[str], cwd: Path, log_file: Path) -> dict[str, Any]:
             "log_offset": offset, "spawned": spawned}
 
 
-#: A job's log lines (l2sweep.train, l2sweep.fused): "[time][logger][LEVEL] - job 2/3 name: ...".
+#: A job's log lines (l2sweep.train, l2sweep.engine.compiled): "[time][logger][LEVEL] - job 2/3 name: ...".
 _JOB_LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3})\]\S* - job (\d+)/\S+ (.*)$")
 
 
@@ -117,7 +117,7 @@ def python(*args: str) -> list[str]:
 def subset(prepared: Path, out: Path, n_train: int, seed: int = 0) -> Path:
     """A prepared-data folder with ``n_train`` training images (stratified, as ``data.limit``)
     and the same validation and test splits; ``prepared`` itself when it has exactly that many."""
-    from l2sweep.data import apply_limit, load_meta, load_split, save_prepared
+    from l2sweep.base.data import apply_limit, load_meta, load_split, save_prepared
 
     x, y = load_split(prepared, "train")
     if n_train >= len(y):
@@ -502,7 +502,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         data = work / "data"
         main_data = subset(prepared, data / f"n{n_train}", n_train)
-        from l2sweep.data import load_split
+        from l2sweep.base.data import load_split
 
         results["settings"]["val_images"] = int(len(load_split(prepared, "val")[1]))
         print(f"bench: {n_train} images x {epochs} epochs x {len(GRID)} lambdas, {reps} reps, "

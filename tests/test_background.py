@@ -18,7 +18,7 @@ from helpers import cli_env, make_project, sqlite_uri, tiny_arrays
 GRID = [0.001, 0.01, 0.1]
 
 #: Runs the sweep with l2sweep.train's artifact logging and compiled loop, and the epochs'
-#: begin (l2sweep.tracking.training_under_way), wrapped: each call is written to $EVENTS as
+#: begin (l2sweep.tracking.runs.training_under_way), wrapped: each call is written to $EVENTS as
 #: [thread name, what, run name] (and with each fit, how many objects the collector has
 #: frozen). The artifacts of $HOLD wait (up to 60 s) until the next lambda's training has
 #: started, which only a background thread can see; those of $FAIL raise.
@@ -49,7 +49,7 @@ def fit(cfg, *args, **kwargs):
         next_started.set()
     return fit_compiled(cfg, *args, **kwargs)
 
-import l2sweep.tracking as tracking
+import l2sweep.tracking.runs as tracking
 start_parent = tracking.SweepCallback._start_parent
 
 def parent(self, config, started):

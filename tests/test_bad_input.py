@@ -17,8 +17,11 @@ import yaml
 
 from conftest import IDX_FILES, override, write_idx_dir
 from helpers import cli_env, run_cli
-from l2sweep import evaluate, gate, prepare, train
-from l2sweep.data import idx_bytes
+from l2sweep import evaluate
+from l2sweep import gate
+from l2sweep import prepare
+from l2sweep import train
+from l2sweep.base.data import idx_bytes
 
 
 def snapshot(root: Path) -> dict[str, str]:

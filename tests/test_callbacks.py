@@ -17,11 +17,11 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import model_cfg
-from l2sweep import tracking
-from l2sweep.callbacks import (EpochStats, MlflowEpochLogger, MlflowRunLogger, StopOnDivergence,
+from l2sweep.tracking import runs as tracking
+from l2sweep.engine.callbacks import (EpochStats, MlflowEpochLogger, MlflowRunLogger, StopOnDivergence,
                                StopOnSignal, WeightHistograms)
-from l2sweep.model import build_model, regularization_penalty, set_seeds, weight_norms
-from l2sweep.plots import plot_curves, plot_histograms, save_figure
+from l2sweep.engine.model import build_model, regularization_penalty, set_seeds, weight_norms
+from l2sweep.reporting.plots import plot_curves, plot_histograms, save_figure
 
 EPOCHS = 2
 

@@ -1,4 +1,4 @@
-"""l2sweep.data: IDX reading, dataset loading (local and download), splitting, atomic saving."""
+"""l2sweep.base.data: IDX reading, dataset loading (local and download), splitting, atomic saving."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import pytest
 from omegaconf import DictConfig, OmegaConf
 
 from conftest import IDX_FILES, make_images, write_idx_dir
-from l2sweep import data
-from l2sweep.config import ConfigError, DatasetConfig, compose_config
-from l2sweep.data import (DataError, apply_limit, idx_bytes, load_dataset, load_split, read_idx,
+from l2sweep.base import data
+from l2sweep.base.config import ConfigError, DatasetConfig, compose_config
+from l2sweep.base.data import (DataError, apply_limit, idx_bytes, load_dataset, load_split, read_idx,
                           save_prepared, sha256_bytes, sha256_file, stratified_split, to_float,
                           write_idx)
 

@@ -16,8 +16,9 @@ import pytest
 from omegaconf import DictConfig
 
 from conftest import make_images, override, write_idx_dir
-from l2sweep import gate, report
-from l2sweep.config import CONF_DIR, compose_config, merge_overrides
+from l2sweep import gate
+from l2sweep.reporting import report
+from l2sweep.base.config import CONF_DIR, compose_config, merge_overrides
 from test_report import parse_cell, table_rows
 
 GRID = (0.0001, 0.01)
@@ -51,7 +52,7 @@ def add_diverged_run(models: Path, like: str) -> None:
 @pytest.fixture(scope="module")
 def sweep_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """prepare + one real `train` per λ of GRID (2 epochs, 400 images) + a diverged run."""
-    from l2sweep import tracking
+    from l2sweep.tracking import runs as tracking
     from l2sweep.prepare import prepare
     from l2sweep.train import train
 
@@ -105,7 +106,7 @@ def test_every_lambda_is_in_eval_json(evaluated):
 def test_values_are_consistent_with_histories_and_models(evaluated):
     import keras
 
-    from l2sweep.data import load_split, to_float
+    from l2sweep.base.data import load_split, to_float
 
     root, runs = evaluated["root"], evaluated["evaluation"]["runs"]
     x, y = load_split(root / "data/prepared", "test")

@@ -21,8 +21,9 @@ from mlflow import MlflowClient
 from conftest import write_idx_dir
 from helpers import (cli_env, free_port, make_project, run_cli, sqlite_uri, stop_process_group,
                      tiny_arrays, wait_until)
-from l2sweep import preflight, train
-from l2sweep.tracking import REASON_TAG
+from l2sweep import preflight
+from l2sweep import train
+from l2sweep.tracking.runs import REASON_TAG
 
 REPO = Path(__file__).resolve().parents[1]
 GRID = [0.001, 0.01]
@@ -251,7 +252,7 @@ def _fill(project: Path, what: str, monkeypatch) -> str:
         return "a sweep needs at least"
     port = free_port()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
-    monkeypatch.setattr("l2sweep.tracking._ENV_TRACKING_URI", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr("l2sweep.tracking.runs._ENV_TRACKING_URI", f"http://127.0.0.1:{port}")
     return f"MLflow tracking server http://127.0.0.1:{port} does not answer (Connection refused)"
 
 

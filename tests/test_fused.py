@@ -1,4 +1,4 @@
-"""The fused sweep (l2sweep.fused): equal to the sequential sweep, per-lambda failure, same layout."""
+"""The fused sweep (l2sweep.engine.compiled): equal to the sequential sweep, per-lambda failure, same layout."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def test_fused_equals_sequential(prepared_tiny, tiny_cfg, tmp_path, regularizer)
     compiled loop (the default for mlp) and one job per lambda in Keras' own ``fit``. Every
     per-lambda metric and weight (and Adam's state, via model.keras) equal within float
     tolerance."""
-    from l2sweep.fused import slice_configs, train_fused
+    from l2sweep.engine.compiled import slice_configs, train_fused
     from l2sweep.train import train, training_loop
 
     def cfg(models: str, **extra):
@@ -68,8 +68,8 @@ def test_batches_come_in_fits_order():
     import keras
     import tensorflow as tf
 
-    from l2sweep.fused import keras_batch_order
-    from l2sweep.model import set_seeds
+    from l2sweep.engine.compiled import keras_batch_order
+    from l2sweep.engine.model import set_seeds
 
     n, epochs, steps = 100, 3, 4   # 3 batches of 32, then one of 4
 
@@ -108,9 +108,9 @@ def test_fused_keeps_keras_optimizer_state(prepared_tiny, tiny_cfg, tmp_path):
     """A fused lambda's model.keras carries its Adam moments and step count, like fit's."""
     import keras
 
-    from l2sweep.data import to_float
-    from l2sweep.fused import fit_fused, slice_configs
-    from l2sweep.model import build_model, set_seeds
+    from l2sweep.base.data import to_float
+    from l2sweep.engine.compiled import fit_fused, slice_configs
+    from l2sweep.engine.model import build_model, set_seeds
     from l2sweep.train import load_training_data
 
     cfg = tiny_cfg("sweep.strengths=[0.01]", "tracking.enabled=false")
@@ -129,8 +129,8 @@ def test_uint8_images_train_exactly_as_their_float_copy(prepared_tiny, tiny_cfg)
     """The compiled loop takes the prepared uint8 images and scales them in its step to
     exactly to_float's values (the float arrays fit is given): every metric and weight is the
     float copy's, bit for bit."""
-    from l2sweep.data import to_float
-    from l2sweep.fused import fit_fused, slice_configs
+    from l2sweep.base.data import to_float
+    from l2sweep.engine.compiled import fit_fused, slice_configs
     from l2sweep.train import load_training_data
 
     cfg = tiny_cfg("sweep.strengths=[0.001,0.01]", "tracking.enabled=false")
@@ -149,7 +149,7 @@ def test_uint8_images_train_exactly_as_their_float_copy(prepared_tiny, tiny_cfg)
 def test_a_diverging_lambda_fails_alone(prepared_tiny, tiny_cfg, tmp_path):
     """lambda=1e37 overflows the penalty at the first step: that run is FAILED with no model,
     the others finish exactly as they would have without it."""
-    from l2sweep.fused import train_fused
+    from l2sweep.engine.compiled import train_fused
 
     cfg = tiny_cfg("sweep.strengths=[0.001,1e37]", "train.fused=true")
     finals = train_fused(cfg)
@@ -178,7 +178,7 @@ def test_the_compiled_loop_compiles_once_per_process(prepared_tiny, tiny_cfg):
     """The jobs of a sequential sweep reuse one engine: the second lambda starts from its own
     initial weights and zero Adam state without tracing (and so compiling) again.
     (test_fused_equals_sequential shows the reused engine's results equal fit's.)"""
-    from l2sweep import fused
+    from l2sweep.engine import compiled as fused
     from l2sweep.train import load_training_data
 
     (x, y), (xv, yv) = load_training_data(prepared_tiny)
@@ -196,7 +196,7 @@ def test_the_compiled_loop_compiles_once_per_process(prepared_tiny, tiny_cfg):
 def test_the_jobs_of_a_process_share_the_batch_order_and_data_tensors(prepared_tiny, tiny_cfg, monkeypatch):
     """The second job reuses the first one's batch order (the same seed gives the same order)
     and its tensors of the read-only shared arrays; other arrays, or another seed, do not."""
-    from l2sweep import fused
+    from l2sweep.engine import compiled as fused
     from l2sweep.train import load_training_data
 
     calls = []
@@ -216,7 +216,7 @@ def test_the_jobs_of_a_process_share_the_batch_order_and_data_tensors(prepared_t
 
 
 def test_the_compiled_loop_is_refused_for_the_cnn(tiny_cfg):
-    from l2sweep.config import ConfigError, validate
+    from l2sweep.base.config import ConfigError, validate
     from l2sweep.train import training_loop
 
     assert training_loop(tiny_cfg("model=cnn")) == "keras"
@@ -225,17 +225,17 @@ def test_the_compiled_loop_is_refused_for_the_cnn(tiny_cfg):
 
 
 def test_cnn_is_not_fused(tiny_cfg):
-    from l2sweep.config import ConfigError
-    from l2sweep.fused import train_fused
+    from l2sweep.base.config import ConfigError
+    from l2sweep.engine.compiled import train_fused
 
     with pytest.raises(ConfigError, match="model.name='cnn'.*train.fused"):
         train_fused(tiny_cfg("model=cnn", "train.fused=true"))
 
 
 def test_launch_argv_makes_one_job_of_the_grid(monkeypatch):
-    from l2sweep.config import ConfigError
-    from l2sweep.sweep import launch_argv
-    from l2sweep.tracking import JOBS_ENV
+    from l2sweep.base.config import ConfigError
+    from l2sweep.train_cli import launch_argv
+    from l2sweep.tracking.runs import JOBS_ENV
 
     monkeypatch.delenv(JOBS_ENV, raising=False)
     argv = launch_argv(["-m", "hydra/launcher=fused", "regularizer.strength=0.1,1.0"])
@@ -263,7 +263,7 @@ def test_fused_cli_sweep_has_the_sequential_layout(tmp_path):
         run_id = child.info.run_id
         assert child.info.status == "FINISHED"
         assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
-        assert child.data.tags["l2sweep.fused"] == "true"
+        assert child.data.tags["l2sweep.engine.compiled"] == "true"
         assert float(child.data.params["regularizer.strength"]) == float(name.split("-", 1)[1])
         for key in METRICS + ["epoch_time"]:
             assert [m.step for m in client.get_metric_history(run_id, key)] == list(range(EPOCHS)), key

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from l2sweep import gate as g
-from l2sweep.config import compose_config
+from l2sweep.base.config import compose_config
 
 
 def metrics(accuracies: dict[float, float]) -> dict:

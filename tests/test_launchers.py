@@ -22,8 +22,8 @@ from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
 
 from helpers import EPOCHS, GRID, make_project, run_cli, sqlite_uri
-from l2sweep import tracking
-from l2sweep.config import CONF_DIR
+from l2sweep.tracking import runs as tracking
+from l2sweep.base.config import CONF_DIR
 
 FAST = ("tracking.log_model=false",)
 METRICS = ("loss", "val_loss", "val_data_loss", "penalty", "weight_norm/hidden")

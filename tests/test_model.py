@@ -10,9 +10,9 @@ import pytest
 import tensorflow as tf
 
 from conftest import model_cfg
-from l2sweep.callbacks import EpochStats
-from l2sweep.config import REGULARIZERS, ConfigError
-from l2sweep.model import (build_model, kernel_layers, make_regularizer, regularization_penalty,
+from l2sweep.engine.callbacks import EpochStats
+from l2sweep.base.config import REGULARIZERS, ConfigError
+from l2sweep.engine.model import (build_model, kernel_layers, make_regularizer, regularization_penalty,
                            set_seeds, weight_norms)
 
 

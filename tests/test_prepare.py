@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from conftest import TINY_TEST, TINY_TRAIN, override, write_idx_dir
-from l2sweep.data import load_meta, load_split
+from l2sweep.base.data import load_meta, load_split
 from l2sweep.prepare import main, prepare
 
 REPO = Path(__file__).resolve().parents[1]

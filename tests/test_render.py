@@ -17,8 +17,8 @@ from mlflow import MlflowClient
 from conftest import model_cfg
 from helpers import cli_env, make_project, sqlite_uri, tiny_arrays, wait_until
 from l2sweep import render
-from l2sweep.callbacks import EpochStats, WeightHistograms
-from l2sweep.model import build_model, set_seeds
+from l2sweep.engine.callbacks import EpochStats, WeightHistograms
+from l2sweep.engine.model import build_model, set_seeds
 from l2sweep.render import Figure
 
 

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from l2sweep import report
+from l2sweep.reporting import report
 
 
 def make_history(strength: float, val_loss: list[float], *, acc: float = 0.9, val_acc: float = 0.88,

@@ -9,7 +9,7 @@ import pytest
 from mlflow import MlflowClient
 
 import l2sweep.train as train_module
-from l2sweep import tracking
+from l2sweep.tracking import runs as tracking
 from l2sweep.train import train
 
 

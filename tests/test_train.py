@@ -93,7 +93,7 @@ def test_model_loads_through_pyfunc_and_agrees_with_keras_file(sweep):
     import mlflow
     import mlflow.pyfunc
 
-    from l2sweep.data import load_split, to_float
+    from l2sweep.base.data import load_split, to_float
 
     root = sweep["root"]
     mlflow.set_tracking_uri(sweep["client"].tracking_uri)
@@ -154,7 +154,7 @@ def test_threads_default_to_one_for_the_compiled_loop_only(tiny_cfg, monkeypatch
 
 
 def test_the_jobs_of_a_process_share_one_read_of_the_data(prepared_tiny):
-    from l2sweep.data import load_split, save_prepared
+    from l2sweep.base.data import load_split, save_prepared
     from l2sweep.train import load_training_data
 
     (x, y), _ = load_training_data(prepared_tiny)

@@ -1,7 +1,7 @@
 """A tracking server that is not there fails the run in seconds, with one clear line.
 
 MLflow's own HTTP defaults (7 retries with back-off, 120 s timeout) would keep a sweep waiting
-for minutes; l2sweep.tracking sets shorter ones unless the user set theirs.
+for minutes; l2sweep.tracking.runs sets shorter ones unless the user set theirs.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from helpers import cli_env, free_port, make_project, run_cli
-from l2sweep import tracking
+from l2sweep.tracking import runs as tracking
 
 
 def test_http_defaults_are_set_unless_the_user_set_them():
-    code = "import os, l2sweep.tracking as t; print(*(os.environ[k] for k in t.HTTP_DEFAULTS))"
+    code = "import os, l2sweep.tracking.runs as t; print(*(os.environ[k] for k in t.HTTP_DEFAULTS))"
     ours = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True,
                           text=True, check=True).stdout.split()
     assert ours == list(tracking.HTTP_DEFAULTS.values())

@@ -8,7 +8,7 @@ Reads ``<paths.models>/sweep.json`` (else every ``<paths.models>/*/history.json`
 run's ``history.json`` and ``model.keras``, and ``<paths.prepared>/test.npz``. Writes:
 
 * ``paths.metrics`` (``metrics/eval.json``): per run, test loss/accuracy, per-class accuracy,
-  confusion matrix and the summary figures of :func:`l2sweep.report.summarize_history`;
+  confusion matrix and the summary figures of :func:`l2sweep.reporting.report.summarize_history`;
   the sweep's settings; the best λ by validation loss.
 * ``paths.plots``: DVC plot data (``epochs.json``, ``accuracy.json``, ``by_lambda.json``),
   drawn by the top-level ``plots:`` of dvc.yaml.
@@ -33,9 +33,9 @@ from typing import Any, Optional
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from l2sweep import report
-from l2sweep.cli import entry_point, exit_fast
-from l2sweep.config import compose_config, validate
+from l2sweep.reporting import report
+from l2sweep.base.cli import entry_point, exit_fast
+from l2sweep.base.config import compose_config, validate
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def load_sweep(models_dir: str | os.PathLike) -> tuple[dict[str, Any], list[Swee
 
 def load_test_split(prepared_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """The test split as float32 images in [0, 1] and int64 labels."""
-    from l2sweep.data import load_split, to_float
+    from l2sweep.base.data import load_split, to_float
 
     x, y = load_split(prepared_dir, "test")
     return to_float(x), y
@@ -156,7 +156,7 @@ def write_json(path: Path, data: Any) -> None:
 def write_figures(evaluation: dict[str, Any], histories: list[dict[str, Any]],
                   fig_dir: Path) -> list[tuple[str, Path]]:
     """The comparison PNGs; returns ``(caption, path)`` of each."""
-    from l2sweep import plots
+    from l2sweep.reporting import plots
 
     runs = sorted(evaluation["runs"].values(), key=lambda r: r["strength"])
     lams = [r["strength"] for r in runs]
@@ -233,12 +233,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluates the sweep under ``cfg.paths.models`` and writes metrics, plots and report.
 
     Args:
-        cfg: the composed config (see l2sweep.config.Config).
+        cfg: the composed config (see l2sweep.base.config.Config).
 
     Returns:
         The content written to ``cfg.paths.metrics``.
     """
-    from l2sweep.data import DataError, load_meta
+    from l2sweep.base.data import DataError, load_meta
 
     validate(cfg)
     manifest, runs = load_sweep(cfg.paths.models)

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from l2sweep.cli import entry_point
-from l2sweep.report import FINISHED, finite, fmt_loss, fmt_pct, format_strength, markdown_table
+from l2sweep.base.cli import entry_point
+from l2sweep.reporting.report import FINISHED, finite, fmt_loss, fmt_pct, format_strength, markdown_table
 
 EXIT_OK, EXIT_REGRESSED, EXIT_ERROR = 0, 1, 2
 #: Changes within this of the limit count as equal to it (float noise, not a regression).
@@ -307,7 +307,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. gate.max_accuracy_drop=0.01")
     args = parser.parse_args(argv)
 
-    from l2sweep.config import compose_config
+    from l2sweep.base.config import compose_config
 
     try:
         cfg = compose_config(args.overrides)  # the gate reads gate.* and paths.metrics only

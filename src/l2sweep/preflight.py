@@ -65,7 +65,7 @@ def check_prepared(cfg: DictConfig) -> None:
     Raises:
         DataError: naming the file and what is wrong with it.
     """
-    from l2sweep.data import load_meta, load_split
+    from l2sweep.base.data import load_meta, load_split
 
     for split in ("train", "val"):
         load_split(cfg.paths.prepared, split)
@@ -130,10 +130,10 @@ def check_store(cfg: DictConfig) -> None:
     For the embedded sqlite store only what needs no MLflow is checked here (the folder is
     writable, the disk has room, an existing database opens): importing MLflow and its
     SQLAlchemy store costs ~2 s before any training, so the sweep does that on its tracking
-    thread while the first job trains (l2sweep.tracking), and checks the store's artifact root
+    thread while the first job trains (l2sweep.tracking.runs), and checks the store's artifact root
     there (single runs and other launchers: before training, when the run is created).
     """
-    from l2sweep import tracking
+    from l2sweep.tracking import runs as tracking
 
     uri = tracking.tracking_uri(cfg)
     folder = _local_path(uri)
@@ -168,7 +168,7 @@ def check_sqlite(uri: str) -> None:
         with closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=30)) as con:
             con.execute("PRAGMA schema_version").fetchone()
     except sqlite3.Error as exc:
-        from l2sweep import tracking
+        from l2sweep.tracking import runs as tracking
 
         raise PreflightError(tracking.store_error(uri, exc)) from exc
 

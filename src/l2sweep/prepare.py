@@ -22,9 +22,9 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from l2sweep.cli import entry_point
-from l2sweep.config import compose_config, validate
-from l2sweep.data import apply_limit, class_counts, load_dataset, save_prepared, stratified_split
+from l2sweep.base.cli import entry_point
+from l2sweep.base.config import compose_config, validate
+from l2sweep.base.data import apply_limit, class_counts, load_dataset, save_prepared, stratified_split
 
 
 def prepare(cfg: DictConfig) -> dict[str, Any]:
@@ -75,7 +75,7 @@ def summary(meta: dict[str, Any], out_dir: str) -> str:
 def main(overrides: list[str]) -> int:
     """Command-line entry point: ``python -m l2sweep.prepare [--verbose] [overrides...]``.
 
-    Bad input prints one ``error:`` line and returns 2 (see l2sweep.cli).
+    Bad input prints one ``error:`` line and returns 2 (see l2sweep.base.cli).
     """
     if any(a in ("-h", "--help") for a in overrides):
         print(__doc__)

@@ -7,11 +7,11 @@ run's figures stand between the end of training and the end of the sweep. With t
 store and Hydra's basic launcher the sweep starts ``tracking.figure_workers`` helper
 processes (``python -m l2sweep.render``) on its tracking thread, after MLflow, while the
 first job trains; each run's figures are handed to them when the run ends (or, when another
-job follows, once that one trains: l2sweep.tracking.child_run), and the tracking thread
+job follows, once that one trains: l2sweep.tracking.runs.child_run), and the tracking thread
 only waits for the files before it logs them (bench/README.md has the figures).
 
 Anything a helper cannot do (it did not start, died, or failed on a figure) is drawn in the
-waiting thread with :mod:`l2sweep.plots`, as without helpers, so the result is the same
+waiting thread with :mod:`l2sweep.reporting.plots`, as without helpers, so the result is the same
 figure or the same error. Helpers ignore Ctrl-C (their own process group: the sweep decides)
 and end when the sweep closes their input, or when the sweep's process is gone. They run at a
 lower priority (:data:`NICENESS`) and in the sweep's session: on a machine with fewer free
@@ -43,7 +43,7 @@ from typing import Any, Optional
 
 log = logging.getLogger(__name__)
 
-#: The figures a helper draws: functions of l2sweep.plots that take JSON values.
+#: The figures a helper draws: functions of l2sweep.reporting.plots that take JSON values.
 FIGURES = ("plot_curves", "plot_histograms")
 #: A helper's first line.
 READY = "ready\n"
@@ -69,7 +69,7 @@ class Figure:
 
 def draw_here(figure: Figure) -> None:
     """Draws ``figure`` in this thread."""
-    from l2sweep import plots
+    from l2sweep.reporting import plots
 
     plots.save_figure(getattr(plots, figure.function)(**figure.kwargs), figure.path, tight=False)
 
@@ -216,7 +216,7 @@ def _serve() -> None:
         requests.put(None)
 
     threading.Thread(target=read, daemon=True).start()
-    import l2sweep.plots  # noqa: F401  (imported before the first request)
+    import l2sweep.reporting.plots  # noqa: F401  (imported before the first request)
 
     replies.write(READY)
 

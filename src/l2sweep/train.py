@@ -8,10 +8,10 @@ Run (from the repository root; params.yaml is layered over conf/, the command li
     python -m l2sweep.train -m hydra/sweeper=lambda_search      # Optuna search over lambda
 
 Each run writes ``<paths.models>/<run_name>/{model.keras,history.json}`` and an MLflow child
-run under the sweep's parent run (see l2sweep.tracking).
+run under the sweep's parent run (see l2sweep.tracking.runs).
 
 How one lambda trains is ``train.loop``: for the MLP by default the compiled loop (the fused
-engine of l2sweep.fused with one model: the same initial weights, batches, Adam and metrics as
+engine of l2sweep.engine.compiled with one model: the same initial weights, batches, Adam and metrics as
 Keras ``fit``, a whole epoch per XLA call, compiled once per process), for the CNN Keras
 ``Model.fit``; ``train.loop=keras`` forces ``fit`` (tests/test_fused.py shows all three equal).
 """
@@ -36,10 +36,11 @@ from typing import Any, Optional
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from l2sweep import cli, tracking
-from l2sweep.config import CONF_DIR, FUSABLE_MODELS, flatten, validate
+from l2sweep.base import cli
+from l2sweep.tracking import runs as tracking
+from l2sweep.base.config import CONF_DIR, FUSABLE_MODELS, flatten, validate
 from l2sweep.preflight import preflight
-from l2sweep.sweep import launch_argv
+from l2sweep.train_cli import launch_argv
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +52,12 @@ _LOADED: dict[tuple, Any] = {}
 def load_training_data(cfg: DictConfig):
     """The prepared train and validation splits: uint8 images as prepared and int labels.
 
-    The model sees them as :func:`~l2sweep.data.to_float` makes them: the compiled loop scales
+    The model sees them as :func:`~l2sweep.base.data.to_float` makes them: the compiled loop scales
     them inside its step, Keras' ``fit`` gets a float copy. The jobs of a sweep in one process
     share one read (the arrays are read-only); a split file that changed in between (size or
     modification time) is read again.
     """
-    from l2sweep.data import load_split
+    from l2sweep.base.data import load_split
 
     folder = Path(cfg.paths.prepared).resolve()
     stamps = []
@@ -183,14 +184,14 @@ def log_run_artifacts(run: tracking.ChildRun, model: Any, history: dict[str, Any
                       job_config: Optional[DictConfig] = None, figures: Optional[tuple[Any, Any]] = None) -> None:
     """Logs curves, weight histograms, the Hydra config and the MLflow model of one run.
 
-    It may run in the background thread while the next job trains (l2sweep.tracking.child_run),
+    It may run in the background thread while the next job trains (l2sweep.tracking.runs.child_run),
     so it takes everything as arguments and uses only the client with ``run.run_id``.
 
     Args:
         run: the run to log to.
         model: the trained Keras model, or None to log no MLflow model.
         history: the run's ``history.json`` content.
-        histograms: :class:`l2sweep.callbacks.WeightHistograms` data.
+        histograms: :class:`l2sweep.engine.callbacks.WeightHistograms` data.
         example: a few validation images (the MLflow model's input example).
         hydra_dir: the Hydra job's output folder; its ``.hydra/`` is logged as ``hydra/``.
         job_config: logged as ``hydra/config.yaml`` instead (a fused sweep's lambda).
@@ -258,14 +259,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Trains one model for ``cfg.regularizer`` and records it on disk and in MLflow.
 
     Args:
-        cfg: the composed config (see l2sweep.config.Config).
+        cfg: the composed config (see l2sweep.base.config.Config).
 
     Returns:
         The final epoch's metrics (``loss``, ``val_loss``, ``val_accuracy``, ...); empty values
         are NaN when the run diverged.
     """
     validate(cfg)
-    from l2sweep.data import load_meta, to_float
+    from l2sweep.base.data import load_meta, to_float
 
     (x_train, y_train), (x_val, y_val) = load_training_data(cfg)
     meta = load_meta(cfg.paths.prepared)
@@ -287,7 +288,7 @@ def run_callbacks(run: tracking.ChildRun, cfg: DictConfig, meta: dict[str, Any],
     """The Keras callbacks a lambda's training gets from its run: ``StopOnSignal`` first, then,
     with tracking on, the deferred MLflow start's trigger and ``MlflowRunLogger``, after the
     run's params and input are queued (:func:`log_run_inputs`)."""
-    from l2sweep.callbacks import MlflowRunLogger, StopOnSignal, start_deferred_tracking
+    from l2sweep.engine.callbacks import MlflowRunLogger, StopOnSignal, start_deferred_tracking
 
     callbacks = [StopOnSignal()]
     if run.enabled:
@@ -298,7 +299,7 @@ def run_callbacks(run: tracking.ChildRun, cfg: DictConfig, meta: dict[str, Any],
 
 def training_loop(cfg: DictConfig) -> str:
     """``compiled`` or ``keras``: what ``train.loop`` picks for ``cfg.model`` (``auto``: the
-    compiled loop for the models l2sweep.fused can vectorize, else Keras ``fit``)."""
+    compiled loop for the models l2sweep.engine.compiled can vectorize, else Keras ``fit``)."""
     if cfg.train.loop == "compiled" or (cfg.train.loop == "auto" and cfg.model.name in FUSABLE_MODELS):
         return "compiled"  # validate() refused compiled for a model it cannot run
     return "keras"
@@ -310,9 +311,9 @@ def _verbose() -> int:
 
 def _fit_keras(cfg: DictConfig, x_train, y_train, x_val, y_val, callbacks: list, label: str):
     """Keras ``Model.fit``: returns (model, history, diverged epoch or None, histogram data)."""
-    from l2sweep.callbacks import EpochStats, StopOnDivergence, WeightHistograms
-    from l2sweep.data import to_float
-    from l2sweep.model import build_model, set_seeds
+    from l2sweep.engine.callbacks import EpochStats, StopOnDivergence, WeightHistograms
+    from l2sweep.base.data import to_float
+    from l2sweep.engine.model import build_model, set_seeds
 
     x_train, x_val = to_float(x_train), to_float(x_val)
     set_seeds(cfg.train.seed, cfg.train.deterministic)
@@ -328,9 +329,9 @@ def _fit_keras(cfg: DictConfig, x_train, y_train, x_val, y_val, callbacks: list,
 
 
 def _fit_compiled(cfg: DictConfig, x_train, y_train, x_val, y_val, callbacks: list, label: str):
-    """The compiled loop (l2sweep.fused with one model): the same model, initial weights,
+    """The compiled loop (l2sweep.engine.compiled with one model): the same model, initial weights,
     batches and Adam as ``fit``, an epoch per compiled call; same return as :func:`_fit_keras`."""
-    from l2sweep.fused import fit_fused
+    from l2sweep.engine.compiled import fit_fused
 
     (model,), (result,) = fit_fused([cfg], x_train, y_train, x_val, y_val, label=label,
                                     callbacks=[callbacks], verbose=_verbose())
@@ -378,9 +379,9 @@ def finish_run(cfg: DictConfig, run: tracking.ChildRun, model: Any, keras_histor
                job_config: Optional[DictConfig] = None) -> dict[str, float]:
     """Records a trained lambda: status, ``history.json`` + ``model.keras``, MLflow artifacts.
 
-    Shared by the sequential (:func:`train`) and the fused (l2sweep.fused) sweep. The outputs
+    Shared by the sequential (:func:`train`) and the fused (l2sweep.engine.compiled) sweep. The outputs
     on disk are written here; the artifacts are handed to ``run`` (:meth:`ChildRun.defer`),
-    which logs them when the run ends (l2sweep.tracking.child_run).
+    which logs them when the run ends (l2sweep.tracking.runs.child_run).
 
     Args:
         cfg: the lambda's config.
@@ -388,7 +389,7 @@ def finish_run(cfg: DictConfig, run: tracking.ChildRun, model: Any, keras_histor
         model: the trained Keras model (not written when the run diverged).
         keras_history: metric name -> one value per epoch (``History.history``).
         diverged: the epoch the loss became NaN/inf, else None.
-        histograms: :class:`l2sweep.callbacks.WeightHistograms` data.
+        histograms: :class:`l2sweep.engine.callbacks.WeightHistograms` data.
         example: a few validation images (the MLflow model's input example).
         label: prefix of the log lines.
         job_config: logged as ``hydra/config.yaml`` instead of the Hydra job's (fused sweep).
@@ -428,8 +429,8 @@ def _content_digest(meta: dict[str, Any]) -> Optional[str]:
 def objective(final: dict[str, float]) -> float:
     """What optimising sweepers (Optuna) minimise: the final validation cross-entropy
     (``val_data_loss``; ``val_loss`` adds lambda's own penalty, so it would favour small
-    lambdas), else ``val_loss`` (the rule of l2sweep.report); inf for a diverged run."""
-    from l2sweep.report import BEST_BY
+    lambdas), else ``val_loss`` (the rule of l2sweep.reporting.report); inf for a diverged run."""
+    from l2sweep.reporting.report import BEST_BY
 
     for key in BEST_BY:
         value = final.get(key)
@@ -441,8 +442,8 @@ def objective(final: dict[str, float]) -> float:
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> float:
     # The return value is the objective for optimising sweepers (Optuna): see objective().
-    if cfg.train.fused:  # every lambda of sweep.strengths in this one job (l2sweep.fused)
-        from l2sweep.fused import train_fused
+    if cfg.train.fused:  # every lambda of sweep.strengths in this one job (l2sweep.engine.compiled)
+        from l2sweep.engine.compiled import train_fused
 
         finals = train_fused(cfg).values()
         val_loss = min((objective(f) for f in finals), default=math.inf)
@@ -463,7 +464,7 @@ _PRINT_ONLY_FLAGS = {"--help", "-h", "--hydra-help", "--version", "--cfg", "-c",
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point: layers params.yaml, fills in the lambda grid, runs the Hydra app.
 
-    A failure ends in one ``error:`` line and a non-zero status (see l2sweep.cli); add
+    A failure ends in one ``error:`` line and a non-zero status (see l2sweep.base.cli); add
     ``--verbose`` or set ``HYDRA_FULL_ERROR=1`` for the traceback. The sweep's parent run is
     ended FINISHED, FAILED (with the error as reason) or KILLED whatever happens.
     """

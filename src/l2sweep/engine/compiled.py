@@ -46,7 +46,7 @@ lines) called once per epoch exactly as ``fit`` calls them. Its compiled functio
 between the jobs of a process (:meth:`FusedMLP.for_views`), so a sweep compiles once, not
 once per lambda.
 
-Only ``model=mlp`` is fused; ``cnn`` raises a :class:`~l2sweep.config.ConfigError` (run it
+Only ``model=mlp`` is fused; ``cnn`` raises a :class:`~l2sweep.base.config.ConfigError` (run it
 with ``train.fused=false``). ``epoch_time`` is the fused epoch's wall time, shared by all
 lambdas; ``train.steps_per_execution`` does not apply (an epoch is one compiled call).
 """
@@ -64,7 +64,7 @@ from typing import Any, Optional
 import numpy as np
 from omegaconf import DictConfig
 
-from l2sweep.config import FUSABLE_MODELS, ConfigError, validate, validate_strengths
+from l2sweep.base.config import FUSABLE_MODELS, ConfigError, validate, validate_strengths
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ class SliceResult:
     Attributes:
         history: Keras-style history: metric name -> one value per epoch trained.
         diverged_epoch: the epoch in which the loss became NaN/inf, else None.
-        histograms: :class:`l2sweep.callbacks.WeightHistograms` data.
+        histograms: :class:`l2sweep.engine.callbacks.WeightHistograms` data.
     """
 
     history: dict[str, list[float]] = field(default_factory=dict)
@@ -160,8 +160,8 @@ class FusedMLP:
                  jit_compile: bool = True) -> None:
         import tensorflow as tf
 
-        from l2sweep.data import to_float
-        from l2sweep.model import NUM_CLASSES
+        from l2sweep.base.data import to_float
+        from l2sweep.engine.model import NUM_CLASSES
 
         self.k, self.units = int(k), int(units)
         shapes = ((inputs, k * units), (k * units,), (k, units, NUM_CLASSES), (k, NUM_CLASSES))
@@ -192,7 +192,7 @@ class FusedMLP:
         process): its compiled functions, and their XLA compilation (~2-3 s), are reused.
 
         Args:
-            views: one compiled standalone model per lambda (``l2sweep.model.build_model``); their
+            views: one compiled standalone model per lambda (``l2sweep.engine.model.build_model``); their
                 current weights become the slices' initial weights, their optimizer's
                 hyper-parameters (Adam's betas and epsilon) are used.
             l1, l2, decay: per-slice penalty coefficients and decoupled weight decay (shape (K,)).
@@ -240,7 +240,7 @@ class FusedMLP:
 
     def _inputs(self, x):
         """The model's float32 input for a batch of images: uint8 pixels through
-        :func:`~l2sweep.data.to_float`'s values (exactly the float arrays ``fit`` is given),
+        :func:`~l2sweep.base.data.to_float`'s values (exactly the float arrays ``fit`` is given),
         float32 images as they are."""
         import tensorflow as tf
 
@@ -491,14 +491,14 @@ def fit_fused(cfgs: list[DictConfig], x_train: np.ndarray, y_train: np.ndarray,
     Each slice has its own Keras callback list, called as ``fit`` calls it, once per epoch:
     ``on_train_begin``, ``on_epoch_begin``, ``on_epoch_end`` (with Keras' ``logs``), then
     ``on_train_end``, with the slice's standalone model (holding the slice's weights) as
-    ``self.model``. :class:`~l2sweep.callbacks.EpochStats` and
-    :class:`~l2sweep.callbacks.WeightHistograms` come first; a diverged slice gets no more
+    ``self.model``. :class:`~l2sweep.engine.callbacks.EpochStats` and
+    :class:`~l2sweep.engine.callbacks.WeightHistograms` come first; a diverged slice gets no more
     epochs. There are no batch events: an epoch is one compiled call.
 
     Args:
         cfgs: per-lambda configs (:func:`slice_configs`).
         x_train, y_train, x_val, y_val: images (N, 28, 28), uint8 as prepared (scaled inside the
-            compiled step, to exactly :func:`~l2sweep.data.to_float`'s values: a quarter of the
+            compiled step, to exactly :func:`~l2sweep.base.data.to_float`'s values: a quarter of the
             memory, and no float copy to make) or float32 in [0, 1]; int labels.
         label: prefix of the progress lines.
         callbacks: per slice, more Keras callbacks (e.g. ``MlflowEpochLogger``, ``StopOnSignal``).
@@ -511,8 +511,8 @@ def fit_fused(cfgs: list[DictConfig], x_train: np.ndarray, y_train: np.ndarray,
     """
     import keras
 
-    from l2sweep.callbacks import EpochStats, StopOnDivergence, WeightHistograms
-    from l2sweep.model import build_model, set_seeds
+    from l2sweep.engine.callbacks import EpochStats, StopOnDivergence, WeightHistograms
+    from l2sweep.engine.model import build_model, set_seeds
 
     base = cfgs[0]
     check_fusable(base)
@@ -584,7 +584,7 @@ def train_fused(cfg: DictConfig) -> dict[str, dict[str, float]]:
     interrupt ends them all KILLED.
 
     Args:
-        cfg: the composed config with ``train.fused=true`` (see l2sweep.config.Config).
+        cfg: the composed config with ``train.fused=true`` (see l2sweep.base.config.Config).
 
     Returns:
         run name -> that run's final-epoch metrics (NaN where it diverged).
@@ -594,8 +594,8 @@ def train_fused(cfg: DictConfig) -> dict[str, dict[str, float]]:
     """
     validate(cfg)
     check_fusable(cfg)
-    from l2sweep import tracking
-    from l2sweep.data import load_meta, to_float
+    from l2sweep.tracking import runs as tracking
+    from l2sweep.base.data import load_meta, to_float
     from l2sweep.train import _job_label, finish_run, load_training_data, run_callbacks, run_tags
 
     cfgs = slice_configs(cfg)
@@ -606,7 +606,7 @@ def train_fused(cfg: DictConfig) -> dict[str, dict[str, float]]:
     log.info("%s: fused %s x %d lambdas, %d epochs on %d images (%d validation)", label,
              cfg.model.name, len(cfgs), cfg.train.epochs, len(x_train), len(x_val))
     with contextlib.ExitStack() as stack:
-        runs = [stack.enter_context(tracking.child_run(sub, run_tags(sub, {"l2sweep.fused": "true"})))
+        runs = [stack.enter_context(tracking.child_run(sub, run_tags(sub, {"l2sweep.engine.compiled": "true"})))
                 for sub in cfgs]
         callbacks = [run_callbacks(run, sub, meta, example, y_val) for run, sub in zip(runs, cfgs)]
         start = time.perf_counter()

@@ -30,7 +30,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from l2sweep.config import ConfigError
+from l2sweep.base.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -432,7 +432,7 @@ def load_dataset(ds: Any, raw_dir: str | os.PathLike, *, timeout: float = DOWNLO
     Pinned ``ds.sha256`` values are verified; the computed ones are always returned.
 
     Args:
-        ds: the ``dataset`` config section (DictConfig, :class:`~l2sweep.config.DatasetConfig`
+        ds: the ``dataset`` config section (DictConfig, :class:`~l2sweep.base.config.DatasetConfig`
             or a mapping with the same keys).
         raw_dir: ``paths.raw``; downloads land in ``<raw_dir>/<name>/``.
         timeout: seconds per download attempt.

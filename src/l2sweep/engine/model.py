@@ -27,7 +27,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from l2sweep.config import MODELS, REGULARIZERS, ConfigError
+from l2sweep.base.config import MODELS, REGULARIZERS, ConfigError
 
 #: Shape of one input image.
 INPUT_SHAPE = (28, 28)
@@ -117,7 +117,7 @@ def build_model(cfg: Any) -> keras.Model:
     (biases and the output layer excluded from decay).
 
     Args:
-        cfg: the composed config (``l2sweep.config.Config`` or its DictConfig); reads
+        cfg: the composed config (``l2sweep.base.config.Config`` or its DictConfig); reads
             ``model.*``, ``regularizer.*`` and ``train.learning_rate``,
             ``train.steps_per_execution``, ``train.jit_compile``.
 

@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional
 import keras
 import numpy as np
 
-from l2sweep.model import kernel_layers, regularization_penalty, weight_norms
+from l2sweep.engine.model import kernel_layers, regularization_penalty, weight_norms
 
 #: Percentiles recorded per layer and epoch by :class:`WeightHistograms`.
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
@@ -40,8 +40,8 @@ class EpochStats(keras.callbacks.Callback):
     placed after it and ``model.history`` see them):
 
     * ``penalty``: the regularization term at the epoch's final weights
-      (:func:`l2sweep.model.regularization_penalty`); 0.0 without a penalty.
-    * ``weight_norm/<layer>``: the L2 norm of each kernel (:func:`l2sweep.model.weight_norms`).
+      (:func:`l2sweep.engine.model.regularization_penalty`); 0.0 without a penalty.
+    * ``weight_norm/<layer>``: the L2 norm of each kernel (:func:`l2sweep.engine.model.weight_norms`).
     * ``learning_rate``: the optimizer's current learning rate.
     * ``epoch_time``: wall-clock seconds of the epoch, validation included.
 
@@ -227,9 +227,9 @@ class StopOnDivergence(keras.callbacks.Callback):
 class StopOnSignal(keras.callbacks.Callback):
     """Ends ``fit`` between two steps (or two epochs) when SIGINT or SIGTERM arrived.
 
-    Inside :func:`l2sweep.tracking.deferred_signals` the signal handlers only record a signal;
+    Inside :func:`l2sweep.tracking.runs.deferred_signals` the signal handlers only record a signal;
     this callback raises its exception (``KeyboardInterrupt`` or
-    :class:`l2sweep.tracking.Terminated`) at the next batch end of training or validation,
+    :class:`l2sweep.tracking.runs.Terminated`) at the next batch end of training or validation,
     a point where Keras unwinds cleanly, so the run is closed as KILLED and no model is written.
 
     Example:
@@ -238,14 +238,14 @@ class StopOnSignal(keras.callbacks.Callback):
     """
 
     def on_train_batch_end(self, batch: int, logs: Optional[dict] = None) -> None:
-        from l2sweep.tracking import raise_if_signalled
+        from l2sweep.tracking.runs import raise_if_signalled
 
         raise_if_signalled()
 
     on_test_batch_end = on_train_batch_end
 
     def on_epoch_end(self, epoch: int, logs: Optional[dict] = None) -> None:
-        # The only event of a loop without batch events (l2sweep.fused: an epoch per call).
+        # The only event of a loop without batch events (l2sweep.engine.compiled: an epoch per call).
         self.on_train_batch_end(-1, logs)
 
 
@@ -327,20 +327,20 @@ def metrics_of(epochs: list[int]) -> str:
 class MlflowRunLogger(keras.callbacks.Callback):
     """:class:`MlflowEpochLogger` for a run that lives on the sweep's tracking thread.
 
-    With the deferred MLflow start (l2sweep.tracking) a job's run is created, and logged to,
+    With the deferred MLflow start (l2sweep.tracking.runs) a job's run is created, and logged to,
     on the tracking thread, in order. Each epoch's ``logs`` (a copy) are handed over to that
     thread at the epoch's end, where :class:`MlflowEpochLogger` logs them (one ``log_batch``
     per epoch): the training loop never waits for the store. While the thread is busy (the
     run is still being created, or the previous job's artifacts are being logged) the epochs
     are kept, and handed over together at the next epoch end. ``on_train_end`` hands over the
-    rest; :meth:`l2sweep.tracking.ChildRun.wait` waits until they are logged (the run's end
+    rest; :meth:`l2sweep.tracking.runs.ChildRun.wait` waits until they are logged (the run's end
     does). A run whose creation failed gets ``run.not_logged("metrics of epochs A-B")``; a
     store that fails later is handled as :class:`MlflowEpochLogger` handles it, with
     ``on_error=run.not_logged``. A run created in this thread (``run.created`` None) is
     logged to here, as each epoch ends.
 
     Args:
-        run: the run's handle (:class:`l2sweep.tracking.ChildRun`: ``ready()``, ``queue()``,
+        run: the run's handle (:class:`l2sweep.tracking.runs.ChildRun`: ``ready()``, ``queue()``,
             ``client``, ``run_id``, ``not_logged``).
 
     Example:
@@ -351,7 +351,7 @@ class MlflowRunLogger(keras.callbacks.Callback):
     def __init__(self, run: Any) -> None:
         super().__init__()
         if not all(callable(getattr(run, name, None)) for name in ("ready", "queue", "not_logged")):
-            raise TypeError(f"run={run!r} is not allowed: an l2sweep.tracking.ChildRun "
+            raise TypeError(f"run={run!r} is not allowed: an l2sweep.tracking.runs.ChildRun "
                             "(needs ready, queue, not_logged)")
         self.run = run
         self._logger: Optional[MlflowEpochLogger] = None
@@ -395,11 +395,11 @@ class MlflowRunLogger(keras.callbacks.Callback):
 
 
 def start_deferred_tracking() -> keras.callbacks.Callback:
-    """A callback that lets the sweep's tracking thread (l2sweep.tracking) work while the job
+    """A callback that lets the sweep's tracking thread (l2sweep.tracking.runs) work while the job
     trains: the deferred MLflow start at the first epoch's end (the epochs after it leave the
     GIL free for MLflow; the first one compiles), and the previous run's artifacts, held from
     that job's end, as each epoch begins."""
-    from l2sweep.tracking import release_deferred_start, training_under_way
+    from l2sweep.tracking.runs import release_deferred_start, training_under_way
 
     return keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: training_under_way(),
                                           on_epoch_end=lambda epoch, logs: release_deferred_start())

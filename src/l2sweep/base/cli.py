@@ -55,15 +55,15 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from l2sweep.config import ConfigError
-    from l2sweep.data import DataError
+    from l2sweep.base.config import ConfigError
+    from l2sweep.base.data import DataError
 
     return (ConfigError, DataError, HydraException, OmegaConfBaseException, yaml.YAMLError)
 
 
 def _params_keys() -> tuple[str, set[str]]:
     """The params file's name and the keys it sets (``model`` for ``model: {name: ...}``)."""
-    from l2sweep.config import load_params, override_key, params_file, params_overrides
+    from l2sweep.base.config import load_params, override_key, params_file, params_overrides
 
     path = params_file()
     if path is None:
@@ -77,12 +77,12 @@ def _params_keys() -> tuple[str, set[str]]:
 def describe(error: BaseException, args: Sequence[str] = ()) -> str:
     """The one-line message for ``error``.
 
-    A :class:`~l2sweep.config.ConfigError` about a key that params.yaml sets (and ``args``, the
+    A :class:`~l2sweep.base.config.ConfigError` about a key that params.yaml sets (and ``args``, the
     command line, does not) is prefixed with the params file, so the user knows where to look.
     """
     import yaml
 
-    from l2sweep.config import ConfigError, override_key
+    from l2sweep.base.config import ConfigError, override_key
 
     if isinstance(error, yaml.MarkedYAMLError) and error.problem_mark is not None:
         mark = error.problem_mark
@@ -117,7 +117,7 @@ def report(error: BaseException, args: Sequence[str] = (), *, verbose: bool = Fa
 
     With ``verbose`` it re-raises instead (call it from an ``except`` block).
     """
-    from l2sweep.tracking import Terminated
+    from l2sweep.tracking.runs import Terminated
 
     if verbose:
         raise error
@@ -149,7 +149,7 @@ def entry_point(*expected: type[BaseException]) -> Callable[[Callable[[list[str]
     def decorate(main: Callable[[list[str]], Any]) -> Callable[[Optional[Sequence[str]]], Any]:
         @functools.wraps(main)
         def run(argv: Optional[Sequence[str]] = None) -> Any:
-            from l2sweep.tracking import Terminated
+            from l2sweep.tracking.runs import Terminated
 
             args = list(sys.argv[1:] if argv is None else argv)
             verbose = wants_traceback(args)

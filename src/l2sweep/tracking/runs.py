@@ -16,7 +16,7 @@ importing MLflow and its SQLAlchemy store (~2 s, holding the GIL) would otherwis
 any training. :class:`SweepCallback` queues the parent run's creation on that thread, which
 starts once the first epoch has trained (:func:`release_deferred_start`) and so overlaps the
 first job's training; the first job's run, its params and input follow in order, and its
-first epochs' metrics wait in :class:`l2sweep.callbacks.MlflowRunLogger` until the run exists.
+first epochs' metrics wait in :class:`l2sweep.engine.callbacks.MlflowRunLogger` until the run exists.
 Preflight has checked what can be known without MLflow (folders writable, disk space); a store
 that fails only inside MLflow is reported at the end of the first job, its outputs kept.
 """
@@ -142,7 +142,7 @@ def raise_if_signalled() -> None:
 def deferred_signals() -> Iterator[None]:
     """Inside, SIGINT and SIGTERM are recorded instead of raised; code polls
     :func:`raise_if_signalled` at points where stopping is safe (Keras:
-    :class:`l2sweep.callbacks.StopOnSignal`), and leaving the block raises a pending one.
+    :class:`l2sweep.engine.callbacks.StopOnSignal`), and leaving the block raises a pending one.
 
     Why: an exception raised at an arbitrary bytecode inside ``Model.fit`` (in tf.data's or
     Keras' own bookkeeping) has crashed the process in glibc (``free(): invalid next size``)
@@ -380,8 +380,8 @@ def close_parent(status: str, reason: Optional[str] = None) -> None:
 
 def best_run(histories: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
     """The finished run with the lowest final validation cross-entropy (else val_loss), as
-    ``{"run_name", "strength", "by", "value"}``; the rule of the report (l2sweep.report)."""
-    from l2sweep import report
+    ``{"run_name", "strength", "by", "value"}``; the rule of the report (l2sweep.reporting.report)."""
+    from l2sweep.reporting import report
 
     entries = {h["run_name"]: {**report.summarize_history(h), "strength": h.get("strength"),
                                "status": report.FINISHED if h.get("status") == "FINISHED" else "failed"}
@@ -394,7 +394,7 @@ def tag_best(uri: str, parent_run_id: str, best: dict[str, Any]) -> None:
     from mlflow import MlflowClient
     from mlflow.entities import Metric, RunTag
 
-    from l2sweep.report import format_strength
+    from l2sweep.reporting.report import format_strength
 
     tags = {"best_lambda": format_strength(best["strength"]), "best_run_name": best["run_name"],
             "best_by": best["by"]}

@@ -126,7 +126,7 @@ def plot_histograms(hist_layer_data: Mapping[str, Any], layer: str, title: str,
     5-95 percentile bands per epoch, so the narrowing under a penalty reads at a glance.
 
     Args:
-        hist_layer_data: :attr:`l2sweep.callbacks.WeightHistograms.data` (all layers), or
+        hist_layer_data: :attr:`l2sweep.engine.callbacks.WeightHistograms.data` (all layers), or
             one layer's entry of it.
         layer: the layer to draw (e.g. ``"hidden"``).
         title: figure title.

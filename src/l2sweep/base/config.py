@@ -38,7 +38,7 @@ MODELS = ("mlp", "cnn")
 REGULARIZERS = ("l2", "l1", "l1_l2", "weight_decay", "none")
 #: Values of ``train.loop``.
 LOOPS = ("auto", "compiled", "keras")
-#: Models the compiled loop (and so the fused sweep, l2sweep.fused) can run.
+#: Models the compiled loop (and so the fused sweep, l2sweep.engine.compiled) can run.
 FUSABLE_MODELS = ("mlp",)
 _ABSENT = object()
 
@@ -135,7 +135,7 @@ class TrainConfig:
         jit_compile: compile the train step with XLA (Keras' "auto" leaves it off on CPU).
         deterministic: enable TensorFlow op determinism (same seed -> same metrics).
         fused: train every lambda of the grid at once as one vectorized model.
-        loop: how one lambda is trained: ``compiled`` (l2sweep.fused with one model: the same
+        loop: how one lambda is trained: ``compiled`` (l2sweep.engine.compiled with one model: the same
             model, initial weights, batches and Adam as Keras ``fit``, a whole epoch per
             compiled call; ~2x faster, mlp only), ``keras`` (``Model.fit``; the only loop in
             which ``steps_per_execution`` and ``validation_batch_size`` apply), or ``auto``

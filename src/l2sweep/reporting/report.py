@@ -65,7 +65,7 @@ def class_names(dataset: str, num_classes: int = 10) -> list[str]:
     return [str(i) for i in range(num_classes)]
 
 
-#: The layer no regularizer acts on (l2sweep.model.regularized_layers): the output layer.
+#: The layer no regularizer acts on (l2sweep.engine.model.regularized_layers): the output layer.
 REGULARIZED_EXCLUDED = "output"
 
 

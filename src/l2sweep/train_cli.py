@@ -16,16 +16,16 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
-from l2sweep.config import (ConfigError, compose_config, format_override_value, override_key,
+from l2sweep.base.config import (ConfigError, compose_config, format_override_value, override_key,
                             project_overrides, validate, validate_strengths)
-from l2sweep.tracking import JOBS_ENV
+from l2sweep.tracking.runs import JOBS_ENV
 
 #: Hydra's own command-line flags that take a value.
 _VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name",
                 "-cn", "--config-dir", "-cd", "--experimental-rerun"}
 _MULTIRUN_FLAGS = {"-m", "--multirun"}
 STRENGTH = "regularizer.strength"
-#: ``hydra/launcher=fused`` is an alias of ``train.fused=true`` (l2sweep.fused), not a plugin.
+#: ``hydra/launcher=fused`` is an alias of ``train.fused=true`` (l2sweep.engine.compiled), not a plugin.
 FUSED_ALIAS = ("hydra/launcher=fused", "train.fused=true")
 
 
@@ -129,7 +129,7 @@ def _fused_overrides(cfg: Any, overrides: list[str], swept: dict[str, list[Any]]
     """A fused sweep trains its whole grid in one job: a swept ``regularizer.strength=a,b``
     becomes that job's ``sweep.strengths=[a,b]`` (``swept`` is updated), and the job's folder
     is named for what it holds."""
-    from l2sweep.fused import check_fusable
+    from l2sweep.engine.compiled import check_fusable
 
     check_fusable(cfg)
     if STRENGTH in swept:

@@ -1,0 +1,1 @@
+"""Reporting: pure summaries of training histories, the report text and the figures."""
