@@ -1,11 +1,12 @@
-"""Seconds per epoch of the compiled training engine (``l2sweep.engine.compiled.FusedMLP``) alone.
+"""Seconds per epoch of the compiled training engine (``l2sweep.engine.compiled.CompiledMLP``) alone.
 
     python -m bench.engine --k 3                 # the fused 3-lambda model, TensorFlow's threads
     python -m bench.engine --k 1 --threads 1     # one model on one thread (the sequential default)
     PYTHONPATH=/tmp/old/src python -m bench.engine --k 3   # another version (a git worktree)
 
-Random images (uint8, as prepared, or ``--pixels float32``) and labels (shape of the default data), l2 with lambda = 0.001 on every slice,
-batch 32, a fresh shuffled order per epoch. The first call (tracing and XLA compilation) is
+Random images (uint8, as prepared, or ``--pixels float32``) and labels (shape of the default
+data); K models of the project's MLP (``build_model``, l2 with λ = 0.001 or none), batch 32, a
+fresh shuffled order per epoch. The first call (tracing and XLA compilation) is
 reported apart from the steady epochs. For A/B comparisons run both versions one after the
 other, several times, on an otherwise idle machine: the printed loss must be the same.
 """
@@ -37,17 +38,18 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     import tensorflow as tf
 
+    from l2sweep.base.config import compose_config
     from l2sweep.base.data import to_float
-    from l2sweep.engine.compiled import FusedMLP
+    from l2sweep.engine.compiled import CompiledMLP
+    from l2sweep.engine.model import build_model, set_seeds
 
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (args.n, 784), dtype=np.uint8)
     x = tf.constant(x if args.pixels == "uint8" else to_float(x))
     y = tf.constant(rng.integers(0, 10, args.n).astype(np.int64))
-    engine = FusedMLP(args.k, 784, 128, (False, args.penalty == "l2", False), 0.001, 0.9, 0.999, 1e-7)
-    for param in engine.params:
-        param.assign(rng.normal(0, 0.05, param.shape).astype(np.float32))
-    engine.l2.assign(np.full(args.k, 1e-3, np.float32))
+    cfg = compose_config([f"regularizer={args.penalty}", "regularizer.strength=0.001"], with_params=False)
+    set_seeds(0)
+    engine = CompiledMLP.for_views([build_model(cfg) for _ in range(args.k)])
     orders = [rng.permutation(args.n) for _ in range(args.epochs + 1)]
     epochs = [[order[i:i + 32] for i in range(0, args.n, 32)] for order in orders]
 

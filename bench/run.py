@@ -12,6 +12,10 @@ Variants (each a fresh process, timed from spawn to exit, interleaved rep by rep
     c  the same with ``tracking.enabled=false``
     d  the fused sweep: ``python -m l2sweep.train -m train.fused=true`` with full tracking
 
+Targets (at full size, ``--full``): a/b >= 4.5 (the train stage with tracking against the
+seeds' code) and b/c <= 1.08 (what tracking costs); ``results.json``'s ``targets`` says
+whether each is met.
+
 Writes ``bench/results.json`` and ``bench/scaling.png`` (``--full``: ``results-full.json``,
 ``scaling-full.png``; ``--out``/``--plot`` to choose) and prints a summary.
 See bench/README.md for how to read them.
@@ -50,6 +54,10 @@ VARIANTS = {
 CLI_ARGS = {"b": [], "c": ["tracking.enabled=false"], "d": ["train.fused=true"]}
 #: Ratios reported (numerator / denominator, by median wall time).
 RATIOS = [("a", "b"), ("a", "c"), ("a", "d"), ("b", "c"), ("b", "d"), ("c", "d")]
+#: The targets, on median wall-time ratios at full size (FULL_TRAIN images x FULL_EPOCHS):
+#: ratio -> (">=" or "<=", bound).
+TARGETS = {"a/b": (">=", 4.5), "b/c": ("<=", 1.08)}
+FULL_EPOCHS = 10
 
 
 # --- processes ----------------------------------------------------------------------------
@@ -80,7 +88,7 @@ def measure(cmd: list[str], cwd: Path, log_file: Path) -> dict[str, Any]:
             "log_offset": offset, "spawned": spawned}
 
 
-#: A job's log lines (l2sweep.train, l2sweep.engine.compiled): "[time][logger][LEVEL] - job 2/3 name: ...".
+#: A job's log lines as the train stage writes them: "[time][logger][LEVEL] - job 2/3 name: ...".
 _JOB_LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3})\]\S* - job (\d+)/\S+ (.*)$")
 
 
@@ -248,6 +256,20 @@ def ratios(summary: dict[str, Any]) -> dict[str, float]:
     return {f"{x}/{y}": med[x] / med[y] for x, y in RATIOS if x in med and y in med}
 
 
+def check_targets(measured: dict[str, float], full_size: bool) -> dict[str, Any]:
+    """Each target of :data:`TARGETS` against its ratio in ``measured`` (:func:`ratios`):
+    ``met`` is True or False at full size, None at other sizes (fixed costs weigh more
+    there; the targets do not apply) or when a variant was not run."""
+    out = {}
+    for key, (op, bound) in TARGETS.items():
+        value = measured.get(key)
+        met = None
+        if full_size and value is not None:
+            met = value >= bound if op == ">=" else value <= bound
+        out[key] = {"target": f"{op} {bound}", "measured": value, "met": met}
+    return out
+
+
 def agreement(summary: dict[str, Any], noise: dict[str, Any]) -> dict[str, Any]:
     """Largest per-lambda difference of each variant's final val metrics from (b)'s (seed 42)
     and from the mean of (b)'s seeds; within the noise when the latter is at most the seeds'
@@ -295,7 +317,8 @@ def tracking_overhead(work: Path, data: Path, epochs_list: list[int], reps: int,
     """(b) and (c) at several epoch counts: what tracking costs per sweep and per epoch.
 
     Fits ``b - c = fixed + per_epoch * epochs`` and ``c = c0 + c_epoch * epochs`` by least
-    squares over the medians, and solves for the sweep length from which b/c <= 1.05.
+    squares over the medians, and solves for the sweep length from which b/c meets its
+    target (``TARGETS["b/c"]``).
     ``known``: wall times already measured (epochs -> {"b": [s, ...], "c": [s, ...]}), not run again.
     """
     rows = []
@@ -309,11 +332,12 @@ def tracking_overhead(work: Path, data: Path, epochs_list: list[int], reps: int,
                      "overhead_s": medians["b"] - medians["c"], "b/c": medians["b"] / medians["c"]})
     out: dict[str, Any] = {"grid": GRID, "rows": rows}
     if len({r["epochs"] for r in rows}) >= 2:
-        out["fit"] = fit_overhead(rows, len(GRID))
+        out["fit"] = fit_overhead(rows, len(GRID), target=TARGETS["b/c"][1])
     return out
 
 
-def fit_overhead(rows: list[dict[str, Any]], n_lambdas: int, target: float = 1.05) -> dict[str, Any]:
+def fit_overhead(rows: list[dict[str, Any]], n_lambdas: int,
+                 target: float = TARGETS["b/c"][1]) -> dict[str, Any]:
     """Least-squares lines through ``rows`` (each ``epochs``, ``wall_s`` {"b", "c"}):
     ``b - c = fixed + per_epoch * epochs`` and ``c = c0 + c_epoch * epochs``; and the epochs
     from which b/c <= ``target`` (None: never, tracking grows as fast as the rest; 0: always).
@@ -326,7 +350,7 @@ def fit_overhead(rows: list[dict[str, Any]], n_lambdas: int, target: float = 1.0
     margin = target - 1.0
     slack = margin * c_epoch - per_epoch
     needed = (fixed - margin * c0) / slack if slack > 0 else None
-    return {"fixed_s": float(fixed), "per_epoch_s": float(per_epoch),
+    return {"target": target, "fixed_s": float(fixed), "per_epoch_s": float(per_epoch),
             "per_lambda_epoch_s": float(per_epoch) / n_lambdas,
             "untracked_fixed_s": float(c0), "untracked_per_epoch_s": float(c_epoch),
             f"epochs_for_{target}": None if needed is None else max(float(needed), 0.0)}
@@ -470,7 +494,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = p.parse_args(argv)
 
     n_train = args.train_size or (FULL_TRAIN if args.full else 10_000)
-    epochs = args.epochs or (10 if args.full else 3)
+    epochs = args.epochs or (FULL_EPOCHS if args.full else 3)
     reps = args.reps or (2 if args.full else 3)
     variants = [v for v in args.variants.split(",") if v]
     scale_variants = (args.scaling_variants or ("b,d" if args.full else "a,b,d")).split(",")
@@ -517,6 +541,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         summary = summarize(runs)
         results["variants"] = summary
         results["ratios"] = ratios(summary)
+        results["targets"] = check_targets(results["ratios"], n_train == FULL_TRAIN and epochs == FULL_EPOCHS)
 
         noise = {}
         if "b" in summary:
@@ -594,6 +619,10 @@ def print_summary(results: dict[str, Any]) -> None:
         print(f"({v}) {w['median']:8.1f} [{w['min']:.1f}-{w['max']:.1f}]".ljust(28)
               + f"{r['epoch_s']['median']:>8.2f} {r['peak_rss_mb']['median']:>8.0f}   {r['what']}")
     print("ratios: " + "  ".join(f"{k} {v:.2f}" for k, v in results.get("ratios", {}).items()))
+    for k, t in results.get("targets", {}).items():
+        verdict = {True: "met", False: "NOT met", None: "applies at full size only"}[t["met"]]
+        measured = "-" if t["measured"] is None else f"{t['measured']:.3f}"
+        print(f"target {k} {t['target']}: {measured} ({verdict})")
     lambdas = next(iter(variants.values()))["per_lambda"] if variants else {}
     print("final val accuracy / val loss per λ:")
     for lam in lambdas:
@@ -625,9 +654,10 @@ def print_summary(results: dict[str, Any]) -> None:
             f"{r['epochs']} epochs {r['overhead_s']:.1f} s (b/c {r['b/c']:.3f})" for r in overhead["rows"]))
         fit = overhead.get("fit")
         if fit:
-            needed = fit["epochs_for_1.05"]
+            needed = fit[f"epochs_for_{fit['target']}"]
             print(f"  fit: {fit['fixed_s']:.2f} s per sweep + {fit['per_lambda_epoch_s'] * 1000:.0f} ms per "
-                  f"λ-epoch; b/c <= 1.05 from {'never' if needed is None else f'{needed:.0f} epochs'}")
+                  f"λ-epoch; b/c <= {fit['target']} from "
+                  f"{'never' if needed is None else f'{needed:.0f} epochs'}")
     dvc = results.get("dvc_repro_noop")
     if dvc:
         print(f"dvc repro, nothing to do: {dvc['noop_wall_s']['median']:.2f} s "

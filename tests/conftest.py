@@ -10,7 +10,7 @@ import pytest
 from omegaconf import DictConfig
 
 from l2sweep.base.config import compose_config, format_override_value, merge_overrides
-from l2sweep.base.data import write_idx
+from l2sweep.base.idx import write_idx
 
 #: File names of the four IDX files (as in conf/dataset/idx_dir.yaml).
 IDX_FILES = {

@@ -7,6 +7,7 @@ Import them as ``from helpers import ...`` (``tests/`` is on sys.path, as for co
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import numpy as np
 import yaml
 
 from conftest import make_images, write_idx_dir
+from l2sweep.reporting.summaries import MISSING_CELL
 
 REPO = Path(__file__).resolve().parents[1]
 #: The grid and length of the tiny CLI sweeps.
@@ -150,3 +152,21 @@ def make_server(target: str, log: Path, timeout: float, **variables: str) -> Ite
         yield url
     finally:
         stop_process_group(proc)
+
+
+# --- reading the report ----------------------------------------------------------------
+
+
+def parse_cell(cell: str) -> float | None:
+    cell = cell.strip()
+    if cell == MISSING_CELL:
+        return None
+    number = float(re.sub(r"[^0-9eE+.\-]", "", cell))
+    return number / 100 if cell.endswith("%") or cell.endswith("pt") else number
+
+
+def table_rows(markdown: str) -> dict[str, list[str]]:
+    """λ -> cells of the Summary table."""
+    section = markdown.split("## Summary", 1)[1].split("##", 1)[0]
+    rows = [line.strip("|").split("|") for line in section.splitlines() if line.startswith("|")]
+    return {r[0].strip(): [c.strip() for c in r[1:]] for r in rows[2:]}

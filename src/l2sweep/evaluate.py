@@ -8,7 +8,7 @@ Reads ``<paths.models>/sweep.json`` (else every ``<paths.models>/*/history.json`
 run's ``history.json`` and ``model.keras``, and ``<paths.prepared>/test.npz``. Writes:
 
 * ``paths.metrics`` (``metrics/eval.json``): per run, test loss/accuracy, per-class accuracy,
-  confusion matrix and the summary figures of :func:`l2sweep.reporting.report.summarize_history`;
+  confusion matrix and the summary figures of :func:`l2sweep.reporting.summaries.summarize_history`;
   the sweep's settings; the best λ by validation loss.
 * ``paths.plots``: DVC plot data (``epochs.json``, ``accuracy.json``, ``by_lambda.json``),
   drawn by the top-level ``plots:`` of dvc.yaml.
@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,13 +34,16 @@ from typing import Any, Optional
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from l2sweep.reporting import report
+from l2sweep.reporting import report, summaries
 from l2sweep.base.cli import entry_point, exit_fast
 from l2sweep.base.config import compose_config, validate
+from l2sweep.base.files import write_text
+from l2sweep.tracking import store
+from l2sweep.tracking.sweep import MANIFEST, tag_best
 
 log = logging.getLogger(__name__)
 
-MANIFEST, HISTORY, MODEL = "sweep.json", "history.json", "model.keras"
+HISTORY, MODEL = "history.json", "model.keras"
 #: Settings recorded in eval.json (``sweep.config``); the gate notes when they differ.
 RECORDED_SETTINGS = ("dataset.name", "data.limit", "data.val_fraction", "data.seed",
                      "model.name", "model.hidden_units", "regularizer.name", "train.epochs",
@@ -127,18 +131,18 @@ def score_model(model_path: Path, x: np.ndarray, y: np.ndarray, class_names: lis
 def evaluate_run(run: SweepRun, history: dict[str, Any], x: np.ndarray, y: np.ndarray,
                  class_names: list[str]) -> dict[str, Any]:
     """The eval.json entry of one run: status, summary figures and (if it has a model) test metrics."""
-    entry: dict[str, Any] = {"strength": run.strength, "status": report.FINISHED,
+    entry: dict[str, Any] = {"strength": run.strength, "status": summaries.FINISHED,
                              "diverged_epoch": history.get("diverged_epoch"),
                              "mlflow_run_id": run.mlflow_run_id}
-    entry.update(report.summarize_history(history))
+    entry.update(summaries.summarize_history(history))
     model_path = run.dir / MODEL
     if history.get("diverged_epoch") is not None:
-        entry["status"] = report.DIVERGED
+        entry["status"] = summaries.DIVERGED
     elif history.get("status", "FINISHED") != "FINISHED" or not model_path.is_file():
-        entry["status"] = report.FAILED
+        entry["status"] = summaries.FAILED
         log.warning("%s: status %s, model %s; not evaluated", run.run_name,
                     history.get("status"), "present" if model_path.is_file() else "missing")
-    if entry["status"] == report.FINISHED:
+    if entry["status"] == summaries.FINISHED:
         entry.update(score_model(model_path, x, y, class_names))
     else:
         entry.update({"test_loss": None, "test_accuracy": None})
@@ -147,10 +151,7 @@ def evaluate_run(run: SweepRun, history: dict[str, Any], x: np.ndarray, y: np.nd
 
 def write_json(path: Path, data: Any) -> None:
     """Writes ``data`` as indented JSON (NaN/inf as null), atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(report.json_safe(data), indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_text(path, json.dumps(summaries.json_safe(data), indent=2) + "\n")
 
 
 def write_figures(evaluation: dict[str, Any], histories: list[dict[str, Any]],
@@ -183,8 +184,9 @@ def write_figures(evaluation: dict[str, Any], histories: list[dict[str, Any]],
 
 
 def log_to_mlflow(cfg: DictConfig, manifest: dict[str, Any], evaluation: dict[str, Any],
-                  artifacts: list[Path]) -> None:
-    """Summary metrics, artifacts and the best-λ tag on the sweep's parent run.
+                  runs: list[tuple[SweepRun, dict[str, Any]]], artifacts: list[Path]) -> None:
+    """To the sweep's parent run: summary metrics per λ, the best-λ tags, the report, figures
+    and eval.json; to each child run: its test metrics and its figures (curves, histograms).
 
     Skipped (with a log line) when tracking is off or the sweep has no parent run.
     """
@@ -192,41 +194,56 @@ def log_to_mlflow(cfg: DictConfig, manifest: dict[str, Any], evaluation: dict[st
     if not cfg.tracking.enabled or not parent:
         log.info("no parent MLflow run (tracking off or no sweep manifest): not logging")
         return
-    from mlflow import MlflowClient
     from mlflow.entities import Metric
     from mlflow.exceptions import MlflowException
 
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or manifest.get("tracking_uri") or cfg.tracking.uri
-    client = MlflowClient(tracking_uri=uri)
+    uri = store.tracking_uri(cfg, manifest.get("tracking_uri"))
+    client = store.get_client(cfg, manifest.get("tracking_uri"))
     now = int(time.time() * 1000)
     metrics = []
-    children = {}
     for name, run in evaluation["runs"].items():
-        values = {key: report.finite(run.get(key)) for key in PARENT_METRICS}
-        values["weight_norm"] = report.finite(run["weight_norm"].get("total"))
+        values = {key: summaries.finite(run.get(key)) for key in PARENT_METRICS}
+        values["weight_norm"] = summaries.finite(run["weight_norm"].get("total"))
         # MLflow metric names allow no "+", which a lambda like 1e+38 (a diverged run) has.
         safe = re.sub(r"[^\w\-. :/]", "_", name)
         metrics += [Metric(f"{key}/{safe}", v, now, 0) for key, v in values.items() if v is not None]
-        if run.get("mlflow_run_id") and run["status"] == report.FINISHED:
-            children[run["mlflow_run_id"]] = [Metric(key, run[key], now, 0)
-                                              for key in ("test_accuracy", "test_loss")]
-    best = evaluation.get("best")
     try:
         client.log_batch(parent, metrics=metrics)
-        for child, child_metrics in children.items():  # so the compare view shows test metrics
-            client.log_batch(child, metrics=child_metrics)
-        if best:
-            client.set_tag(parent, "best_lambda", report.format_strength(best["strength"]))
-            client.set_tag(parent, "best_run_name", best["run_name"])
-            client.set_tag(parent, "best_by", best["by"])
-            client.log_batch(parent, metrics=[Metric("best_lambda", best["strength"], now, 0)])
+        if evaluation.get("best"):
+            tag_best(uri, parent, evaluation["best"])
         for path in artifacts:
             client.log_artifact(parent, str(path), "figures" if path.suffix == ".png" else None)
+        for run, history in runs:
+            log_child(client, run, evaluation["runs"][run.run_name], history, now)
     except MlflowException as exc:
         raise EvaluateError(f"could not log to the sweep's MLflow run {parent} in {uri}: {exc}. "
                             "Metrics, plots and report are written; tracking.enabled=false "
                             "skips MLflow") from exc
     log.info("logged the evaluation to MLflow run %s (%s)", parent, uri)
+
+
+def log_child(client: Any, run: SweepRun, entry: dict[str, Any], history: dict[str, Any], now: int) -> None:
+    """A child run's test metrics (so the compare view shows them) and its figures:
+    ``plots/curves.png`` and ``histograms/<layer>.png`` (from ``histograms.json``)."""
+    from mlflow.entities import Metric
+
+    from l2sweep.reporting import plots
+
+    run_id = run.mlflow_run_id
+    if not run_id:
+        return
+    if entry.get("status") == summaries.FINISHED:
+        client.log_batch(run_id, metrics=[Metric(k, entry[k], now, 0) for k in ("test_accuracy", "test_loss")])
+    name = run.run_name
+    figures = {"plots/curves.png": plots.plot_curves(history["metrics"], name)}
+    hist_file = run.dir / "histograms.json"
+    layers = json.loads(hist_file.read_text()) if hist_file.is_file() else {}
+    for layer, data in layers.items():
+        figures[f"histograms/{layer}.png"] = plots.plot_histograms(data, layer, f"{name}: {layer} weights")
+    with tempfile.TemporaryDirectory(prefix="l2sweep-figures-") as tmp:
+        for rel, fig in figures.items():
+            plots.save_figure(fig, Path(tmp) / rel, tight=False)
+        client.log_artifacts(run_id, tmp)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -250,14 +267,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         meta = {}
     dataset = manifest.get("dataset") or meta.get("dataset") or cfg.dataset.name
     sizes = {split: info.get("size") for split, info in meta.get("splits", {}).items()}
-    names = report.class_names(str(dataset), int(y.max()) + 1 if len(y) else 10)
+    names = summaries.class_names(str(dataset), int(y.max()) + 1 if len(y) else 10)
     histories, entries = [], {}
     for run in runs:
         history = json.loads((run.dir / HISTORY).read_text(encoding="utf-8"))
         histories.append(history)
         entries[run.run_name] = evaluate_run(run, history, x, y, names)
         log.info("%s: %s, test accuracy %s", run.run_name, entries[run.run_name]["status"],
-                 report.fmt_pct(entries[run.run_name]["test_accuracy"]))
+                 summaries.fmt_pct(entries[run.run_name]["test_accuracy"]))
 
     settings = {key: OmegaConf.select(cfg, key) for key in RECORDED_SETTINGS}
     evaluation = {
@@ -267,19 +284,19 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                   "split_sizes": sizes,
                   "class_names": names, "parent_run_id": manifest.get("parent_run_id"),
                   "config": settings},
-        "best": report.pick_best(entries),
+        "best": summaries.pick_best(entries),
         "runs": entries,
     }
     write_json(Path(cfg.paths.metrics), evaluation)
     plots_dir = Path(cfg.paths.plots)
-    for name, rows in report.plot_data(evaluation, histories).items():
+    for name, rows in summaries.plot_data(evaluation, histories).items():
         write_json(plots_dir / name, rows)
     reports = Path(cfg.paths.reports)
     figures = write_figures(evaluation, histories, reports / "figures")
     text = report.render_report(evaluation, [(c, p.relative_to(reports).as_posix())
                                              for c, p in figures])
     (reports / "report.md").write_text(text, encoding="utf-8")
-    log_to_mlflow(cfg, manifest, evaluation,
+    log_to_mlflow(cfg, manifest, evaluation, list(zip(runs, histories)),
                   [p for _, p in figures] + [reports / "report.md", Path(cfg.paths.metrics)])
     return evaluation
 
@@ -291,7 +308,7 @@ def main(overrides: list[str]) -> int:
     evaluation = evaluate(compose_config(overrides))
     best = evaluation["best"]
     print(f"wrote {len(evaluation['runs'])} runs; best λ by {best['by'] if best else '-'}: "
-          f"{report.format_strength(best['strength']) if best else 'none'}")
+          f"{summaries.format_strength(best['strength']) if best else 'none'}")
     return 0
 
 

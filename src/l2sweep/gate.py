@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from l2sweep.base.cli import entry_point
-from l2sweep.reporting.report import FINISHED, finite, fmt_loss, fmt_pct, format_strength, markdown_table
+from l2sweep.reporting.report import markdown_table
+from l2sweep.reporting.summaries import FINISHED, finite, fmt_loss, fmt_pct, format_strength
 
 EXIT_OK, EXIT_REGRESSED, EXIT_ERROR = 0, 1, 2
 #: Changes within this of the limit count as equal to it (float noise, not a regression).

@@ -1,24 +1,36 @@
-"""From a user's command line to the Hydra app's: params.yaml, the lambda grid, early checks.
+"""From a user's command line to the Hydra app's: params.yaml, the λ grid, the checks.
 
 ``python -m l2sweep.train -m`` sweeps ``sweep.strengths`` (from params.yaml) in one Hydra
 multirun; an explicit ``regularizer.strength=a,b`` or another sweeper (``hydra/sweeper=...``)
-replaces that grid. Everything is validated here, before Hydra starts any job, so a typo
-costs nothing.
+replaces that grid. Everything is validated, and the outputs and the store checked
+(:func:`preflight`), before Hydra starts any job, so a typo or a full disk costs nothing.
+A Hydra callback could not do this: Hydra turns a callback's errors into warnings.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from typing import Any, Callable, Optional
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
+from l2sweep.base import files
 from l2sweep.base.config import (ConfigError, compose_config, format_override_value, override_key,
-                            project_overrides, validate, validate_strengths)
-from l2sweep.tracking.runs import JOBS_ENV
+                                 project_overrides, training_loop, validate, validate_strengths)
+from l2sweep.base.data import load_meta, load_split
+from l2sweep.tracking import store
+
+#: Number of jobs in the sweep, for progress lines ("job 2/3").
+JOBS_ENV = "L2SWEEP_JOBS"
+#: Hydra's flags that only print (help, config, info): no writable outputs or store needed.
+PRINT_ONLY_FLAGS = {"--help", "-h", "--hydra-help", "--version", "--cfg", "-c", "--info", "-i",
+                    "--shell-completion", "-sc"}
 
 #: Hydra's own command-line flags that take a value.
 _VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name",
@@ -73,19 +85,19 @@ def _validate_interval(key: str, interval: Any) -> None:
                           f"an interval with {'0 < low' if log_scale else '0 <= low'} < high")
 
 
-def launch_argv(args: list[str], check: Optional[Callable[[DictConfig], None]] = None) -> list[str]:
+def launch_argv(args: list[str]) -> list[str]:
     """The Hydra app's argv for a user's ``args``.
 
     Layers params.yaml under the command-line overrides, fills in ``sweep.strengths`` as the
     multirun grid when none is given, and composes + validates the config of the first job
-    (and every swept lambda) so a bad value fails here with the key named. ``check`` (e.g.
-    :func:`l2sweep.preflight.preflight`) then gets that validated config.
+    (and every swept λ) so a bad value fails here with the key named; then, unless the flags
+    only print, runs :func:`preflight` and sets TensorFlow's threads.
 
     Raises:
         ConfigError: a value is out of range or the grid is empty, repeated or not numeric.
+        DataError, OutputError, StoreError: see :func:`preflight`.
     """
     flags, cli = split_args(args)
-    cli = [FUSED_ALIAS[1] if o == FUSED_ALIAS[0] else o for o in cli]
     overrides = project_overrides(cli)
     multirun = bool(_MULTIRUN_FLAGS & set(flags)) or "hydra.mode=MULTIRUN" in overrides
     keys = {override_key(o) for o in cli}
@@ -119,9 +131,62 @@ def launch_argv(args: list[str], check: Optional[Callable[[DictConfig], None]] =
         os.environ.pop(JOBS_ENV, None)
     else:
         os.environ[JOBS_ENV] = str(jobs)
-    if check is not None:  # after every validation: bad input writes nothing
-        check(cfg)
+    if not any(a.split("=", 1)[0] in PRINT_ONLY_FLAGS for a in flags):
+        preflight(cfg)  # after every validation: bad input writes nothing
+        configure_threads(cfg)
     return flags + overrides
+
+
+def preflight(cfg: DictConfig) -> None:
+    """Every check before training, cheapest first: the prepared splits load, the models'
+    folder can be written and has room (temp folders of killed runs are removed), the store
+    can be used (l2sweep.tracking.store.check_store).
+
+    Raises:
+        DataError: the prepared splits are missing or broken.
+        OutputError: a folder cannot be written, or a disk is nearly full.
+        StoreError: the tracking store cannot be used.
+    """
+    for split in ("train", "val"):
+        load_split(cfg.paths.prepared, split)
+    load_meta(cfg.paths.prepared)
+    models = Path(cfg.paths.models)
+    files.check_writable(models, "the trained models (paths.models)")
+    files.check_free_space(models, "the trained models (paths.models)")
+    if models.is_dir():
+        files.remove_stale_temp(models)
+    if cfg.tracking.enabled:
+        store.apply_http_defaults()
+        store.check_store(cfg)
+
+
+def configure_threads(cfg: DictConfig) -> None:
+    """Sets TensorFlow's intra-op threads for this process and its launcher's workers, before
+    TensorFlow starts: ``train.threads``, or when null 1 for the compiled loop of one model (its
+    GEMMs are too small to split; the other cores stay free), else TensorFlow's default (every
+    core). A ``TF_NUM_INTRAOP_THREADS`` the user set wins over the null default."""
+    threads = cfg.train.threads
+    if threads is not None:
+        os.environ["TF_NUM_INTRAOP_THREADS"] = str(int(threads))
+    elif not cfg.train.fused and training_loop(cfg) == "compiled":
+        os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
+
+
+@contextmanager
+def hydra_argv(args: list[str]) -> Iterator[None]:
+    """Runs the block with ``sys.argv`` set to the Hydra app's ``args`` and Hydra's errors
+    raised, not printed (``HYDRA_FULL_ERROR=1``: the entry point reports them in one line)."""
+    saved = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
+    sys.argv = [sys.argv[0], *args]
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        yield
+    finally:
+        sys.argv = saved[0]
+        if saved[1] is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = saved[1]
 
 
 def _fused_overrides(cfg: Any, overrides: list[str], swept: dict[str, list[Any]],
@@ -129,9 +194,6 @@ def _fused_overrides(cfg: Any, overrides: list[str], swept: dict[str, list[Any]]
     """A fused sweep trains its whole grid in one job: a swept ``regularizer.strength=a,b``
     becomes that job's ``sweep.strengths=[a,b]`` (``swept`` is updated), and the job's folder
     is named for what it holds."""
-    from l2sweep.engine.compiled import check_fusable
-
-    check_fusable(cfg)
     if STRENGTH in swept:
         grid = validate_strengths([_number(STRENGTH, v) for v in swept.pop(STRENGTH)], key=STRENGTH)
         overrides = [o for o in overrides if override_key(o) != STRENGTH]

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import functools
 import os
-import signal
 import sys
 from typing import Any, Callable, Optional, Sequence
+
+from l2sweep.base import compat
+from l2sweep.base.signals import Terminated, signal_of
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 #: Flags that ask for the traceback; entry points remove them before parsing their arguments.
@@ -102,11 +104,6 @@ def describe(error: BaseException, args: Sequence[str] = ()) -> str:
     return text
 
 
-def signal_of(error: BaseException) -> signal.Signals:
-    """The signal behind an interruption: SIGINT for KeyboardInterrupt, else SIGTERM."""
-    return signal.SIGINT if isinstance(error, KeyboardInterrupt) else signal.SIGTERM
-
-
 def interrupted_status(error: BaseException) -> int:
     """128 + the signal's number: 130 for Ctrl-C, 143 for SIGTERM."""
     return 128 + signal_of(error)
@@ -117,8 +114,6 @@ def report(error: BaseException, args: Sequence[str] = (), *, verbose: bool = Fa
 
     With ``verbose`` it re-raises instead (call it from an ``except`` block).
     """
-    from l2sweep.tracking.runs import Terminated
-
     if verbose:
         raise error
     if isinstance(error, (KeyboardInterrupt, Terminated)):
@@ -149,8 +144,6 @@ def entry_point(*expected: type[BaseException]) -> Callable[[Callable[[list[str]
     def decorate(main: Callable[[list[str]], Any]) -> Callable[[Optional[Sequence[str]]], Any]:
         @functools.wraps(main)
         def run(argv: Optional[Sequence[str]] = None) -> Any:
-            from l2sweep.tracking.runs import Terminated
-
             args = list(sys.argv[1:] if argv is None else argv)
             verbose = wants_traceback(args)
             args = strip_verbose(args)
@@ -175,17 +168,14 @@ def exit_fast(main: Callable[[], Any]) -> None:
     threading's exit hooks run and non-daemon threads are joined, ``atexit`` handlers run
     (MLflow ends a run left active, ``logging`` flushes its files), and the standard streams
     are flushed. What is skipped is the destruction of every module
-    and object, which with TensorFlow and MLflow loaded takes 1-2 s and writes nothing
-    (bench/README.md). An exception other than ``SystemExit`` (``--verbose`` re-raises)
+    and object, which with TensorFlow and MLflow loaded takes seconds and writes nothing.
+    An exception other than ``SystemExit`` (``--verbose`` re-raises)
     takes Python's normal path, so its traceback is printed as usual.
 
     Example:
         >>> if __name__ == "__main__":
         ...     exit_fast(main)
     """
-    import atexit
-    import threading
-
     try:
         result = main()
     except SystemExit as exc:
@@ -197,10 +187,7 @@ def exit_fast(main: Callable[[], Any]) -> None:
     else:  # SystemExit("message"): Python prints it and exits 1
         print(result, file=sys.stderr)
         code = 1
-    # In the interpreter's own order: threading's exit hooks (which tell executors such as
-    # joblib's loky to stop their threads), the join of non-daemon threads, then atexit.
-    threading._shutdown()
-    atexit._run_exitfuncs()
+    compat.run_exit_hooks()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

@@ -8,26 +8,21 @@ configs); values that are well-typed but out of range fail in :func:`validate`.
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import math
 import os
-import re
-import typing
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
-from hydra.errors import HydraException, MissingConfigException, OverrideParseException
-from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from l2sweep.base.config_errors import ConfigError, explained, override_key
 
 #: The repository's ``conf/`` folder (the package is installed editable from the repo).
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
 #: Where entry points look for the DVC-tracked values; ``L2SWEEP_PARAMS`` overrides it.
 DEFAULT_PARAMS_FILE = "params.yaml"
 #: Config groups whose ``name`` key selects a file in ``conf/<group>/``.
@@ -40,15 +35,6 @@ REGULARIZERS = ("l2", "l1", "l1_l2", "weight_decay", "none")
 LOOPS = ("auto", "compiled", "keras")
 #: Models the compiled loop (and so the fused sweep, l2sweep.engine.compiled) can run.
 FUSABLE_MODELS = ("mlp",)
-_ABSENT = object()
-
-
-class ConfigError(ValueError):
-    """A configuration value is out of range; the message names key, value and what is allowed."""
-
-    def __init__(self, key: str, value: Any, allowed: str) -> None:
-        self.key, self.value, self.allowed = key, value, allowed
-        super().__init__(f"{key}={value!r} is not allowed: {allowed}")
 
 
 @dataclass
@@ -135,13 +121,13 @@ class TrainConfig:
         jit_compile: compile the train step with XLA (Keras' "auto" leaves it off on CPU).
         deterministic: enable TensorFlow op determinism (same seed -> same metrics).
         fused: train every lambda of the grid at once as one vectorized model.
-        loop: how one lambda is trained: ``compiled`` (l2sweep.engine.compiled with one model: the same
-            model, initial weights, batches and Adam as Keras ``fit``, a whole epoch per
-            compiled call; ~2x faster, mlp only), ``keras`` (``Model.fit``; the only loop in
+        loop: how one lambda is trained: ``compiled`` (l2sweep.engine.compiled with one
+            model: the same model, initial weights, batches and Adam as Keras ``fit``, a whole
+            epoch per compiled call; mlp only), ``keras`` (``Model.fit``; the only loop in
             which ``steps_per_execution`` and ``validation_batch_size`` apply), or ``auto``
             (compiled for mlp, keras for cnn).
         threads: TensorFlow's intra-op threads (``TF_NUM_INTRAOP_THREADS``); null: 1 for the
-            compiled loop of one model (fastest for the seeds' small GEMMs), else every core.
+            compiled loop of one model (its matrix products are small), else every core.
     """
 
     epochs: int = 10
@@ -178,9 +164,6 @@ class TrackingConfig:
         enabled: log to MLflow at all (off only for benchmarks).
         log_model: log the trained model as an MLflow model.
         histogram_bins: bins of the per-epoch weight histograms.
-        figure_workers: helper processes that draw each run's figures while the sweep goes
-            on (l2sweep.render; with the embedded store and Hydra's basic launcher); 0 draws
-            them on the tracking thread.
     """
 
     uri: str = "sqlite:///mlruns/mlflow.db"
@@ -188,7 +171,6 @@ class TrackingConfig:
     enabled: bool = True
     log_model: bool = True
     histogram_bins: int = 50
-    figure_workers: int = 2
 
 
 @dataclass
@@ -314,11 +296,6 @@ def params_overrides(params: dict[str, Any]) -> list[str]:
     return choices + values
 
 
-def override_key(override: str) -> str:
-    """The key an override sets: ``+a.b=1`` -> ``a.b``, ``hydra/launcher=joblib`` -> ``hydra/launcher``."""
-    return override.split("=", 1)[0].lstrip("+~")
-
-
 def merge_overrides(base: list[str], top: list[str]) -> list[str]:
     """Overrides of ``base`` that ``top`` does not set again, followed by ``top``."""
     top_keys = {override_key(o) for o in top}
@@ -334,34 +311,9 @@ def load_params(path: Optional[Path] = None) -> dict[str, Any]:
         return yaml.safe_load(f) or {}
 
 
-def drop_defaults(overrides: list[str]) -> list[str]:
-    """``overrides`` less those that set what ``conf/`` already gives (shorter logs and
-    Hydra job lines; the composed config is the same)."""
-    choices = [o for o in overrides if override_key(o) in GROUPS]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"), _explained(choices):
-        defaults = compose(config_name="config", overrides=choices)
-        plain = compose(config_name="config")
-    kept = [o for o in choices if OmegaConf.select(plain, f"{override_key(o)}.name") != o.split("=", 1)[1]]
-    for o in overrides:
-        key, _, text = o.partition("=")
-        if key in GROUPS:
-            continue
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError:
-            kept.append(o)
-            continue
-        current = OmegaConf.select(defaults, key, default=_ABSENT, throw_on_resolution_failure=False)
-        if isinstance(current, (DictConfig, ListConfig)):
-            current = OmegaConf.to_container(current)
-        if current is _ABSENT or current != value:
-            kept.append(o)
-    return kept
-
-
 def project_overrides(cli: list[str], params_path: Optional[Path] = None) -> list[str]:
-    """params.yaml's overrides (those that change something), then ``cli`` (which wins)."""
-    return merge_overrides(drop_defaults(params_overrides(load_params(params_path))), cli)
+    """params.yaml's overrides, then ``cli`` (which wins)."""
+    return merge_overrides(params_overrides(load_params(params_path)), cli)
 
 
 # --- composing and validating ------------------------------------------------------------
@@ -382,118 +334,11 @@ def compose_config(overrides: list[str] | None = None, *, with_params: bool = Tr
     overrides = list(overrides or [])
     if with_params:
         overrides = project_overrides(overrides, params_path)
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"), _explained(overrides):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"), \
+            explained(overrides, Config):
         cfg = compose(config_name="config", overrides=overrides)
     OmegaConf.resolve(cfg)
     return cfg
-
-
-# --- Hydra's composition errors in the user's terms --------------------------------------
-
-
-def _schema_type(key: str) -> Any:
-    """The declared type of ``key`` (``train.epochs`` -> int), or None if the schema lacks it."""
-    tp: Any = Config
-    for part in key.split("."):
-        if not dataclasses.is_dataclass(tp):
-            return None
-        hints = typing.get_type_hints(tp)
-        if part not in hints:
-            return None
-        tp = hints[part]
-    return tp
-
-
-def describe_type(tp: Any, plural: bool = False) -> str:
-    """A declared type in words: ``int`` -> "an integer", ``Optional[int]`` -> "null or an integer"."""
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if typing.get_origin(tp) is typing.Union:
-        return ("null or " if len(args) < len(typing.get_args(tp)) else "") + \
-            " or ".join(describe_type(a, plural) for a in args)
-    words = {bool: ("true or false", "booleans"), int: ("an integer", "integers"),
-             float: ("a number", "numbers"), str: ("a string", "strings")}
-    if tp in words:
-        return words[tp][plural]
-    if typing.get_origin(tp) is list and args:
-        return f"{'lists' if plural else 'a list'} of {describe_type(args[0], True)}"
-    if typing.get_origin(tp) is dict and len(args) == 2:
-        return f"a mapping of {describe_type(args[0], True)} to {describe_type(args[1], True)}"
-    if dataclasses.is_dataclass(tp):
-        return f"a section with keys {', '.join(f.name for f in dataclasses.fields(tp))}"
-    return str(tp)
-
-
-def _unknown_key(key: str) -> Optional[str]:
-    """What is allowed instead of the unknown ``key``: the nearest declared key, else the list;
-    None when the schema declares every part of it (a free-form mapping such as dataset.sha256)."""
-    tp: Any = Config
-    known: list[str] = []
-    for part in key.split("."):
-        if not dataclasses.is_dataclass(tp):
-            break
-        names = [f.name for f in dataclasses.fields(tp)]
-        if part not in names:
-            close = difflib.get_close_matches(part, names, n=1)
-            hint = (f"did you mean {'.'.join(known + close)!r}?" if close else
-                    f"keys{' of ' + '.'.join(known) if known else ''}: {', '.join(names)}")
-            return f"a key the schema declares ({'.'.join(known + [part])!r} is unknown; {hint})"
-        known.append(part)
-        tp = typing.get_type_hints(tp)[part]
-    return None
-
-
-def _override_value(overrides: list[str], key: str) -> Any:
-    for o in reversed(overrides):
-        if override_key(o) == key:
-            text = o.split("=", 1)[1] if "=" in o else ""
-            try:
-                return yaml.safe_load(text)
-            except yaml.YAMLError:
-                return text
-    return None
-
-
-def compose_error(error: BaseException, overrides: list[str]) -> BaseException:
-    """Hydra's composition error as a :class:`ConfigError` naming key, value and what is allowed.
-
-    Handles an unknown config-group option (lists the options), an unknown key (suggests the
-    nearest declared one) and a value of the wrong type (says the declared type). Anything
-    else is returned unchanged.
-    """
-    cause = error.__cause__
-    if isinstance(error, OverrideParseException) and "=" in (error.override or ""):
-        key, _, text = error.override.partition("=")
-        reason = str(error).split("See https://", 1)[0].strip()
-        return ConfigError(key, text, f"Hydra's override grammar ({reason})")
-    if isinstance(error, MissingConfigException) and error.options is not None \
-            and "/" in (error.missing_cfg_file or ""):
-        group, _, choice = error.missing_cfg_file.rpartition("/")
-        return ConfigError(group, choice, f"one of {', '.join(sorted(error.options))}")
-    match = re.search(r"Could not override '([^']+)'", str(error))
-    allowed = _unknown_key(match.group(1)) if match and not match.group(1).startswith("hydra.") else None
-    if allowed and isinstance(cause, (ConfigKeyError, ConfigAttributeError)):
-        return ConfigError(match.group(1), _override_value(overrides, match.group(1)), allowed)
-    full_key = getattr(cause, "full_key", None)
-    if isinstance(cause, ValidationError) and full_key:
-        item = re.fullmatch(r"(.+)\[\d+\]", full_key)
-        tp = _schema_type(item.group(1) if item else full_key)
-        if item and typing.get_args(tp):
-            tp = typing.get_args(tp)[0]
-        if tp is not None:
-            return ConfigError(full_key, cause.value, describe_type(tp))
-    return error
-
-
-@contextmanager
-def _explained(overrides: list[str]) -> Iterator[None]:
-    """Re-raises Hydra's composition errors as :func:`compose_error` explains them."""
-    try:
-        yield
-    except (HydraException, OmegaConfBaseException) as exc:
-        error = compose_error(exc, overrides)
-        if error is exc:
-            raise
-        raise error from exc
 
 
 def _finite_number(key: str, value: Any, *, minimum: float, inclusive: bool = True) -> None:
@@ -555,13 +400,22 @@ def validate(cfg: DictConfig | Config) -> None:
         _positive_int("train.threads", cfg.train.threads)
     validate_strengths(list(cfg.sweep.strengths))
     _positive_int("model.hidden_units", cfg.model.hidden_units)
-    workers = cfg.tracking.figure_workers
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-        raise ConfigError("tracking.figure_workers", workers, "an integer >= 0 (0: no helper processes)")
     if cfg.train.loop == "compiled" and cfg.model.name not in FUSABLE_MODELS:
         raise ConfigError("train.loop", cfg.train.loop,
                           f"auto or keras for model.name={cfg.model.name} (the compiled loop runs "
                           f"only {' or '.join(FUSABLE_MODELS)})")
+    if cfg.train.fused and cfg.model.name not in FUSABLE_MODELS:
+        raise ConfigError("model.name", cfg.model.name,
+                          f"{' or '.join(FUSABLE_MODELS)} with train.fused=true (the fused sweep "
+                          "trains only the MLP at once); run this model with train.fused=false")
+
+
+def training_loop(cfg: DictConfig | Config) -> str:
+    """``compiled`` or ``keras``: what ``train.loop`` picks for ``cfg.model`` (``auto``: the
+    compiled loop for the models it can run, else Keras ``fit``)."""
+    if cfg.train.loop == "compiled" or (cfg.train.loop == "auto" and cfg.model.name in FUSABLE_MODELS):
+        return "compiled"  # validate() refused compiled for a model it cannot run
+    return "keras"
 
 
 def to_object(cfg: DictConfig) -> Config:

@@ -1,65 +1,41 @@
-"""Pure data functions: read IDX/npz, verify checksums, download, split, save atomically.
+"""Datasets: find or download them, split them, save and read the prepared splits.
 
 Nothing here knows about stages or Hydra apps: :mod:`l2sweep.prepare` wires these together,
-``train``/``evaluate`` read the result with :func:`load_split` and :func:`to_float`.
-
-Checksums are SHA-256 of the *decompressed* IDX bytes (so a Debian ``.gz`` and the upstream
-``.gz`` of the same data agree) and of the file itself for an ``.npz`` archive.
+``train``/``evaluate`` read the result with :func:`load_split` and :func:`to_float`. Reading
+and checking the files themselves is :mod:`l2sweep.base.idx`.
 """
 
 from __future__ import annotations
 
-import gzip
-import hashlib
 import http.client
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
 import urllib.error
 import urllib.request
-import uuid
 import zipfile
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from l2sweep.base.config import ConfigError
+from l2sweep.base.files import replace_folder
+from l2sweep.base.idx import (NUM_CLASSES, ROLES, DataError, check_images, check_labels, find_idx,
+                              load_idx_folder, load_npz_file, read_bytes, sha256_bytes, sha256_file,
+                              verify_sha256)
 
 log = logging.getLogger(__name__)
 
-#: The four arrays every dataset provides, in this order.
-ROLES = ("x_train", "y_train", "x_test", "y_test")
 #: The splits ``prepare`` writes.
 SPLITS = ("train", "val", "test")
-NUM_CLASSES = 10
-IMAGE_SHAPE = (28, 28)
 #: Seconds before a download attempt gives up.
 DOWNLOAD_TIMEOUT = 30.0
-
-#: IDX type code -> dtype (big-endian, as the format stores it).
-IDX_DTYPES: dict[int, np.dtype] = {
-    0x08: np.dtype(np.uint8),
-    0x09: np.dtype(np.int8),
-    0x0B: np.dtype(">i2"),
-    0x0C: np.dtype(">i4"),
-    0x0D: np.dtype(">f4"),
-    0x0E: np.dtype(">f8"),
-}
-_IDX_NAMES = {0x08: "uint8", 0x09: "int8", 0x0B: "int16", 0x0C: "int32", 0x0D: "float32",
-              0x0E: "float64"}
-_GZIP_MAGIC = b"\x1f\x8b"
 _USER_DATASETS = ("idx_dir", "npz")
-
-
-class DataError(ValueError):
-    """A data file is missing, malformed or not the expected one; the message names the file."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -85,190 +61,6 @@ class RawData:
     y_test: np.ndarray = field(repr=False)
 
 
-# --- IDX ----------------------------------------------------------------------------------
-
-
-def read_bytes(path: str | os.PathLike) -> bytes:
-    """Reads a file, gunzipping it when it starts with the gzip magic bytes (not by extension).
-
-    Raises:
-        DataError: the file cannot be read, or its gzip stream is corrupt or truncated.
-    """
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror or e})") from e
-    if data[:2] == _GZIP_MAGIC:
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError, zlib.error) as e:
-            raise DataError(f"{path}: corrupt or truncated gzip data ({e})") from e
-    return data
-
-
-def parse_idx(data: bytes, name: str = "<bytes>") -> np.ndarray:
-    """Parses the bytes of an IDX file (already decompressed).
-
-    Args:
-        data: header (``0x00 0x00 <type code> <ndim>``, then ndim big-endian uint32 sizes)
-            followed by exactly prod(sizes) items.
-        name: what to call the data in error messages (usually the file's path).
-
-    Returns:
-        A writable array in native byte order with the file's shape.
-
-    Raises:
-        DataError: empty, not IDX, unknown type code, truncated or over-long.
-    """
-    if not data:
-        raise DataError(f"{name}: file is empty, expected an IDX file")
-    if len(data) < 4:
-        raise DataError(f"{name}: {len(data)} bytes is too short for an IDX header (4 bytes)")
-    if data[0] != 0 or data[1] != 0:
-        raise DataError(f"{name}: not an IDX file (magic bytes {data[:4].hex(' ')}, "
-                        "expected 00 00 <type> <ndim>)")
-    code, ndim = data[2], data[3]
-    if code not in IDX_DTYPES:
-        allowed = ", ".join(f"0x{c:02X} {n}" for c, n in _IDX_NAMES.items())
-        raise DataError(f"{name}: unknown IDX type code 0x{code:02X} (allowed: {allowed})")
-    if ndim == 0:
-        raise DataError(f"{name}: IDX header declares 0 dimensions, expected at least 1")
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise DataError(f"{name}: truncated IDX header: {ndim} dimensions need {header} bytes, "
-                        f"the file has {len(data)}")
-    shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
-    dtype = IDX_DTYPES[code]
-    expected = math.prod(shape) * dtype.itemsize
-    actual = len(data) - header
-    if actual != expected:
-        what = "truncated" if actual < expected else "over-long"
-        raise DataError(f"{name}: {what} IDX payload: shape {shape} of {_IDX_NAMES[code]} needs "
-                        f"{expected} bytes after the header, the file has {actual}")
-    array = np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
-    return array.astype(dtype.newbyteorder("="), copy=True)
-
-
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Reads an IDX file, gzipped or not.
-
-    Args:
-        path: the file; gzip is detected from its first bytes, whatever its name.
-
-    Returns:
-        The array, in native byte order.
-
-    Raises:
-        DataError: naming the file and what is wrong with it.
-    """
-    return parse_idx(read_bytes(path), str(path))
-
-
-def idx_bytes(array: np.ndarray) -> bytes:
-    """Encodes an array as IDX bytes (header + big-endian payload).
-
-    Raises:
-        ValueError: the dtype has no IDX type code or a dimension does not fit the header.
-    """
-    array = np.asarray(array)
-    codes = {np.dtype(dt).newbyteorder("=").str: c for c, dt in IDX_DTYPES.items()}
-    code = codes.get(array.dtype.newbyteorder("=").str)
-    if code is None:
-        raise ValueError(f"dtype {array.dtype} has no IDX type code; allowed: "
-                         f"{', '.join(_IDX_NAMES.values())}")
-    if not 1 <= array.ndim <= 255 or any(d >= 2**32 for d in array.shape):
-        raise ValueError(f"shape {array.shape} does not fit an IDX header "
-                         "(1-255 dimensions, each < 2**32)")
-    header = bytes([0, 0, code, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
-    return header + np.ascontiguousarray(array, dtype=IDX_DTYPES[code]).tobytes()
-
-
-def write_idx(path: str | os.PathLike, array: np.ndarray, compress: bool = False) -> Path:
-    """Writes an array as an IDX file (atomically: a temp file renamed into place).
-
-    Args:
-        path: destination; the name is used as given (add ``.gz`` yourself when compressing).
-        array: uint8, int8, int16, int32, float32 or float64, 1-255 dimensions.
-        compress: gzip the file (with a fixed timestamp, so the bytes are reproducible).
-
-    Returns:
-        The path written.
-    """
-    data = idx_bytes(array)
-    if compress:
-        data = gzip.compress(data, mtime=0)
-    path = Path(path)
-    _atomic_write_bytes(path, data)
-    return path
-
-
-# --- checksums ----------------------------------------------------------------------------
-
-
-def sha256_bytes(data: bytes) -> str:
-    """Hex SHA-256 of ``data``."""
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file's bytes as stored (not decompressed)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def verify_sha256(name: str, role: str, actual: str, expected: Optional[str]) -> None:
-    """Raises DataError when a pinned checksum (``expected``) differs from ``actual``."""
-    if expected and actual.lower() != expected.lower():
-        raise DataError(f"{name}: SHA-256 mismatch for {role}: expected {expected}, got {actual} "
-                        "(a corrupt or different file; delete it to download it again)")
-
-
-# --- validation ---------------------------------------------------------------------------
-
-
-def check_images(x: Any, name: str) -> np.ndarray:
-    """Returns ``x`` as uint8 (N, 28, 28), or raises DataError naming ``name``.
-
-    Integer or float arrays holding whole numbers 0-255 are accepted and cast.
-    """
-    x = np.asarray(x)
-    if x.ndim != 3 or x.shape[1:] != IMAGE_SHAPE or x.shape[0] == 0:
-        raise DataError(f"{name}: images have shape {x.shape}, expected (N, 28, 28) with N > 0")
-    if x.dtype == np.uint8:
-        return x
-    if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
-        raise DataError(f"{name}: images have dtype {x.dtype}, expected uint8 (whole numbers 0-255)")
-    lo, hi = x.min(), x.max()
-    if lo < 0 or hi > 255 or (np.issubdtype(x.dtype, np.floating) and not np.all(x == np.round(x))):
-        raise DataError(f"{name}: images of dtype {x.dtype} with values in [{lo}, {hi}] are not "
-                        "uint8-compatible (whole numbers 0-255)")
-    return x.astype(np.uint8)
-
-
-def check_labels(y: Any, name: str, n_images: int, images_name: str) -> np.ndarray:
-    """Returns ``y`` as int64 (N,) with values 0-9 and N == ``n_images``, or raises DataError."""
-    y = np.asarray(y)
-    if y.ndim == 2 and y.shape[1] == 1:
-        y = y[:, 0]
-    if y.ndim != 1:
-        raise DataError(f"{name}: labels have shape {y.shape}, expected (N,)")
-    if not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)):
-        raise DataError(f"{name}: labels have dtype {y.dtype}, expected integers 0-{NUM_CLASSES - 1}")
-    if len(y) != n_images:
-        raise DataError(f"{name}: {len(y)} labels for {n_images} images in {images_name}")
-    if np.issubdtype(y.dtype, np.floating) and not np.all(y == np.round(y)):
-        raise DataError(f"{name}: labels are not whole numbers, expected integers 0-{NUM_CLASSES - 1}")
-    bad = (y < 0) | (y >= NUM_CLASSES)
-    if bad.any():
-        found = sorted({int(v) for v in np.unique(y[bad])[:5]})
-        raise DataError(f"{name}: {int(bad.sum())} labels outside 0-{NUM_CLASSES - 1} "
-                        f"(e.g. {found})")
-    return y.astype(np.int64)
-
-
 # --- loading ------------------------------------------------------------------------------
 
 
@@ -282,103 +74,6 @@ def _get(ds: Any, key: str, default: Any = None) -> Any:
         return ds.get(key, default)
     value = getattr(ds, key, default)
     return default if value == "???" else value
-
-
-def _idx_candidates(folder: Path, file_name: str) -> list[Path]:
-    return [folder / file_name, folder / f"{file_name}.gz"]
-
-
-def _find_idx(folder: Path, files: Mapping[str, str]) -> tuple[dict[str, Path], list[str]]:
-    """Role -> existing file in ``folder`` (plain or .gz), and the names of the missing ones."""
-    found, missing = {}, []
-    for role in ROLES:
-        hit = next((p for p in _idx_candidates(folder, files[role]) if p.is_file()), None)
-        if hit is None:
-            missing.append(files[role])
-        else:
-            found[role] = hit
-    return found, missing
-
-
-def _load_idx_files(paths: Mapping[str, Path], pinned: Mapping[str, str]
-                    ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    arrays, checksums = {}, {}
-    for role in ROLES:
-        data = read_bytes(paths[role])
-        checksums[role] = sha256_bytes(data)
-        verify_sha256(str(paths[role]), role, checksums[role], pinned.get(role))
-        arrays[role] = parse_idx(data, str(paths[role]))
-    return arrays, checksums
-
-
-def _checked(arrays: Mapping[str, np.ndarray], names: Mapping[str, str]) -> dict[str, np.ndarray]:
-    out = {}
-    for split in ("train", "test"):
-        x_role, y_role = f"x_{split}", f"y_{split}"
-        out[x_role] = check_images(arrays[x_role], names[x_role])
-        out[y_role] = check_labels(arrays[y_role], names[y_role], len(out[x_role]), names[x_role])
-    return out
-
-
-def load_idx_folder(folder: str | os.PathLike, files: Mapping[str, str],
-                    pinned: Optional[Mapping[str, str]] = None) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Loads the four IDX files of ``folder`` (each as ``name`` or ``name.gz``).
-
-    Args:
-        folder: where the files are.
-        files: role -> file name (without ``.gz``).
-        pinned: role -> expected SHA-256 of the decompressed content; roles left out are not checked.
-
-    Returns:
-        (role -> validated array, role -> SHA-256 of the decompressed content).
-
-    Raises:
-        DataError: a file is missing, malformed, mismatching its checksum or inconsistent.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"{folder}: not a folder; expected a folder with the four IDX files "
-                        f"({', '.join(files[r] for r in ROLES)}, each optionally .gz)")
-    found, missing = _find_idx(folder, files)
-    if missing:
-        raise DataError(f"{folder}: missing {', '.join(missing)} (each may also be .gz); required: "
-                        f"{', '.join(files[r] for r in ROLES)}")
-    arrays, checksums = _load_idx_files(found, pinned or {})
-    return _checked(arrays, {r: str(p) for r, p in found.items()}), checksums
-
-
-def load_npz_file(path: str | os.PathLike, pinned: Optional[str] = None
-                  ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Loads an ``.npz`` archive holding ``x_train y_train x_test y_test``.
-
-    Args:
-        path: the archive.
-        pinned: expected SHA-256 of the file, or None.
-
-    Returns:
-        (role -> validated array, ``{"archive": SHA-256 of the file}``).
-
-    Raises:
-        DataError: missing file or keys, not an npz, checksum mismatch or inconsistent arrays.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file; expected an .npz with keys {', '.join(ROLES)}")
-    checksum = sha256_file(path)
-    verify_sha256(str(path), "archive", checksum, pinned)
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            keys = set(archive.files)
-            missing = [r for r in ROLES if r not in keys]
-            if missing:
-                raise DataError(f"{path}: missing keys {', '.join(missing)}; required: "
-                                f"{', '.join(ROLES)} (found: {', '.join(sorted(keys)) or 'none'})")
-            arrays = {r: archive[r] for r in ROLES}
-    except DataError:
-        raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # truncated: BadZipFile
-        raise DataError(f"{path}: not a readable .npz archive ({e})") from e
-    return _checked(arrays, {r: f"{path}[{r}]" for r in ROLES}), {"archive": checksum}
 
 
 def _download(url: str, dest: Path, timeout: float) -> Path:
@@ -423,6 +118,71 @@ def _nothing_found(name: str, looked: Sequence[str], tried: str, wanted: str, ta
         "or dataset=npz dataset.path=/your/data.npz")
 
 
+def _settings(ds: Any) -> tuple[str, str, dict[str, str], dict[str, str]]:
+    """``ds``'s name, format, files and pinned checksums, once they make sense together."""
+    name, fmt, path = _get(ds, "name"), _get(ds, "format", "idx"), _get(ds, "path")
+    files = dict(_get(ds, "files") or {})
+    if fmt not in ("idx", "npz"):
+        raise ConfigError("dataset.format", fmt, "idx or npz")
+    if not path and name in _USER_DATASETS:
+        raise ConfigError("dataset.path", path, f"the path of your {name} data")
+    if fmt == "idx" and any(r not in files for r in ROLES):
+        raise ConfigError("dataset.files", files, f"a file name for each of {', '.join(ROLES)}")
+    return name, fmt, files, dict(_get(ds, "sha256") or {})
+
+
+def _read(name: str, source: str, fmt: str, location: str | os.PathLike, files: Mapping[str, str],
+          pinned: Mapping[str, str]) -> RawData:
+    """The dataset at ``location`` (a folder of IDX files, or an npz file)."""
+    if fmt == "idx":
+        arrays, checksums = load_idx_folder(location, files, pinned)
+    else:
+        arrays, checksums = load_npz_file(location, pinned.get("archive"))
+    return RawData(name=name, source=source, checksums=checksums, **arrays)
+
+
+def _search(folders: Sequence[str], fmt: str, files: Mapping[str, str], archive: str
+            ) -> tuple[Optional[tuple[str, Path]], list[str]]:
+    """``(source, location)`` of the first folder holding the dataset (None if none does), and
+    what each folder tried before it lacked (``"<folder> (<state>)"``)."""
+    looked = []
+    for entry in folders:
+        folder = Path(os.path.expanduser(entry))
+        if fmt == "idx":
+            missing = find_idx(folder, files)[1]
+            if not missing:
+                return (entry, folder), looked
+            state = "missing" if not folder.is_dir() else (
+                "empty" if len(missing) == len(ROLES) else f"lacks {', '.join(missing)}")
+        elif (folder / archive).is_file():
+            return (str(Path(entry) / archive), folder / archive), looked
+        else:
+            state = "missing" if not folder.is_dir() else f"no {archive}"
+        looked.append(f"{entry} ({state})")
+    return None, looked
+
+
+def _download_missing(url: Optional[str], target: Path, remote: Sequence[tuple[str, str]],
+                      pinned: Mapping[str, str], decompress: bool, timeout: float,
+                      not_found: Callable[[str], DataError]) -> str:
+    """Downloads each ``(role, file name)`` of ``remote`` from ``url`` into ``target`` and
+    returns the base URL. Files already there (an interrupted run's) are verified when read."""
+    if not url:
+        raise not_found("off (dataset.url is null)")
+    base = url if url.endswith("/") else url + "/"
+    for role, file_name in remote:
+        dest = target / file_name
+        if dest.is_file():
+            continue
+        try:
+            _fetch(base + file_name, dest, role, pinned.get(role), decompress, timeout)
+        except DataError:
+            raise
+        except (OSError, ValueError, http.client.HTTPException) as e:
+            raise not_found(f"{base + file_name} failed: {_download_error(e)}") from e
+    return base
+
+
 def load_dataset(ds: Any, raw_dir: str | os.PathLike, *, timeout: float = DOWNLOAD_TIMEOUT) -> RawData:
     """Loads and verifies a dataset as its config describes.
 
@@ -446,73 +206,23 @@ def load_dataset(ds: Any, raw_dir: str | os.PathLike, *, timeout: float = DOWNLO
         ConfigError: ``dataset.name``/``dataset.format`` unknown, or ``dataset.path`` missing
             for ``idx_dir``/``npz``.
     """
-    name, fmt, path = _get(ds, "name"), _get(ds, "format", "idx"), _get(ds, "path")
-    files = dict(_get(ds, "files") or {})
-    pinned = dict(_get(ds, "sha256") or {})
-    if fmt not in ("idx", "npz"):
-        raise ConfigError("dataset.format", fmt, "idx or npz")
-    if not path and name in _USER_DATASETS:
-        raise ConfigError("dataset.path", path, f"the path of your {name} data")
-    if fmt == "idx":
-        missing_roles = [r for r in ROLES if r not in files]
-        if missing_roles:
-            raise ConfigError("dataset.files", files, f"a file name for each of {', '.join(ROLES)}")
-
+    name, fmt, files, pinned = _settings(ds)
+    path = _get(ds, "path")
     if path:
-        local = os.path.expanduser(str(path))
-        if fmt == "idx":
-            arrays, checksums = load_idx_folder(local, files, pinned)
-        else:
-            arrays, checksums = load_npz_file(local, pinned.get("archive"))
-        return RawData(name=name, source=str(path), checksums=checksums, **arrays)
-
+        return _read(name, str(path), fmt, os.path.expanduser(str(path)), files, pinned)
     target = Path(raw_dir) / name
     archive = files.get("archive", f"{name}.npz")
     folders = [str(s) for s in (_get(ds, "search") or [])]
     if not any(Path(os.path.expanduser(f)).resolve() == target.resolve() for f in folders):
         folders.append(str(target))
-    looked = []
-    for entry in folders:
-        folder = Path(os.path.expanduser(entry))
-        if fmt == "idx":
-            found, missing = _find_idx(folder, files)
-            if not missing:
-                arrays, checksums = _load_idx_files(found, pinned)
-                arrays = _checked(arrays, {r: str(p) for r, p in found.items()})
-                return RawData(name=name, source=entry, checksums=checksums, **arrays)
-            state = "missing" if not folder.is_dir() else (
-                "empty" if len(missing) == len(ROLES) else f"lacks {', '.join(missing)}")
-        else:
-            if (folder / archive).is_file():
-                arrays, checksums = load_npz_file(folder / archive, pinned.get("archive"))
-                return RawData(name=name, source=str(Path(entry) / archive), checksums=checksums,
-                               **arrays)
-            state = "missing" if not folder.is_dir() else f"no {archive}"
-        looked.append(f"{entry} ({state})")
-
-    wanted = (f"{archive}" if fmt == "npz" else
-              ", ".join(f"{files[r]}[.gz]" for r in ROLES))
-    url = _get(ds, "url")
-    if not url:
-        raise _nothing_found(name, looked, "off (dataset.url is null)", wanted, target)
-    base = url if url.endswith("/") else url + "/"
+    found, looked = _search(folders, fmt, files, archive)
+    if found:
+        return _read(name, found[0], fmt, found[1], files, pinned)
+    wanted = archive if fmt == "npz" else ", ".join(f"{files[r]}[.gz]" for r in ROLES)
     remote = [(role, f"{files[role]}.gz") for role in ROLES] if fmt == "idx" else [("archive", archive)]
-    for role, file_name in remote:
-        dest = target / file_name
-        if dest.is_file():  # fetched by an earlier, interrupted run; verified below
-            continue
-        try:
-            _fetch(base + file_name, dest, role, pinned.get(role), fmt == "idx", timeout)
-        except (OSError, ValueError, http.client.HTTPException) as e:
-            if isinstance(e, DataError):
-                raise
-            raise _nothing_found(name, looked, f"{base + file_name} failed: {_download_error(e)}",
-                                 wanted, target) from e
-    if fmt == "idx":
-        arrays, checksums = load_idx_folder(target, files, pinned)
-    else:
-        arrays, checksums = load_npz_file(target / archive, pinned.get("archive"))
-    return RawData(name=name, source=base, checksums=checksums, **arrays)
+    base = _download_missing(_get(ds, "url"), target, remote, pinned, fmt == "idx", timeout,
+                             lambda tried: _nothing_found(name, looked, tried, wanted, target))
+    return _read(name, base, fmt, target if fmt == "idx" else target / archive, files, pinned)
 
 
 # --- splitting ----------------------------------------------------------------------------
@@ -619,17 +329,6 @@ def _fsync_write(path: Path, write) -> None:
         os.fsync(f.fileno())
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 def _write_npz(path: Path, x: np.ndarray, y: np.ndarray) -> None:
     # Uncompressed: loads fast for training, and DVC's cache deduplicates anyway.
     _fsync_write(path, lambda f: np.savez(f, x=x, y=y))
@@ -650,31 +349,14 @@ def save_prepared(out_dir: str | os.PathLike, splits: Mapping[str, tuple[np.ndar
     Returns:
         ``out_dir`` as a Path.
     """
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # mkdir (not mkdtemp) so the folder gets the umask's permissions, not 0700.
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    old = None
-    try:
+    def fill(tmp: Path) -> None:
         for split, (x, y) in splits.items():
             _write_npz(tmp / f"{split}.npz", check_images(x, split), np.asarray(y, dtype=np.int64))
         text = json.dumps(meta, indent=2) + "\n"
         _fsync_write(tmp / "meta.json", lambda f: f.write(text.encode("utf-8")))
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))  # no reader sees it
-            os.replace(out, old / out.name)
-        try:
-            os.replace(tmp, out)
-        except BaseException:
-            if old is not None:  # put the previous outputs back
-                os.replace(old / out.name, out)
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    return out
+
+    replace_folder(Path(out_dir), fill)
+    return Path(out_dir)
 
 
 def load_split(prepared_dir: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarray]:

@@ -1,13 +1,15 @@
-"""The networks under study and the regularizers applied to them.
+"""The networks under study and the regularizers applied to them: their one definition.
 
 ``build_model(cfg)`` returns a compiled Keras model ready to ``fit``:
 
-* ``mlp`` -- the seeds' model, exactly: ``Input(28, 28) -> Flatten -> Dense(128, relu,
-  regularized kernel) -> Dense(10, softmax)``. Only the hidden layer is regularized, as in
-  every seed (``Dense(128, ..., kernel_regularizer=l2(...))``).
-* ``cnn`` -- seed 004's small CNN: ``Conv2D(32, 3x3, same, relu) -> Conv2D(64, 3x3, same,
-  relu) -> Flatten -> Dense(128, relu) -> Dense(10, softmax)``; the conv and hidden kernels
-  are regularized.
+* ``mlp`` (:func:`mlp`): ``Input(28, 28) -> Flatten -> Dense(128, relu, regularized kernel)
+  -> Dense(10, softmax)``. Only the hidden layer is regularized.
+* ``cnn`` (:func:`cnn`): ``Conv2D(32, 3x3, same, relu) -> Conv2D(64, 3x3, same, relu) ->
+  Flatten -> Dense(128, relu) -> Dense(10, softmax)``; the conv and hidden kernels are
+  regularized.
+
+Both training loops train exactly what this module builds: Keras ``fit`` directly, the
+compiled loop (l2sweep.engine.compiled) by reading the layers and optimizer of these models.
 
 In both, the output layer is never regularized, so a lambda means the same thing across
 models and across regularizer kinds (``weight_decay`` decays exactly the kernels the
@@ -27,6 +29,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from l2sweep.base import compat
 from l2sweep.base.config import MODELS, REGULARIZERS, ConfigError
 
 #: Shape of one input image.
@@ -87,7 +90,11 @@ def make_regularizer(name: str, strength: float, l1_ratio: float = 0.5) -> Optio
     raise ConfigError("regularizer.name", name, f"one of {', '.join(REGULARIZERS)}")
 
 
-def _mlp(hidden_units: int, reg: Optional[keras.regularizers.Regularizer]) -> keras.Model:
+def mlp(hidden_units: int, reg: Optional[keras.regularizers.Regularizer]) -> keras.Model:
+    """The MLP: ``Input(28, 28) -> Flatten -> Dense(hidden_units, relu, reg) -> Dense(10, softmax)``.
+
+    Both training loops train what this builds (the compiled loop reads its layers).
+    """
     inputs = keras.Input(shape=INPUT_SHAPE, dtype="float32", name="image")
     x = keras.layers.Flatten(name="flatten")(inputs)
     x = keras.layers.Dense(hidden_units, activation="relu", kernel_regularizer=reg, name="hidden")(x)
@@ -95,8 +102,10 @@ def _mlp(hidden_units: int, reg: Optional[keras.regularizers.Regularizer]) -> ke
     return keras.Model(inputs, outputs, name="mlp")
 
 
-def _cnn(conv_filters: list[int], hidden_units: int,
-         reg: Optional[keras.regularizers.Regularizer]) -> keras.Model:
+def cnn(conv_filters: list[int], hidden_units: int,
+        reg: Optional[keras.regularizers.Regularizer]) -> keras.Model:
+    """The CNN: ``Conv2D(f, 3x3, same, relu, reg)`` per filter count, then Flatten -> Dense(
+    hidden_units, relu, reg) -> Dense(10, softmax)."""
     inputs = keras.Input(shape=INPUT_SHAPE, dtype="float32", name="image")
     x = keras.layers.Reshape(INPUT_SHAPE + (1,), name="channels")(inputs)
     for i, filters in enumerate(conv_filters, start=1):
@@ -132,30 +141,37 @@ def build_model(cfg: Any) -> keras.Model:
         >>> model = build_model(cfg)
         >>> model.fit(x_train, y_train, batch_size=cfg.train.batch_size)
     """
-    m, r, t = cfg.model, cfg.regularizer, cfg.train
-    reg = make_regularizer(r.name, r.strength, r.l1_ratio)
+    model = _network(cfg.model, make_regularizer(cfg.regularizer.name, cfg.regularizer.strength,
+                                                 cfg.regularizer.l1_ratio))
+    _compile(model, _optimizer(model, cfg.regularizer, float(cfg.train.learning_rate)), cfg.train)
+    return model
+
+
+def _network(m: Any, reg: Optional[keras.regularizers.Regularizer]) -> keras.Model:
     if m.name == "mlp":
-        model = _mlp(int(m.hidden_units), reg)
-    elif m.name == "cnn":
+        return mlp(int(m.hidden_units), reg)
+    if m.name == "cnn":
         filters = [int(f) for f in (m.conv_filters or [])]
         if not filters:
             raise ConfigError("model.conv_filters", list(m.conv_filters or []),
                               "a non-empty list of filter counts for cnn, e.g. [32, 64]")
-        model = _cnn(filters, int(m.hidden_units), reg)
-    else:
-        raise ConfigError("model.name", m.name, f"one of {', '.join(MODELS)}")
+        return cnn(filters, int(m.hidden_units), reg)
+    raise ConfigError("model.name", m.name, f"one of {', '.join(MODELS)}")
 
-    lr = float(t.learning_rate)
-    if r.name == "weight_decay":
-        optimizer = keras.optimizers.AdamW(learning_rate=lr, weight_decay=float(r.strength))
-        decayed = {id(layer.kernel) for layer in regularized_layers(model)}
-        # Decoupled decay on the same kernels the penalties regularize: not on biases
-        # (standard practice) and not on the output layer (the seeds never regularize it).
-        optimizer.exclude_from_weight_decay(
-            var_list=[v for v in model.trainable_variables if id(v) not in decayed])
-    else:
-        optimizer = keras.optimizers.Adam(learning_rate=lr)
 
+def _optimizer(model: keras.Model, r: Any, learning_rate: float) -> keras.optimizers.Optimizer:
+    if r.name != "weight_decay":
+        return keras.optimizers.Adam(learning_rate=learning_rate)
+    optimizer = keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=float(r.strength))
+    decayed = {id(layer.kernel) for layer in regularized_layers(model)}
+    # Decoupled decay on the same kernels the penalties regularize: not on biases (standard
+    # practice) and not on the output layer (never regularized).
+    optimizer.exclude_from_weight_decay(
+        var_list=[v for v in model.trainable_variables if id(v) not in decayed])
+    return optimizer
+
+
+def _compile(model: keras.Model, optimizer: keras.optimizers.Optimizer, t: Any) -> None:
     jit = bool(t.jit_compile)
     force_jit = jit and _xla_refused_only_for_determinism()
     with warnings.catch_warnings():
@@ -171,18 +187,14 @@ def build_model(cfg: Any) -> keras.Model:
     if force_jit:
         # Keras refuses XLA whenever op determinism is on, because some ops have no
         # deterministic XLA kernel on GPU. On CPU every op of these models compiles and
-        # repeats bit for bit (tests/test_model.py), and XLA makes an epoch ~1.6x faster
-        # (mlp, batch 32, steps_per_execution 32: 1.2 s instead of 2.0 s per 50,000 images).
-        model._jit_compile = True
-    return model
+        # repeats bit for bit (tests/unit/test_model.py checks it).
+        compat.force_jit_compile(model)
 
 
 def _xla_refused_only_for_determinism() -> bool:
     """True when Keras would refuse ``jit_compile=True`` only because op determinism is on
     and no GPU is visible (the case in which XLA is safe to turn back on)."""
-    from tensorflow.python.framework.config import is_op_determinism_enabled
-
-    return bool(is_op_determinism_enabled()) and not tf.config.list_physical_devices("GPU")
+    return compat.op_determinism_enabled() and not tf.config.list_physical_devices("GPU")
 
 
 def kernel_layers(model: keras.Model) -> list[keras.layers.Layer]:

@@ -33,9 +33,9 @@ def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 110, tight: boo
         path: the target file; its suffix picks the format (``.png``, ``.svg``, ``.pdf``);
             parent folders are created.
         dpi: resolution of raster formats.
-        tight: crop to the drawn content (``bbox_inches="tight"``: it lays the figure out
-            twice, ~35 % of the time of a figure); False keeps the figure's own margins
-            (the per-run figures set theirs, :data:`RUN_FIGURE_MARGINS`).
+        tight: crop to the drawn content (``bbox_inches="tight"``, which lays the figure out
+            twice); False keeps the figure's own margins (the per-run figures set theirs,
+            :data:`RUN_FIGURE_MARGINS`).
 
     Returns:
         The path written.
@@ -60,7 +60,7 @@ def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 110, tight: boo
 
 #: Fixed margins of the per-run figures (12 x 4.6 in, two panels): room for their tick labels,
 #: axis labels, colour bar and titles, so they are saved without a second layout pass
-#: (``save_figure(..., tight=False)``; three of them per run, drawn while the sweep goes on).
+#: (``save_figure(..., tight=False)``).
 RUN_FIGURE_MARGINS = {"left": 0.07, "right": 0.98, "bottom": 0.12, "top": 0.86, "wspace": 0.25}
 
 
@@ -140,47 +140,54 @@ def plot_histograms(hist_layer_data: Mapping[str, Any], layer: str, title: str,
         KeyError: if ``layer`` is not in the data (the message lists the layers there).
     """
     entry = _layer_entry(hist_layer_data, layer)
-    edges = np.asarray(entry["edges"], dtype=float)
-    epochs = list(entry["epochs"])
-    counts = entry["counts"]
-    trained = [e for e in epochs if e >= 0]
-    norm = colors.Normalize(vmin=min(trained) if trained else 0, vmax=max(max(trained) if trained else 1, 1))
-    colormap = matplotlib.colormaps[cmap]
-
     fig = Figure(figsize=(12, 4.6))
     fig.subplots_adjust(**RUN_FIGURE_MARGINS)
     ax_hist, ax_band = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
-    for epoch, row in zip(epochs, counts):
-        if epoch < 0:
-            ax_hist.stairs(row, edges, color="0.4", linestyle="--", linewidth=1.2, label="init")
-        else:
-            ax_hist.stairs(row, edges, color=colormap(norm(epoch)), linewidth=1.2)
-    ax_hist.set_xlabel("weight value")
-    ax_hist.set_ylabel("count")
-    if log_y:
-        ax_hist.set_yscale("log")
-    ax_hist.set_title(f"{layer}: kernel weights per epoch")
-    ax_hist.grid(alpha=0.3)
-    if -1 in epochs:
-        ax_hist.legend(loc="upper right")
-    fig.colorbar(cm.ScalarMappable(norm=norm, cmap=colormap), ax=ax_hist, label="epoch")
-
-    stats = entry.get("stats") or {}
-    if all(k in stats for k in ("p5", "p25", "p50", "p75", "p95")):
-        x = np.asarray(epochs)
-        ax_band.fill_between(x, stats["p5"], stats["p95"], alpha=0.2, color="C0", label="5-95%")
-        ax_band.fill_between(x, stats["p25"], stats["p75"], alpha=0.4, color="C0", label="25-75%")
-        ax_band.plot(x, stats["p50"], color="C0", label="median")
-        if "std" in stats:
-            ax_band.plot(x, stats["std"], color="C3", linestyle=":", label="std")
-        ax_band.axhline(0.0, color="0.5", linewidth=0.8)
-        ax_band.legend(loc="best")
-    ax_band.set_xlabel("epoch (-1 = init)")
-    ax_band.set_ylabel("weight value")
-    ax_band.set_title("percentiles")
-    ax_band.grid(alpha=0.3)
+    _draw_histograms(fig, ax_hist, entry, layer, log_y, cmap)
+    _draw_percentiles(ax_band, list(entry["epochs"]), entry.get("stats") or {})
     fig.suptitle(title)
     return fig
+
+
+def _draw_histograms(fig: Figure, ax: Any, entry: Mapping[str, Any], layer: str, log_y: bool,
+                     cmap: str) -> None:
+    """Step histograms coloured by epoch, with a colour bar; the initial weights dashed."""
+    edges = np.asarray(entry["edges"], dtype=float)
+    epochs = list(entry["epochs"])
+    trained = [e for e in epochs if e >= 0]
+    norm = colors.Normalize(vmin=min(trained) if trained else 0, vmax=max(max(trained) if trained else 1, 1))
+    colormap = matplotlib.colormaps[cmap]
+    for epoch, row in zip(epochs, entry["counts"]):
+        if epoch < 0:
+            ax.stairs(row, edges, color="0.4", linestyle="--", linewidth=1.2, label="init")
+        else:
+            ax.stairs(row, edges, color=colormap(norm(epoch)), linewidth=1.2)
+    ax.set_xlabel("weight value")
+    ax.set_ylabel("count")
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_title(f"{layer}: kernel weights per epoch")
+    ax.grid(alpha=0.3)
+    if -1 in epochs:
+        ax.legend(loc="upper right")
+    fig.colorbar(cm.ScalarMappable(norm=norm, cmap=colormap), ax=ax, label="epoch")
+
+
+def _draw_percentiles(ax: Any, epochs: list[int], stats: Mapping[str, Any]) -> None:
+    """The median and the 25-75 and 5-95 percentile bands per epoch (when the data has them)."""
+    if all(k in stats for k in ("p5", "p25", "p50", "p75", "p95")):
+        x = np.asarray(epochs)
+        ax.fill_between(x, stats["p5"], stats["p95"], alpha=0.2, color="C0", label="5-95%")
+        ax.fill_between(x, stats["p25"], stats["p75"], alpha=0.4, color="C0", label="25-75%")
+        ax.plot(x, stats["p50"], color="C0", label="median")
+        if "std" in stats:
+            ax.plot(x, stats["std"], color="C3", linestyle=":", label="std")
+        ax.axhline(0.0, color="0.5", linewidth=0.8)
+        ax.legend(loc="best")
+    ax.set_xlabel("epoch (-1 = init)")
+    ax.set_ylabel("weight value")
+    ax.set_title("percentiles")
+    ax.grid(alpha=0.3)
 
 
 # --- comparison figures (across lambdas) ----------------------------------------------------

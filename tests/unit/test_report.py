@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-import re
 
 import pytest
 
-from l2sweep.reporting import report
+from helpers import parse_cell, table_rows
+from l2sweep.reporting import report, summaries
 
 
 def make_history(strength: float, val_loss: list[float], *, acc: float = 0.9, val_acc: float = 0.88,
@@ -28,11 +28,11 @@ def make_history(strength: float, val_loss: list[float], *, acc: float = 0.9, va
     }
 
 
-def entry(history: dict, status: str = report.FINISHED, **test) -> dict:
+def entry(history: dict, status: str = summaries.FINISHED, **test) -> dict:
     """An eval.json run entry built the way evaluate builds it."""
     e = {"strength": history["strength"], "status": status,
          "diverged_epoch": history["diverged_epoch"], "test_loss": None, "test_accuracy": None}
-    e.update(report.summarize_history(history))
+    e.update(summaries.summarize_history(history))
     e.update(test)
     return e
 
@@ -47,22 +47,22 @@ def evaluation() -> dict:
     runs = {
         "l2-0.0001": entry(u, test_accuracy=0.871, test_loss=0.361),
         "l2-0.01": entry(flat, test_accuracy=0.865, test_loss=0.372),
-        "l2-10.0": entry(bad, status=report.DIVERGED),
+        "l2-10.0": entry(bad, status=summaries.DIVERGED),
     }
     return {"sweep": {"regularizer": "l2", "model": "mlp", "dataset": "fashion_mnist",
                       "test_examples": 10000, "config": {"train.epochs": 5}},
-            "best": report.pick_best(runs), "runs": runs}
+            "best": summaries.pick_best(runs), "runs": runs}
 
 
 def test_summary_finds_the_u_shape():
-    s = report.summarize_history(make_history(0.001, [0.5, 0.4, 0.35, 0.38, 0.41]))
+    s = summaries.summarize_history(make_history(0.001, [0.5, 0.4, 0.35, 0.38, 0.41]))
     assert s["best_epoch"] == 2 and s["val_loss_min"] == 0.35
     assert s["val_loss_rose"] is True and s["val_loss_rise"] == pytest.approx(0.06)
     assert s["epochs"] == 5 and s["val_loss"] == 0.41
 
 
 def test_summary_monotone_and_derived_values():
-    s = report.summarize_history(make_history(0.01, [0.6, 0.5, 0.49], acc=0.86, val_acc=0.88,
+    s = summaries.summarize_history(make_history(0.01, [0.6, 0.5, 0.49], acc=0.86, val_acc=0.88,
                                               penalty=0.1, data_loss=0.3))
     assert s["best_epoch"] == 2 and s["val_loss_rose"] is False and s["val_loss_rise"] == 0
     assert s["gap"] == pytest.approx(0.86 - 0.88)  # signed: validation above training
@@ -72,7 +72,7 @@ def test_summary_monotone_and_derived_values():
 
 
 def test_summary_of_a_diverged_history_has_no_nan():
-    s = report.summarize_history(make_history(10.0, [2.0, float("nan")], diverged_epoch=1))
+    s = summaries.summarize_history(make_history(10.0, [2.0, float("nan")], diverged_epoch=1))
     assert s["val_loss"] is None and s["best_epoch"] == 0 and s["val_loss_rose"] is False
     assert all(not (isinstance(v, float) and math.isnan(v)) for v in s.values())
 
@@ -84,8 +84,8 @@ def test_best_is_lowest_validation_cross_entropy_of_finished_runs(evaluation):
     runs = {k: {**v} for k, v in evaluation["runs"].items()}
     for run in runs.values():
         run.pop("val_data_loss")
-    assert report.pick_best(runs)["by"] == "val_loss"
-    assert report.pick_best({"x": {**runs["l2-10.0"]}}) is None
+    assert summaries.pick_best(runs)["by"] == "val_loss"
+    assert summaries.pick_best({"x": {**runs["l2-10.0"]}}) is None
 
 
 def test_observations_quote_the_numbers(evaluation):
@@ -105,27 +105,12 @@ def test_observations_quote_the_numbers(evaluation):
 
 def test_observations_do_not_claim_what_the_numbers_do_not_show(evaluation):
     for run in evaluation["runs"].values():
-        if run["status"] == report.FINISHED:
+        if run["status"] == summaries.FINISHED:
             run["penalty_share"] = 0.2
     evaluation["runs"]["l2-0.01"]["weight_norm"]["regularized"] = 3.0  # equal norms: no trend
     text = "\n".join(report.observations(evaluation))
     assert "dominates" not in text and "less than half of the loss at every λ" in text
     assert "falls" not in text and "not monotonic" in text
-
-
-def parse_cell(cell: str) -> float | None:
-    cell = cell.strip()
-    if cell == report.MISSING_CELL:
-        return None
-    number = float(re.sub(r"[^0-9eE+.\-]", "", cell))
-    return number / 100 if cell.endswith("%") or cell.endswith("pt") else number
-
-
-def table_rows(markdown: str) -> dict[str, list[str]]:
-    """λ -> cells of the Summary table."""
-    section = markdown.split("## Summary", 1)[1].split("##", 1)[0]
-    rows = [line.strip("|").split("|") for line in section.splitlines() if line.startswith("|")]
-    return {r[0].strip(): [c.strip() for c in r[1:]] for r in rows[2:]}
 
 
 def test_report_table_equals_the_metrics(evaluation):
@@ -135,8 +120,8 @@ def test_report_table_equals_the_metrics(evaluation):
     keys = ["train_accuracy", "val_accuracy", "val_loss", "val_data_loss", "test_accuracy",
             "test_loss", None, "gap", "best_epoch"]
     for name, run in evaluation["runs"].items():
-        cells = rows[report.format_strength(run["strength"])]
-        if run["status"] != report.FINISHED:
+        cells = rows[summaries.format_strength(run["strength"])]
+        if run["status"] != summaries.FINISHED:
             assert cells[0].startswith("diverged")
             continue
         for key, cell in zip(keys, cells):
@@ -147,7 +132,7 @@ def test_report_table_equals_the_metrics(evaluation):
 
 def test_plot_data_is_long_format_with_every_lambda(evaluation):
     histories = [make_history(0.0001, [0.5, 0.4]), make_history(10.0, [2.0, float("nan")], diverged_epoch=1)]
-    files = report.plot_data(evaluation, histories)
+    files = summaries.plot_data(evaluation, histories)
     epochs = files["epochs.json"]["epochs"]
     assert [(r["lambda"], r["epoch"]) for r in epochs] == [("0.0001", 0), ("0.0001", 1), ("10", 0), ("10", 1)]
     assert epochs[-1]["val_loss"] is None and epochs[0]["weight_norm"] == pytest.approx(5.0)
@@ -155,4 +140,4 @@ def test_plot_data_is_long_format_with_every_lambda(evaluation):
     by_lambda = files["by_lambda.json"]["by_lambda"]
     assert [r["lambda"] for r in by_lambda] == ["0.0001", "0.01", "10"]
     assert by_lambda[-1]["test_accuracy"] is None
-    assert report.json_safe({"a": [float("inf"), 1.0]}) == {"a": [None, 1.0]}
+    assert summaries.json_safe({"a": [float("inf"), 1.0]}) == {"a": [None, 1.0]}

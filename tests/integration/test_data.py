@@ -1,4 +1,4 @@
-"""l2sweep.base.data: IDX reading, dataset loading (local and download), splitting, atomic saving."""
+"""l2sweep.base.idx and .data: IDX files, dataset loading (local and download), splitting, saving."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 from conftest import IDX_FILES, make_images, write_idx_dir
 from l2sweep.base import data
 from l2sweep.base.config import ConfigError, DatasetConfig, compose_config
-from l2sweep.base.data import (DataError, apply_limit, idx_bytes, load_dataset, load_split, read_idx,
-                          save_prepared, sha256_bytes, sha256_file, stratified_split, to_float,
-                          write_idx)
+from l2sweep.base.data import (DataError, apply_limit, load_dataset, load_split, save_prepared,
+                               stratified_split, to_float)
+from l2sweep.base.idx import idx_bytes, read_idx, sha256_bytes, sha256_file, write_idx
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 

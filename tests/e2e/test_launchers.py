@@ -22,7 +22,7 @@ from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
 
 from helpers import EPOCHS, GRID, make_project, run_cli, sqlite_uri
-from l2sweep.tracking import runs as tracking
+from l2sweep.tracking import runs, sweep
 from l2sweep.base.config import CONF_DIR
 
 FAST = ("tracking.log_model=false",)
@@ -101,19 +101,18 @@ def test_a_job_in_another_process_gets_the_parent_from_the_pickled_callback(tiny
     """Launchers pickle the callback with each job (loky workers, submitit job files): the job
     finds the sweep's parent run even where the launching process's environment is not."""
     cfg = tiny_cfg()
-    names = (tracking.PARENT_ENV, tracking.SWEEP_ENV)
+    names = (runs.PARENT_ENV, runs.SWEEP_ENV)
     saved = {name: os.environ.pop(name, None) for name in names}
-    callback = tracking.SweepCallback()
+    callback = sweep.SweepCallback()
     try:
         callback.on_multirun_start(cfg)
-        expected = {name: callback.job_env[name] for name in names}
-        in_worker = pickle.loads(pickle.dumps(callback))
-        for name in names:
-            del os.environ[name]
+        in_worker = pickle.loads(pickle.dumps(callback))  # waits for the parent's creation
+        expected = {name: os.environ.pop(name) for name in names}
+        assert MlflowClient(cfg.tracking.uri).get_run(expected[runs.PARENT_ENV]).info.status == "RUNNING"
         in_worker.on_job_start(cfg)
         assert {name: os.environ[name] for name in names} == expected
     finally:
-        tracking.close_parent("FINISHED")
+        sweep.finish("FINISHED")
         for name, value in saved.items():  # later tests must not see this sweep
             if value is None:
                 os.environ.pop(name, None)

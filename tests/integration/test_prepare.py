@@ -17,7 +17,7 @@ from conftest import TINY_TEST, TINY_TRAIN, override, write_idx_dir
 from l2sweep.base.data import load_meta, load_split
 from l2sweep.prepare import main, prepare
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 
 

@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 
 from helpers import GRID, make_project, make_server, run_cli, sqlite_uri
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SWEEP = GRID[:2]
 NAMES = [f"l2-{s}" for s in SWEEP]
 pytestmark = pytest.mark.slow

@@ -80,23 +80,24 @@ def test_artifacts(sweep):
     client = sweep["client"]
     for child in sweep["children"].values():
         run_id = child.info.run_id
-        paths = {a.path for folder in ("histograms", "plots", "model", "hydra")
+        paths = {a.path for folder in ("histograms", "model", "hydra", None)
                  for a in client.list_artifacts(run_id, folder)}
-        assert {"histograms/hidden.json", "histograms/hidden.png", "histograms/output.png",
-                "plots/curves.png", "model/MLmodel", "hydra/config.yaml"} <= paths
+        # (the figures, plots/curves.png and histograms/<layer>.png, come with `evaluate`)
+        assert {"histograms/hidden.json", "histograms/output.json", "history.json",
+                "model/MLmodel", "hydra/config.yaml"} <= paths
         hist = json.loads(Path(client.download_artifacts(run_id, "histograms/hidden.json")).read_text())
         assert len(hist["counts"]) == EPOCHS + 1  # the initial weights, then every epoch
 
 
-def test_model_loads_through_pyfunc_and_agrees_with_keras_file(sweep):
+def test_model_loads_through_pyfunc_and_agrees_with_keras_file(sweep, monkeypatch):
     import keras
-    import mlflow
     import mlflow.pyfunc
 
     from l2sweep.base.data import load_split, to_float
 
     root = sweep["root"]
-    mlflow.set_tracking_uri(sweep["client"].tracking_uri)
+    # (not mlflow.set_tracking_uri: it would stay set, in the environment too, for later tests)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", sweep["client"].tracking_uri)
     x, _ = load_split(root / "data" / "prepared", "test")
     x = to_float(x[:20])
     for name, child in sweep["children"].items():
@@ -140,7 +141,7 @@ def test_bad_grid_fails_before_anything_runs(tmp_path, tiny_arrays_module):
 
 
 def test_threads_default_to_one_for_the_compiled_loop_only(tiny_cfg, monkeypatch):
-    from l2sweep.train import configure_threads
+    from l2sweep.train_cli import configure_threads
 
     cases = [((), "1"), (("train.fused=true",), None), (("model=cnn",), None),
              (("train.loop=keras",), None), (("train.threads=3",), "3"), (("train.fused=true", "train.threads=2"), "2")]
@@ -165,3 +166,34 @@ def test_the_jobs_of_a_process_share_one_read_of_the_data(prepared_tiny):
     save_prepared(folder, splits, json.loads((folder / "meta.json").read_text()))
     (x2, y2), _ = load_training_data(prepared_tiny)  # the file changed: read again
     assert len(x2) == len(y2) == 100
+
+
+def test_a_fused_sweep_has_the_sequential_layout(tmp_path, tiny_arrays_module):
+    """`python -m l2sweep.train -m train.fused=true`: one job trains the grid; one parent, a
+    child per λ with the sequential sweep's metrics and artifacts, models/<run>/ files."""
+    idx_dir = write_idx_dir(tmp_path / "raw_tiny", tiny_arrays_module)
+    write_project_params(tmp_path, idx_dir)
+    run_cli(tmp_path, "l2sweep.prepare")
+    proc = run_cli(tmp_path, "l2sweep.train", "-m", "train.fused=true")
+    assert "job 1/1 l2-${regularizer.strength}" not in proc.stderr
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("l2-sweep").experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = {r.info.run_name: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted(children) == sorted(f"l2-{s}" for s in GRID)
+    for name, child in children.items():
+        run_id = child.info.run_id
+        assert child.info.status == "FINISHED" and child.data.tags["l2sweep.fused"] == "true"
+        assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert float(child.data.params["regularizer.strength"]) == float(name.split("-", 1)[1])
+        for key in METRICS:
+            assert [m.step for m in client.get_metric_history(run_id, key)] == list(range(EPOCHS)), key
+        config = Path(client.download_artifacts(run_id, "hydra/config.yaml")).read_text()
+        assert f"strength: {name.split('-', 1)[1]}" in config
+        history = json.loads((tmp_path / "models" / name / "history.json").read_text())
+        assert history["status"] == "FINISHED" and history["mlflow_run_id"] == run_id
+        assert (tmp_path / "models" / name / "model.keras").is_file()
+    manifest = json.loads((tmp_path / "models" / "sweep.json").read_text())
+    assert manifest["strengths"] == GRID and manifest["parent_run_id"] == parents[0].info.run_id
+    assert sorted(p.name for p in (tmp_path / "outputs" / "sweep").iterdir()) == ["l2-fused-0", "multirun.yaml"]

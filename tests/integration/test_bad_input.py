@@ -21,7 +21,7 @@ from l2sweep import evaluate
 from l2sweep import gate
 from l2sweep import prepare
 from l2sweep import train
-from l2sweep.base.data import idx_bytes
+from l2sweep.base.idx import idx_bytes
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -82,9 +82,7 @@ TRAIN_CASES = [
                                            "model.name=cnn (the compiled loop runs only mlp)"),
     (["train.threads=0"], "train.threads=0 is not allowed: a positive integer"),
     # tracking settings
-    (["tracking.figure_workers=-1"], "tracking.figure_workers=-1 is not allowed: an integer >= 0 "
-                                     "(0: no helper processes)"),
-    (["tracking.figure_workers=two"], "tracking.figure_workers='two' is not allowed: an integer"),
+    (["tracking.histogram_bins=many"], "tracking.histogram_bins='many' is not allowed: an integer"),
     # data settings
     (["data.val_fraction=0"], "data.val_fraction=0.0 is not allowed: a number strictly between 0 and 1"),
     (["data.val_fraction=1"], "data.val_fraction=1.0 is not allowed: a number strictly between 0 and 1"),

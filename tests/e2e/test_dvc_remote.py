@@ -21,7 +21,7 @@ import yaml
 from conftest import write_idx_dir
 from helpers import GRID, cli_env, tiny_arrays
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DVC = str(Path(sys.executable).parent / "dvc")
 OUTPUTS = ("data/prepared", "models")
 

@@ -17,9 +17,9 @@ from omegaconf import DictConfig
 
 from conftest import make_images, override, write_idx_dir
 from l2sweep import gate
-from l2sweep.reporting import report
+from l2sweep.reporting import summaries as report
 from l2sweep.base.config import CONF_DIR, compose_config, merge_overrides
-from test_report import parse_cell, table_rows
+from helpers import parse_cell, table_rows
 
 GRID = (0.0001, 0.01)
 EPOCHS = 2
@@ -52,8 +52,8 @@ def add_diverged_run(models: Path, like: str) -> None:
 @pytest.fixture(scope="module")
 def sweep_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """prepare + one real `train` per λ of GRID (2 epochs, 400 images) + a diverged run."""
-    from l2sweep.tracking import runs as tracking
     from l2sweep.prepare import prepare
+    from l2sweep.tracking import runs, sweep
     from l2sweep.train import train
 
     root = tmp_path_factory.mktemp("sweep")
@@ -66,9 +66,9 @@ def sweep_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         train(project_cfg(root, f"regularizer.strength={strength}"))
     add_diverged_run(root / "models", f"l2-{GRID[0]}")
     with pytest.MonkeyPatch.context() as mp:
-        for name in (tracking.SWEEP_ENV, tracking.PARENT_ENV):
+        for name in (runs.SWEEP_ENV, runs.PARENT_ENV):
             mp.delenv(name, raising=False)
-        tracking.write_manifest(project_cfg(root))
+        sweep.write_manifest(project_cfg(root), None)
     return root
 
 
@@ -266,6 +266,10 @@ def test_parent_mlflow_run_gets_metrics_artifacts_and_best_tag(sweep_root, tmp_p
     assert "figures/val_loss.png" in figures
     child_metrics = client.get_run(child.info.run_id).data.metrics
     assert child_metrics["test_accuracy"] == pytest.approx(evaluation["runs"]["l2-0.01"]["test_accuracy"])
+    # The child's own figures: its curves and a histogram figure per kernel layer.
+    assert [a.path for a in client.list_artifacts(child.info.run_id, "plots")] == ["plots/curves.png"]
+    assert {a.path for a in client.list_artifacts(child.info.run_id, "histograms")} == \
+        {"histograms/hidden.png", "histograms/output.png"}
 
 
 @pytest.mark.slow

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.run import agreement, fit_overhead, seed_noise
+from bench.run import agreement, check_targets, fit_overhead, seed_noise
 
 
 def _rows(fixed: float, per_epoch: float, c0: float, c_epoch: float, epochs: list[int]) -> list[dict]:
@@ -13,7 +13,7 @@ def _rows(fixed: float, per_epoch: float, c0: float, c_epoch: float, epochs: lis
 
 
 def test_fit_recovers_tracking_cost_and_the_sweep_length_where_it_is_five_percent():
-    fit = fit_overhead(_rows(2.7, 0.0168, 8.0, 1.65, [10, 20, 40]), n_lambdas=3)
+    fit = fit_overhead(_rows(2.7, 0.0168, 8.0, 1.65, [10, 20, 40]), n_lambdas=3, target=1.05)
     assert fit["fixed_s"] == pytest.approx(2.7)
     assert fit["per_lambda_epoch_s"] == pytest.approx(0.0056)
     assert fit["untracked_fixed_s"] == pytest.approx(8.0)
@@ -25,11 +25,25 @@ def test_fit_recovers_tracking_cost_and_the_sweep_length_where_it_is_five_percen
 
 
 def test_fit_says_never_when_tracking_grows_as_fast_as_training():
-    assert fit_overhead(_rows(1.0, 0.1, 8.0, 1.0, [10, 20]), n_lambdas=3)["epochs_for_1.05"] is None
+    assert fit_overhead(_rows(1.0, 0.1, 8.0, 1.0, [10, 20]), n_lambdas=3, target=1.05)["epochs_for_1.05"] is None
 
 
 def test_fit_says_zero_when_tracking_is_already_cheap_enough():
-    assert fit_overhead(_rows(0.1, 0.0, 8.0, 1.0, [10, 20]), n_lambdas=3)["epochs_for_1.05"] == 0.0
+    assert fit_overhead(_rows(0.1, 0.0, 8.0, 1.0, [10, 20]), n_lambdas=3, target=1.05)["epochs_for_1.05"] == 0.0
+
+
+def test_fit_defaults_to_the_tracking_target():
+    fit = fit_overhead(_rows(0.1, 0.0, 8.0, 1.0, [10, 20]), n_lambdas=3)
+    assert fit["target"] == 1.08 and "epochs_for_1.08" in fit
+
+
+def test_targets_are_judged_at_full_size_only():
+    full = check_targets({"a/b": 5.0, "b/c": 1.10, "a/d": 6.0}, full_size=True)
+    assert full["a/b"] == {"target": ">= 4.5", "measured": 5.0, "met": True}
+    assert full["b/c"]["met"] is False
+    small = check_targets({"a/b": 1.6, "b/c": 1.39}, full_size=False)
+    assert small["a/b"]["met"] is None and small["b/c"]["measured"] == 1.39
+    assert check_targets({"b/c": 1.02}, full_size=True)["a/b"] == {"target": ">= 4.5", "measured": None, "met": None}
 
 
 def _per_lambda(acc_small: float, acc_large: float) -> dict:

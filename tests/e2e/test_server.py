@@ -24,7 +24,7 @@ import requests
 
 from helpers import EPOCHS, GRID, cli_env, free_port, make_project, make_server, run_cli
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SWEEP = GRID[:2]
 pytestmark = pytest.mark.slow
 
@@ -128,8 +128,8 @@ def server(database: Database, tmp_path_factory: pytest.TempPathFactory) -> Iter
 def sweep(server: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A tiny sweep whose only link to the server is MLFLOW_TRACKING_URI."""
     root = make_project(tmp_path_factory.mktemp("team"), sweep={"strengths": SWEEP})
-    run_cli(root, "l2sweep.train", "-m", "tracking.log_model=false",
-            env=cli_env(MLFLOW_TRACKING_URI=server["url"]))
+    for stage in (("l2sweep.train", "-m", "tracking.log_model=false"), ("l2sweep.evaluate",)):
+        run_cli(root, *stage, env=cli_env(MLFLOW_TRACKING_URI=server["url"]))
     assert not (root / "mlruns").exists()  # nothing went to the embedded store
     api = f"{server['url']}/api/2.0/mlflow"
     experiment = requests.get(f"{api}/experiments/get-by-name", params={"experiment_name": "l2-sweep"},
@@ -181,7 +181,8 @@ def test_artifacts_go_through_the_server(sweep):
                             timeout=10).json()["metrics"]
     assert [m["value"] for m in sorted(val_loss, key=lambda m: m["step"])] == \
         pytest.approx(history["metrics"]["val_loss"])
-    assert (sweep["artifacts"] / path / "plots" / "curves.png").is_file()
+    assert (sweep["artifacts"] / path / "histograms" / "hidden.json").is_file()  # from train
+    assert (sweep["artifacts"] / path / "plots" / "curves.png").is_file()  # from evaluate
 
 
 def test_the_backend_holds_the_runs(sweep):

@@ -1,14 +1,12 @@
 """A tracking server that is not there fails the run in seconds, with one clear line.
 
 MLflow's own HTTP defaults (7 retries with back-off, 120 s timeout) would keep a sweep waiting
-for minutes; l2sweep.tracking.runs sets shorter ones unless the user set theirs.
+for minutes; l2sweep.tracking.store sets shorter ones unless the user set theirs.
 """
 
 from __future__ import annotations
 
 import socket
-import subprocess
-import sys
 import time
 
 import pytest
@@ -16,17 +14,18 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from helpers import cli_env, free_port, make_project, run_cli
-from l2sweep.tracking import runs as tracking
+from l2sweep.tracking import store as tracking
 
 
-def test_http_defaults_are_set_unless_the_user_set_them():
-    code = "import os, l2sweep.tracking.runs as t; print(*(os.environ[k] for k in t.HTTP_DEFAULTS))"
-    ours = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True,
-                          text=True, check=True).stdout.split()
-    assert ours == list(tracking.HTTP_DEFAULTS.values())
-    theirs = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                            env=cli_env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="7")).stdout.split()
-    assert theirs[0] == "7" and theirs[1:] == ours[1:]
+def test_http_defaults_are_set_unless_the_user_set_them(monkeypatch):
+    for name in tracking.HTTP_DEFAULTS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7")
+    tracking.apply_http_defaults()
+    import os
+
+    assert [os.environ[k] for k in tracking.HTTP_DEFAULTS] == \
+        ["7", *list(tracking.HTTP_DEFAULTS.values())[1:]]
 
 
 def test_nothing_listening_fails_within_seconds(monkeypatch):

@@ -1,0 +1,138 @@
+"""Output files: atomic writes, whole-folder replacement, writable and free-space checks.
+
+A killed process leaves, at worst, a temp folder named by :func:`temp_name`; the next run's
+:func:`remove_stale_temp` deletes it once that process is gone.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+#: Free space a sweep wants on the disks of ``paths.models`` and the MLflow store (a run of
+#: the default MLP writes about 5 MB: model, MLflow model, figures).
+MIN_FREE_BYTES = 100 * 2**20
+#: The names :func:`temp_name` makes: ``.<name>.tmp-<pid>-<random>``.
+_TEMP_NAME = re.compile(r"^\..+\.tmp-(\d+)-[^.]+$")
+
+
+class OutputError(RuntimeError):
+    """An output folder cannot be written, or the disk holding it is nearly full."""
+
+
+def temp_name(path: Path) -> Path:
+    """``.<name>.tmp-<pid>-<random8>`` next to ``path`` (the pid lets :func:`remove_stale_temp`
+    tell a dead writer's leftovers from a live one's)."""
+    return path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def write_text(path: Path, text: str | bytes) -> None:
+    """Writes ``text`` (UTF-8; bytes as they are) to ``path`` atomically: a temp file in the
+    same folder replaces it, so readers see the old content or the new, never half. Creates
+    the parent folders."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = text.encode("utf-8") if isinstance(text, str) else text
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def replace_folder(out_dir: Path, fill: Callable[[Path], None]) -> None:
+    """Fills a fresh temp folder next to ``out_dir`` with ``fill(tmp)``, then swaps it into
+    ``out_dir``'s place.
+
+    An interrupted or failing ``fill`` leaves the previous folder (or none), never half of
+    one. When two processes replace the same folder, the last one wins.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = temp_name(out_dir), temp_name(out_dir)
+    tmp.mkdir()  # not mkdtemp: the folder gets the umask's permissions, not 0700
+    try:
+        fill(tmp)
+        for _ in range(5):
+            try:
+                out_dir.rename(old)  # out of the way; removed below
+            except FileNotFoundError:
+                pass
+            try:
+                tmp.rename(out_dir)
+                break
+            except OSError as exc:  # another writer put its folder there in between
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    if old.exists() and not out_dir.exists():
+                        old.rename(out_dir)  # put the previous folder back
+                    raise
+                shutil.rmtree(old, ignore_errors=True)
+        else:
+            raise OSError(errno.EEXIST, f"{out_dir}: another process keeps replacing it")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_stale_temp(folder: Path) -> list[Path]:
+    """Deletes the :func:`temp_name` folders in ``folder`` whose process is gone; returns them."""
+    removed = []
+    for path in folder.glob(".*.tmp-*"):
+        match = _TEMP_NAME.match(path.name)
+        if not match or not path.is_dir() or _alive(int(match.group(1))):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    if removed:
+        log.info("removed %d temp folder(s) left by an interrupted run in %s", len(removed), folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """Creates and deletes a file in ``folder``, or in the nearest existing folder above it
+    (nothing is left behind; permission bits say little when running as root).
+
+    Raises:
+        OutputError: naming the folder, what was to be written there and the OS's reason.
+    """
+    existing = next(p for p in (folder, *folder.parents, Path.cwd()) if p.exists())
+    if not existing.is_dir():
+        raise OutputError(f"{folder}: cannot write {what} there ({existing} is a file, not a folder)")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".l2sweep-write-check-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(f"{folder}: cannot write {what} there ({exc.strerror or exc})") from exc
+
+
+def check_free_space(folder: Path, what: str, minimum: int | None = None) -> None:
+    """Raises OutputError when the disk holding ``folder`` has less than ``minimum`` bytes free
+    (default :data:`MIN_FREE_BYTES`)."""
+    minimum = MIN_FREE_BYTES if minimum is None else minimum
+    free = shutil.disk_usage(next(p for p in (folder, *folder.parents, Path.cwd()) if p.is_dir())).free
+    if free < minimum:
+        raise OutputError(f"{folder}: only {free / 2**20:.0f} MB free on the disk for {what}; "
+                          f"a sweep needs at least {minimum / 2**20:.0f} MB. Free some space or "
+                          "point the setting at another disk")

@@ -1,0 +1,322 @@
+"""IDX and npz files: read, write, verify checksums, and check what they hold.
+
+Checksums are SHA-256 of the *decompressed* IDX bytes (so a Debian ``.gz`` and the upstream
+``.gz`` of the same data agree) and of the file itself for an ``.npz`` archive.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import math
+import os
+import zipfile
+import zlib
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import numpy as np
+
+from l2sweep.base.files import write_text
+
+#: The four arrays every dataset provides, in this order.
+ROLES = ("x_train", "y_train", "x_test", "y_test")
+NUM_CLASSES = 10
+IMAGE_SHAPE = (28, 28)
+
+#: IDX type code -> dtype (big-endian, as the format stores it).
+IDX_DTYPES: dict[int, np.dtype] = {
+    0x08: np.dtype(np.uint8),
+    0x09: np.dtype(np.int8),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+_IDX_NAMES = {0x08: "uint8", 0x09: "int8", 0x0B: "int16", 0x0C: "int32", 0x0D: "float32",
+              0x0E: "float64"}
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+class DataError(ValueError):
+    """A data file is missing, malformed or not the expected one; the message names the file."""
+
+
+# --- IDX ----------------------------------------------------------------------------------
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    """Reads a file, gunzipping it when it starts with the gzip magic bytes (not by extension).
+
+    Raises:
+        DataError: the file cannot be read, or its gzip stream is corrupt or truncated.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from e
+    if data[:2] == _GZIP_MAGIC:
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as e:
+            raise DataError(f"{path}: corrupt or truncated gzip data ({e})") from e
+    return data
+
+
+def parse_idx(data: bytes, name: str = "<bytes>") -> np.ndarray:
+    """Parses the bytes of an IDX file (already decompressed).
+
+    Args:
+        data: header (``0x00 0x00 <type code> <ndim>``, then ndim big-endian uint32 sizes)
+            followed by exactly prod(sizes) items.
+        name: what to call the data in error messages (usually the file's path).
+
+    Returns:
+        A writable array in native byte order with the file's shape.
+
+    Raises:
+        DataError: empty, not IDX, unknown type code, truncated or over-long.
+    """
+    if not data:
+        raise DataError(f"{name}: file is empty, expected an IDX file")
+    if len(data) < 4:
+        raise DataError(f"{name}: {len(data)} bytes is too short for an IDX header (4 bytes)")
+    if data[0] != 0 or data[1] != 0:
+        raise DataError(f"{name}: not an IDX file (magic bytes {data[:4].hex(' ')}, "
+                        "expected 00 00 <type> <ndim>)")
+    code, ndim = data[2], data[3]
+    if code not in IDX_DTYPES:
+        allowed = ", ".join(f"0x{c:02X} {n}" for c, n in _IDX_NAMES.items())
+        raise DataError(f"{name}: unknown IDX type code 0x{code:02X} (allowed: {allowed})")
+    if ndim == 0:
+        raise DataError(f"{name}: IDX header declares 0 dimensions, expected at least 1")
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DataError(f"{name}: truncated IDX header: {ndim} dimensions need {header} bytes, "
+                        f"the file has {len(data)}")
+    shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
+    dtype = IDX_DTYPES[code]
+    expected = math.prod(shape) * dtype.itemsize
+    actual = len(data) - header
+    if actual != expected:
+        what = "truncated" if actual < expected else "over-long"
+        raise DataError(f"{name}: {what} IDX payload: shape {shape} of {_IDX_NAMES[code]} needs "
+                        f"{expected} bytes after the header, the file has {actual}")
+    array = np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
+    return array.astype(dtype.newbyteorder("="), copy=True)
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Reads an IDX file, gzipped or not.
+
+    Args:
+        path: the file; gzip is detected from its first bytes, whatever its name.
+
+    Returns:
+        The array, in native byte order.
+
+    Raises:
+        DataError: naming the file and what is wrong with it.
+    """
+    return parse_idx(read_bytes(path), str(path))
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """Encodes an array as IDX bytes (header + big-endian payload).
+
+    Raises:
+        ValueError: the dtype has no IDX type code or a dimension does not fit the header.
+    """
+    array = np.asarray(array)
+    codes = {np.dtype(dt).newbyteorder("=").str: c for c, dt in IDX_DTYPES.items()}
+    code = codes.get(array.dtype.newbyteorder("=").str)
+    if code is None:
+        raise ValueError(f"dtype {array.dtype} has no IDX type code; allowed: "
+                         f"{', '.join(_IDX_NAMES.values())}")
+    if not 1 <= array.ndim <= 255 or any(d >= 2**32 for d in array.shape):
+        raise ValueError(f"shape {array.shape} does not fit an IDX header "
+                         "(1-255 dimensions, each < 2**32)")
+    header = bytes([0, 0, code, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
+    return header + np.ascontiguousarray(array, dtype=IDX_DTYPES[code]).tobytes()
+
+
+def write_idx(path: str | os.PathLike, array: np.ndarray, compress: bool = False) -> Path:
+    """Writes an array as an IDX file (atomically: a temp file renamed into place).
+
+    Args:
+        path: destination; the name is used as given (add ``.gz`` yourself when compressing).
+        array: uint8, int8, int16, int32, float32 or float64, 1-255 dimensions.
+        compress: gzip the file (with a fixed timestamp, so the bytes are reproducible).
+
+    Returns:
+        The path written.
+    """
+    data = idx_bytes(array)
+    if compress:
+        data = gzip.compress(data, mtime=0)
+    path = Path(path)
+    write_text(path, data)
+    return path
+
+
+# --- checksums ----------------------------------------------------------------------------
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Hex SHA-256 of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes as stored (not decompressed)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_sha256(name: str, role: str, actual: str, expected: Optional[str]) -> None:
+    """Raises DataError when a pinned checksum (``expected``) differs from ``actual``."""
+    if expected and actual.lower() != expected.lower():
+        raise DataError(f"{name}: SHA-256 mismatch for {role}: expected {expected}, got {actual} "
+                        "(a corrupt or different file; delete it to download it again)")
+
+
+# --- validation ---------------------------------------------------------------------------
+
+
+def check_images(x: Any, name: str) -> np.ndarray:
+    """Returns ``x`` as uint8 (N, 28, 28), or raises DataError naming ``name``.
+
+    Integer or float arrays holding whole numbers 0-255 are accepted and cast.
+    """
+    x = np.asarray(x)
+    if x.ndim != 3 or x.shape[1:] != IMAGE_SHAPE or x.shape[0] == 0:
+        raise DataError(f"{name}: images have shape {x.shape}, expected (N, 28, 28) with N > 0")
+    if x.dtype == np.uint8:
+        return x
+    if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
+        raise DataError(f"{name}: images have dtype {x.dtype}, expected uint8 (whole numbers 0-255)")
+    lo, hi = x.min(), x.max()
+    if lo < 0 or hi > 255 or (np.issubdtype(x.dtype, np.floating) and not np.all(x == np.round(x))):
+        raise DataError(f"{name}: images of dtype {x.dtype} with values in [{lo}, {hi}] are not "
+                        "uint8-compatible (whole numbers 0-255)")
+    return x.astype(np.uint8)
+
+
+def check_labels(y: Any, name: str, n_images: int, images_name: str) -> np.ndarray:
+    """Returns ``y`` as int64 (N,) with values 0-9 and N == ``n_images``, or raises DataError."""
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        raise DataError(f"{name}: labels have shape {y.shape}, expected (N,)")
+    if not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)):
+        raise DataError(f"{name}: labels have dtype {y.dtype}, expected integers 0-{NUM_CLASSES - 1}")
+    if len(y) != n_images:
+        raise DataError(f"{name}: {len(y)} labels for {n_images} images in {images_name}")
+    if np.issubdtype(y.dtype, np.floating) and not np.all(y == np.round(y)):
+        raise DataError(f"{name}: labels are not whole numbers, expected integers 0-{NUM_CLASSES - 1}")
+    bad = (y < 0) | (y >= NUM_CLASSES)
+    if bad.any():
+        found = sorted({int(v) for v in np.unique(y[bad])[:5]})
+        raise DataError(f"{name}: {int(bad.sum())} labels outside 0-{NUM_CLASSES - 1} "
+                        f"(e.g. {found})")
+    return y.astype(np.int64)
+
+
+# --- folders and archives -----------------------------------------------------------------
+
+
+def find_idx(folder: Path, files: Mapping[str, str]) -> tuple[dict[str, Path], list[str]]:
+    """Role -> existing file in ``folder`` (plain or .gz), and the names of the missing ones."""
+    found, missing = {}, []
+    for role in ROLES:
+        name = files[role]
+        hit = next((p for p in (folder / name, folder / f"{name}.gz") if p.is_file()), None)
+        if hit is None:
+            missing.append(name)
+        else:
+            found[role] = hit
+    return found, missing
+
+
+def _load_idx_files(paths: Mapping[str, Path], pinned: Mapping[str, str]
+                    ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    arrays, checksums = {}, {}
+    for role in ROLES:
+        data = read_bytes(paths[role])
+        checksums[role] = sha256_bytes(data)
+        verify_sha256(str(paths[role]), role, checksums[role], pinned.get(role))
+        arrays[role] = parse_idx(data, str(paths[role]))
+    return arrays, checksums
+
+
+def _checked(arrays: Mapping[str, np.ndarray], names: Mapping[str, str]) -> dict[str, np.ndarray]:
+    out = {}
+    for split in ("train", "test"):
+        x_role, y_role = f"x_{split}", f"y_{split}"
+        out[x_role] = check_images(arrays[x_role], names[x_role])
+        out[y_role] = check_labels(arrays[y_role], names[y_role], len(out[x_role]), names[x_role])
+    return out
+
+
+def load_idx_folder(folder: str | os.PathLike, files: Mapping[str, str],
+                    pinned: Optional[Mapping[str, str]] = None) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Loads the four IDX files of ``folder`` (each as ``name`` or ``name.gz``).
+
+    Args:
+        folder: where the files are.
+        files: role -> file name (without ``.gz``).
+        pinned: role -> expected SHA-256 of the decompressed content; roles left out are not checked.
+
+    Returns:
+        (role -> validated array, role -> SHA-256 of the decompressed content).
+
+    Raises:
+        DataError: a file is missing, malformed, mismatching its checksum or inconsistent.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: not a folder; expected a folder with the four IDX files "
+                        f"({', '.join(files[r] for r in ROLES)}, each optionally .gz)")
+    found, missing = find_idx(folder, files)
+    if missing:
+        raise DataError(f"{folder}: missing {', '.join(missing)} (each may also be .gz); required: "
+                        f"{', '.join(files[r] for r in ROLES)}")
+    arrays, checksums = _load_idx_files(found, pinned or {})
+    return _checked(arrays, {r: str(p) for r, p in found.items()}), checksums
+
+
+def load_npz_file(path: str | os.PathLike, pinned: Optional[str] = None
+                  ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Loads an ``.npz`` archive holding ``x_train y_train x_test y_test``.
+
+    Args:
+        path: the archive.
+        pinned: expected SHA-256 of the file, or None.
+    Returns:
+        (role -> validated array, ``{"archive": SHA-256 of the file}``).
+
+    Raises:
+        DataError: missing file or keys, not an npz, checksum mismatch or inconsistent arrays.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file; expected an .npz with keys {', '.join(ROLES)}")
+    checksum = sha256_file(path)
+    verify_sha256(str(path), "archive", checksum, pinned)
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            keys = set(archive.files)
+            missing = [r for r in ROLES if r not in keys]
+            if missing:
+                raise DataError(f"{path}: missing keys {', '.join(missing)}; required: "
+                                f"{', '.join(ROLES)} (found: {', '.join(sorted(keys)) or 'none'})")
+            arrays = {r: archive[r] for r in ROLES}
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # truncated: BadZipFile
+        raise DataError(f"{path}: not a readable .npz archive ({e})") from e
+    return _checked(arrays, {r: f"{path}[{r}]" for r in ROLES}), {"archive": checksum}

@@ -1,0 +1,243 @@
+"""One fit function for both training loops: ``fit(cfgs, ...)`` trains one model per config.
+
+The configs differ only in ``regularizer.strength``. ``training_loop(cfg)`` picks the loop:
+``compiled`` (l2sweep.engine.compiled: any number K of models at once, one XLA call per epoch)
+or ``keras`` (``Model.fit``, one model). Both give each model the same callbacks, called the
+way ``fit`` calls them, and return the same :class:`Trained` records.
+
+Example:
+    >>> (trained,) = fit([cfg], x_train, y_train, x_val, y_val, [[StopOnSignal()]], "job 1/3")
+    >>> trained.history["val_loss"][-1]
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import keras
+import numpy as np
+from omegaconf import DictConfig
+
+from l2sweep.base import compat
+from l2sweep.base.cache import CACHE
+from l2sweep.base.config import training_loop
+from l2sweep.base.data import to_float
+from l2sweep.engine.callbacks import EpochStats, StopOnDivergence, WeightHistograms
+from l2sweep.engine.compiled import CompiledMLP
+from l2sweep.engine.model import build_model, set_seeds
+
+log = logging.getLogger(__name__)
+
+#: The metrics of an epoch, as Keras names them (``val_`` + these on validation data).
+EPOCH_METRICS = ("accuracy", "data_loss", "loss")
+
+
+@dataclass
+class Trained:
+    """What training one config produced.
+
+    Attributes:
+        model: standalone Keras model holding the final weights (optimizer state too).
+        history: Keras History: metric -> one value per epoch trained.
+        diverged_epoch: epoch in which loss became NaN/inf, else None.
+        histograms: ``engine.callbacks.WeightHistograms(...).data``.
+    """
+
+    model: Any
+    history: dict[str, list[float]] = field(default_factory=dict)
+    diverged_epoch: Optional[int] = None
+    histograms: dict[str, Any] = field(default_factory=dict)
+
+
+def fit(cfgs: list, x_train, y_train, x_val, y_val, callbacks: list[list], label: str) -> list[Trained]:
+    """Trains one model per config (the configs differ only in ``regularizer.strength``).
+
+    Each model gets the callbacks ``[EpochStats(), WeightHistograms(bins), StopOnDivergence(),
+    *callbacks[k]]`` and Keras' progress lines (one model: per epoch as ``fit(verbose=1)`` on a
+    terminal, else ``verbose=2``; several: one summary line per epoch, logged).
+
+    Args:
+        cfgs: one config per model, K >= 1; K must be 1 when ``training_loop`` is ``keras``.
+        x_train, y_train, x_val, y_val: images (N, 28, 28), uint8 as prepared or float32 in
+            [0, 1], and int labels.
+        callbacks: per model, more Keras callbacks (e.g. StopOnSignal, an MLflow logger).
+        label: prefix of the log lines.
+
+    Returns:
+        One :class:`Trained` per config, in order.
+
+    Raises:
+        ValueError: several configs for the keras loop, or a model the compiled loop cannot run.
+    """
+    if len(callbacks) != len(cfgs) or not cfgs:
+        raise ValueError(f"one callback list per config: got {len(callbacks)} for {len(cfgs)} configs")
+    if training_loop(cfgs[0]) == "compiled":
+        return _fit_compiled(cfgs, x_train, y_train, x_val, y_val, callbacks, label)
+    if len(cfgs) != 1:
+        raise ValueError(f"train.loop={cfgs[0].train.loop} trains {cfgs[0].model.name} one model at a "
+                         f"time: got {len(cfgs)} configs (the compiled loop trains several at once)")
+    return [_fit_keras(cfgs[0], x_train, y_train, x_val, y_val, callbacks[0])]
+
+
+def _verbose() -> int:
+    return 1 if sys.stdout.isatty() else 2
+
+
+def _as_float(x: np.ndarray) -> np.ndarray:
+    return to_float(x) if x.dtype == np.uint8 else x
+
+
+def _fit_keras(cfg: DictConfig, x_train, y_train, x_val, y_val, callbacks: list) -> Trained:
+    """Keras ``Model.fit`` on float copies of the images."""
+    set_seeds(cfg.train.seed, cfg.train.deterministic)
+    model = build_model(cfg)
+    histograms, divergence = WeightHistograms(cfg.tracking.histogram_bins), StopOnDivergence()
+    history = model.fit(
+        _as_float(x_train), y_train, validation_data=(_as_float(x_val), y_val),
+        epochs=cfg.train.epochs, batch_size=cfg.train.batch_size,
+        validation_batch_size=cfg.train.validation_batch_size, shuffle=True,
+        callbacks=[EpochStats(), histograms, divergence, *callbacks], verbose=_verbose()).history
+    return Trained(model, {k: [float(v) for v in values] for k, values in history.items()},
+                   divergence.diverged_epoch, histograms.data)
+
+
+# --- the compiled loop -------------------------------------------------------------------
+
+def keras_batch_order(n: int, batch_size: int, epochs: int) -> list[list[np.ndarray]]:
+    """The index batches ``Model.fit(x, y, batch_size, shuffle=True)`` feeds, epoch by epoch.
+
+    Taken from Keras' own data adapter, iterated afresh each epoch as ``fit`` does. Call it
+    right after ``set_seeds``, as ``fit`` runs after it.
+    """
+    dataset, steps = compat.fit_batch_dataset(n, batch_size)
+    # All of an epoch's batches as one padded tensor: one iterator step instead of one per batch.
+    dataset = dataset.padded_batch(steps, padded_shapes=[batch_size], padding_values=np.int64(-1))
+    order = []
+    for _ in range(epochs):
+        batches = next(iter(dataset)).numpy()
+        order.append([b[b >= 0] for b in batches])
+    return order
+
+
+def batch_order(cfg: DictConfig, n: int) -> list[list[np.ndarray]]:
+    """:func:`keras_batch_order` for ``cfg``, called right after ``set_seeds(cfg.train.seed)``:
+    a function of the seed, so the jobs of a process with the same seed, sizes and epochs
+    share the last one computed."""
+    key = (int(cfg.train.seed), bool(cfg.train.deterministic), n, int(cfg.train.batch_size),
+           int(cfg.train.epochs))
+    return CACHE.get("batch order", key, lambda: keras_batch_order(*key[2:]))
+
+
+def data_tensors(*arrays: np.ndarray) -> tuple:
+    """The arrays as tensors (images flattened, labels int64).
+
+    Read-only arrays (the train stage's, shared by the jobs of a process) keep their tensors
+    for the next job. The key is the arrays' ids, and the kept value holds the arrays
+    themselves, so while it is kept no other array can take one of those ids.
+    """
+    import tensorflow as tf
+
+    def convert():
+        return arrays, tuple(tf.constant(a.reshape(len(a), -1)) if a.ndim > 1
+                             else tf.constant(a.astype(np.int64)) for a in arrays)
+
+    if any(a.flags.writeable for a in arrays):
+        return convert()[1]
+    return CACHE.get("data tensors", tuple(id(a) for a in arrays), convert)[1]
+
+
+@dataclass
+class _Slice:
+    """One model of a compiled fit: its view, config and callbacks."""
+
+    cfg: DictConfig
+    view: Any
+    callbacks: Any  # keras.callbacks.CallbackList
+    histograms: WeightHistograms
+    divergence: StopOnDivergence
+    record: Any     # keras.callbacks.History, last in the list: it sees every value
+
+    def trained(self) -> Trained:
+        history = {k: [float(v) for v in values] for k, values in self.record.history.items()}
+        return Trained(self.view, history, self.divergence.diverged_epoch, self.histograms.data)
+
+
+def _slices(cfgs: list, callbacks: list[list], verbose: int, steps: int) -> list[_Slice]:
+    """A view per config (built as ``fit``'s path builds it: same seed, same initial weights)
+    and its callback list, as ``fit`` makes it."""
+    slices = []
+    for cfg, extra in zip(cfgs, callbacks):
+        set_seeds(cfg.train.seed, cfg.train.deterministic)
+        view = build_model(cfg)
+        hists, stop, record = (WeightHistograms(cfg.tracking.histogram_bins), StopOnDivergence(),
+                               keras.callbacks.History())
+        cbs = keras.callbacks.CallbackList([EpochStats(), hists, stop, *extra, record],
+                                           add_progbar=verbose > 0, model=view, verbose=verbose,
+                                           epochs=int(cfg.train.epochs), steps=steps)
+        slices.append(_Slice(cfg, view, cbs, hists, stop, record))
+    return slices
+
+
+def _fit_compiled(cfgs: list, x_train, y_train, x_val, y_val, callbacks: list[list],
+                  label: str) -> list[Trained]:
+    """The compiled loop: every epoch of all K models in one call; each model's callbacks get
+    ``on_train_begin``, ``on_epoch_begin``/``on_epoch_end`` (Keras' ``logs``) and ``on_train_end``
+    with its view (holding its weights) as ``model``. A model whose ``stop_training`` is set (on
+    divergence, by StopOnDivergence) keeps the weights and optimizer state of that epoch."""
+    base, epochs = cfgs[0], int(cfgs[0].train.epochs)
+    verbose = _verbose() if len(cfgs) == 1 else 0
+    slices = _slices(cfgs, callbacks, verbose, steps=math.ceil(len(x_train) / int(base.train.batch_size)))
+    set_seeds(base.train.seed, base.train.deterministic)  # as before fit: its shuffling
+    order = batch_order(base, len(x_train))
+    views = [s.view for s in slices]
+    engine = CompiledMLP.for_views(views, jit_compile=bool(base.train.jit_compile))
+    data = data_tensors(x_train, y_train, x_val, y_val)
+    for s in slices:
+        s.view.stop_training = False
+        s.callbacks.on_train_begin()
+    for epoch in range(epochs):
+        running = [k for k, s in enumerate(slices) if not s.view.stop_training]
+        if not running:
+            break
+        _epoch(engine, data, order[epoch], slices, running, epoch, label)
+        if not verbose:
+            _log_epoch(label, epoch, epochs, [slices[k] for k in running])
+    engine.copy_to(views, [k for k, s in enumerate(slices) if not s.view.stop_training],
+                   optimizer_state=True)
+    for s in slices:
+        s.callbacks.on_train_end()
+    return [s.trained() for s in slices]
+
+
+def _epoch(engine: CompiledMLP, data: tuple, batches: list[np.ndarray], slices: list[_Slice],
+           running: list[int], epoch: int, label: str) -> None:
+    """One epoch of the ``running`` slices, with their callbacks' epoch events."""
+    x, y, xv, yv = data
+    for k in running:
+        slices[k].callbacks.on_epoch_begin(epoch)
+    train_logs, val_logs = engine.train_epoch(x, y, batches), engine.evaluate(xv, yv)
+    views = [s.view for s in slices]
+    engine.copy_to(views, running)
+    for k in running:
+        logs = {name: float(train_logs[name][k]) for name in EPOCH_METRICS}
+        logs.update({f"val_{name}": float(val_logs[name][k]) for name in EPOCH_METRICS})
+        slices[k].callbacks.on_epoch_end(epoch, logs)
+        if slices[k].view.stop_training:  # its weights and optimizer state stay this epoch's
+            engine.copy_to(views, [k], optimizer_state=True)
+        if slices[k].divergence.diverged:  # Keras' running mean of the loss: any bad step shows
+            log.warning("%s: %s diverged in epoch %d (loss %s)%s", label, slices[k].cfg.run_name, epoch,
+                        logs["loss"], "; the other lambdas go on" if len(slices) > 1 else "")
+
+
+def _log_epoch(label: str, epoch: int, epochs: int, running: list[_Slice]) -> None:
+    """The summary line of an epoch of several models: how many, how long, the best val_loss."""
+    last = [{name: values[-1] for name, values in s.record.history.items()} for s in running]
+    best = min(range(len(running)), key=lambda i: last[i]["val_loss"]
+               if math.isfinite(last[i]["val_loss"]) else math.inf)
+    log.info("%s: epoch %d/%d, %d lambdas in %.1f s; best val_loss %.4f (%s)", label, epoch + 1,
+             epochs, len(running), last[best]["epoch_time"], last[best]["val_loss"],
+             running[best].cfg.run_name)

@@ -1,0 +1,261 @@
+"""Summary figures of a sweep, derived from training histories and eval entries.
+
+Pure functions only (no files, no TensorFlow): the numbers behind ``metrics/eval.json``, the
+DVC plot files and the best-λ rule; :mod:`l2sweep.reporting.report` turns them into text.
+
+Conventions:
+    * Epochs count from 0, as in the histories and in MLflow's steps.
+    * ``loss``/``val_loss`` are Keras' losses and include the penalty (λ·Σw²);
+      ``data_loss``/``val_data_loss`` are the cross-entropy alone.
+    * Accuracies are fractions in [0, 1]; the report shows them as percentages.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Optional, Sequence
+
+#: Run status in ``metrics/eval.json``.
+FINISHED, DIVERGED, FAILED = "finished", "diverged", "failed"
+#: Metrics preferred, in order, to pick the λ that generalises best: the validation
+#: cross-entropy (comparable across λ), else Keras' val_loss (which includes the penalty).
+BEST_BY = ("val_data_loss", "val_loss")
+
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+
+
+# --- small numeric helpers ---------------------------------------------------------------
+
+
+def finite(value: Any) -> Optional[float]:
+    """``value`` as a float, or None when it is missing, not a number, NaN or infinite."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def series(history: Mapping[str, Any], name: str) -> list[Optional[float]]:
+    """One per-epoch metric of a history, non-finite values as None ([] when absent)."""
+    return [finite(v) for v in history.get("metrics", {}).get(name, [])]
+
+
+def last(values: Sequence[Optional[float]]) -> Optional[float]:
+    """The value of the last epoch (None when there is none or it is not finite)."""
+    return values[-1] if values else None
+
+
+def format_strength(strength: float) -> str:
+    """λ as people write it: ``0.0001``, ``0.001``, ``1e-05``, ``0``."""
+    return f"{float(strength):g}"
+
+
+def class_names(dataset: str, num_classes: int = 10) -> list[str]:
+    """Readable class names: Fashion-MNIST's official names, else the digits ``0``..``n-1``."""
+    if dataset == "fashion_mnist" and num_classes == len(FASHION_MNIST_CLASSES):
+        return list(FASHION_MNIST_CLASSES)
+    return [str(i) for i in range(num_classes)]
+
+
+#: The layer no regularizer acts on (l2sweep.engine.model.regularized_layers): the output layer.
+REGULARIZED_EXCLUDED = "output"
+
+
+# --- per-run summary ---------------------------------------------------------------------
+
+
+def _combined(values: list[Optional[float]]) -> Optional[float]:
+    """sqrt(Σ v²), or None when there are none or one is not finite."""
+    return (math.sqrt(sum(v * v for v in values))
+            if values and all(v is not None for v in values) else None)
+
+
+def weight_norms(history: Mapping[str, Any]) -> dict[str, Optional[float]]:
+    """Final ``weight_norm/<layer>`` values, plus ``total`` = sqrt(Σ layer norms²) and
+    ``regularized``, the same over the layers the regularizer acts on (all but ``output``).
+
+    A combined value is None when any of its layers' final norm is not finite, or there are none.
+    """
+    metrics = history.get("metrics", {})
+    norms = {key.split("/", 1)[1]: last(series(history, key))
+             for key in metrics if key.startswith("weight_norm/")}
+    regularized = [v for layer, v in norms.items() if layer != REGULARIZED_EXCLUDED]
+    return {**norms, "total": _combined(list(norms.values())), "regularized": _combined(regularized)}
+
+
+def val_loss_turn(epochs: Sequence[int], val_loss: Sequence[Optional[float]]) -> dict[str, Any]:
+    """Where ``val_loss`` bottoms out and whether it rose after (the "U-shape").
+
+    Args:
+        epochs: the epoch numbers of the history.
+        val_loss: validation loss per epoch (None where not finite).
+
+    Returns:
+        ``best_epoch`` (epoch of the minimum), ``val_loss_min``, ``val_loss_rise``
+        (last value minus the minimum, >= 0) and ``val_loss_rose`` (the minimum is before the
+        last epoch and the last value is above it). All None when there is no finite value.
+    """
+    points = [(e, v) for e, v in zip(epochs, val_loss) if v is not None]
+    if not points:
+        return {"best_epoch": None, "val_loss_min": None, "val_loss_rise": None,
+                "val_loss_rose": None}
+    best_epoch, minimum = min(points, key=lambda p: p[1])  # first epoch on ties
+    final = last(val_loss)
+    rise = None if final is None else final - minimum
+    rose = bool(final is not None and best_epoch != epochs[-1] and final > minimum)
+    return {"best_epoch": int(best_epoch), "val_loss_min": minimum, "val_loss_rise": rise,
+            "val_loss_rose": rose}
+
+
+def summarize_history(history: Mapping[str, Any]) -> dict[str, Any]:
+    """The summary figures of one run, from its ``history.json`` content.
+
+    Args:
+        history: a parsed ``history.json`` (``epochs`` and ``metrics``, one value per epoch).
+
+    Returns:
+        ``epochs`` (how many were recorded), final ``train_accuracy``, ``val_accuracy``,
+        ``train_loss``, ``val_loss``, ``train_data_loss``, ``val_data_loss``, ``penalty``,
+        ``penalty_share`` (penalty / (data_loss + penalty) at the last epoch), ``gap`` (train
+        minus validation accuracy, signed), the :func:`val_loss_turn` fields and
+        ``weight_norm`` (:func:`weight_norms`). Values that cannot be computed are None.
+    """
+    epochs = [int(e) for e in history.get("epochs", [])]
+    train_acc = last(series(history, "accuracy"))
+    val_acc = last(series(history, "val_accuracy"))
+    data_loss = last(series(history, "data_loss"))
+    penalty = last(series(history, "penalty"))
+    share = None
+    if penalty is not None and data_loss is not None and data_loss + penalty > 0:
+        share = penalty / (data_loss + penalty)
+    summary: dict[str, Any] = {
+        "epochs": len(epochs),
+        "train_accuracy": train_acc,
+        "val_accuracy": val_acc,
+        "train_loss": last(series(history, "loss")),
+        "val_loss": last(series(history, "val_loss")),
+        "train_data_loss": data_loss,
+        "val_data_loss": last(series(history, "val_data_loss")),
+        "penalty": penalty,
+        "penalty_share": share,
+        "gap": None if train_acc is None or val_acc is None else train_acc - val_acc,
+    }
+    summary.update(val_loss_turn(epochs, series(history, "val_loss")))
+    summary["weight_norm"] = weight_norms(history)
+    return summary
+
+
+def pick_best(runs: Mapping[str, Mapping[str, Any]],
+              by: Sequence[str] = BEST_BY) -> Optional[dict[str, Any]]:
+    """The finished run with the lowest final validation loss.
+
+    Args:
+        runs: run name -> eval entry (``status``, ``strength`` and the summary figures).
+        by: metric names tried in order; the first that every finished run has is used.
+
+    Returns:
+        ``{"run_name", "strength", "by", "value"}``, or None when no finished run has one.
+    """
+    finished = {name: run for name, run in runs.items() if run.get("status") == FINISHED}
+    for metric in by:
+        values = {name: finite(run.get(metric)) for name, run in finished.items()}
+        if values and all(v is not None for v in values.values()):
+            name = min(values, key=lambda n: values[n])
+            return {"run_name": name, "strength": finished[name]["strength"], "by": metric,
+                    "value": values[name]}
+    return None
+
+
+# --- formatting --------------------------------------------------------------------------
+
+MISSING_CELL = "–"
+
+
+def fmt_pct(value: Optional[float]) -> str:
+    """0.8512 -> ``85.12%``."""
+    return MISSING_CELL if value is None else f"{100 * value:.2f}%"
+
+
+def fmt_loss(value: Optional[float]) -> str:
+    """A loss with 4 decimals."""
+    return MISSING_CELL if value is None else f"{value:.4f}"
+
+
+def fmt_norm(value: Optional[float]) -> str:
+    """A weight norm with 3 decimals."""
+    return MISSING_CELL if value is None else f"{value:.3f}"
+
+
+def fmt_points(value: Optional[float]) -> str:
+    """A signed accuracy difference in percentage points: 0.0123 -> ``+1.23 pt``."""
+    return MISSING_CELL if value is None else f"{100 * value:+.2f} pt"
+
+
+def runs_by_strength(evaluation: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """``(run name, entry)`` of an eval.json content's runs, sorted by λ."""
+    return sorted(evaluation["runs"].items(), key=lambda item: item[1]["strength"])
+
+
+# --- DVC plot data -----------------------------------------------------------------------
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None (JSON has no NaN)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+#: Per-epoch metrics copied into ``epochs.json`` (when a history has them).
+EPOCH_FIELDS = ("loss", "val_loss", "data_loss", "val_data_loss", "accuracy", "val_accuracy",
+                "penalty")
+
+
+def plot_data(evaluation: Mapping[str, Any],
+              histories: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, list[dict]]]:
+    """The DVC plot files: file name -> ``{name: rows}`` (long format, one row per point).
+
+    Every row carries ``lambda`` (the label, e.g. ``"0.001"``) and ``strength`` (the number),
+    which the templates in ``.dvc/plots/`` colour and sort by, so one chart holds every λ of
+    whatever grid was run.
+
+    * ``epochs.json``: per λ and epoch, :data:`EPOCH_FIELDS` and ``weight_norm`` (all layers).
+    * ``accuracy.json``: per λ, epoch and ``split`` (``train``/``validation``), ``accuracy``.
+    * ``by_lambda.json``: per λ, the final and test figures (``test_accuracy``,
+      ``test_loss``, ``val_accuracy``, ``val_data_loss``, ``weight_norm``, ``gap``...).
+    """
+    epoch_rows, acc_rows, lambda_rows = [], [], []
+    for h in sorted(histories, key=lambda h: float(h["strength"])):
+        strength = float(h["strength"])
+        base = {"lambda": format_strength(strength), "strength": strength}
+        layers = [k for k in h.get("metrics", {}) if k.startswith("weight_norm/")]
+        cols = {name: series(h, name) for name in EPOCH_FIELDS + tuple(layers)}
+        for i, epoch in enumerate(h.get("epochs", [])):
+            row = {**base, "epoch": int(epoch)}
+            row.update({name: vals[i] if i < len(vals) else None
+                        for name, vals in cols.items() if name in EPOCH_FIELDS})
+            norms = [cols[k][i] if i < len(cols[k]) else None for k in layers]
+            row["weight_norm"] = _combined(norms)
+            epoch_rows.append(row)
+            for split, key in (("train", "accuracy"), ("validation", "val_accuracy")):
+                vals = cols[key]
+                acc_rows.append({**base, "epoch": int(epoch), "split": split,
+                                 "accuracy": vals[i] if i < len(vals) else None})
+    for _, run in runs_by_strength(evaluation):
+        lambda_rows.append({
+            "lambda": format_strength(run["strength"]), "strength": float(run["strength"]),
+            "status": run["status"], "test_accuracy": finite(run.get("test_accuracy")),
+            "test_loss": finite(run.get("test_loss")), "val_accuracy": finite(run.get("val_accuracy")),
+            "val_data_loss": finite(run.get("val_data_loss")),
+            "weight_norm": finite(run.get("weight_norm", {}).get("total")),
+            "gap": finite(run.get("gap")), "penalty_share": finite(run.get("penalty_share"))})
+    return {"epochs.json": {"epochs": epoch_rows}, "accuracy.json": {"accuracy": acc_rows},
+            "by_lambda.json": {"by_lambda": lambda_rows}}

@@ -1,0 +1,192 @@
+"""The MLflow store: which one (:func:`tracking_uri`), whether it can be used (:func:`check_store`,
+before any job trains), and its one-time set-up (:func:`ensure_store`).
+
+The ``MLFLOW_TRACKING_URI`` environment variable wins over ``tracking.uri``; ``evaluate``
+resolves the store the same way, falling back to the one the sweep recorded.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import sqlite3
+import urllib.error
+import urllib.request
+from contextlib import closing
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig
+
+from l2sweep.base import files
+
+#: MLflow's HTTP client defaults (7 retries with exponential back-off, 120 s timeout) let an
+#: unreachable tracking server hang a run for minutes; these give up in seconds. Set the
+#: variables to change them. Exported by :func:`apply_http_defaults`, so launcher workers and
+#: jobs on other machines (sbatch exports the environment) get them too.
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
+
+
+class StoreError(RuntimeError):
+    """The MLflow store cannot be used; the message names it and says why."""
+
+
+def apply_http_defaults() -> None:
+    """Sets :data:`HTTP_DEFAULTS` in the environment where the user has not."""
+    for name, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+
+
+def tracking_uri(cfg: DictConfig, recorded: Optional[str] = None) -> str:
+    """The store: ``MLFLOW_TRACKING_URI``, else ``recorded`` (the one a sweep logged to, for
+    ``evaluate``), else ``tracking.uri``."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or recorded or cfg.tracking.uri
+
+
+def sqlite_path(uri: str) -> Optional[Path]:
+    """The database file of a ``sqlite:///`` URI, else None."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def local_folder(uri: str) -> Optional[Path]:
+    """The folder of a local store or artifact URI (``sqlite:///``, ``file://`` or a path)."""
+    db = sqlite_path(uri)
+    if db is not None:
+        return db.parent
+    if uri.startswith("file://"):
+        return Path(uri[len("file://"):])
+    if uri and "://" not in uri and ":" not in uri.split("/", 1)[0]:
+        return Path(uri)
+    return None
+
+
+def store_error(uri: str, error: BaseException) -> str:
+    """One line on why the store at ``uri`` failed; for a server that does not answer, the
+    reason and the settings that bound the wait (:data:`HTTP_DEFAULTS`)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    if not uri.startswith(("http://", "https://")) or "failed with exception" not in text:
+        return f"MLflow store {uri}: {text}"  # not a connection failure (the server answered)
+    match = re.search(r"\[Errno -?\d+\] ([^'\")]+)|(Read timed out|timed out|Connection aborted"
+                      r"|too many \d+ error responses)", text)
+    reason = (match.group(1) or match.group(2)).strip() if match else "no answer"
+    retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    timeout = os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT")
+    return (f"MLflow tracking server {uri} does not answer ({reason}; gave up after {retries} "
+            f"retries of {timeout} s: MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT); "
+            "start it, or set MLFLOW_TRACKING_URI / tracking.uri to a store that works")
+
+
+def check_store(cfg: DictConfig) -> None:
+    """The store can be written (local) or answers (a server), before any job trains.
+
+    For the embedded sqlite store only what needs no MLflow is checked (the folder is
+    writable, the disk has room, an existing database opens): MLflow itself starts on the
+    tracking thread once training is under way (l2sweep.tracking.runs). Other stores are set up
+    here, in the launching process, before parallel jobs could race to create them.
+
+    Raises:
+        StoreError: naming the store and the reason.
+        l2sweep.base.files.OutputError: its folder cannot be written or the disk is full.
+    """
+    uri = tracking_uri(cfg)
+    folder = local_folder(uri)
+    if folder is not None:
+        files.check_writable(folder, f"the MLflow store ({uri})")
+        files.check_free_space(folder, f"the MLflow store ({uri})")
+        if sqlite_path(uri) is not None:
+            check_sqlite(uri)
+            return
+    elif uri.startswith(("http://", "https://")):
+        check_server(uri)
+    try:
+        ensure_store(cfg)
+    except (files.OutputError, StoreError):
+        raise
+    except Exception as exc:  # MLflow raises many kinds; all mean the same here
+        raise StoreError(store_error(uri, exc)) from exc
+
+
+def check_server(uri: str, timeout: float = 10.0) -> None:
+    """A tracking server answers on ``uri`` (any HTTP answer will do)."""
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        reason = getattr(reason, "strerror", None) or reason  # "Connection refused", not "[Errno 111] ..."
+        raise StoreError(f"MLflow tracking server {uri} does not answer ({reason}); start it, "
+                         "or set tracking.uri / MLFLOW_TRACKING_URI to a store that works") from exc
+
+
+def check_sqlite(uri: str) -> None:
+    """An existing sqlite store is a database sqlite can read (no MLflow needed)."""
+    db = sqlite_path(uri)
+    if db is None or not db.is_file():
+        return  # created on first use
+    try:
+        with closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=30)) as con:
+            con.execute("PRAGMA schema_version").fetchone()
+    except sqlite3.Error as exc:
+        raise StoreError(store_error(uri, exc)) from exc
+
+
+def check_artifact_root(uri: str, location: Optional[str]) -> None:
+    """The artifact root of the store at ``uri`` can be written, where it is a local folder."""
+    artifacts = local_folder(location or "")
+    if artifacts is not None and artifacts != local_folder(uri):
+        files.check_writable(artifacts, f"MLflow artifacts ({location})")
+        files.check_free_space(artifacts, f"MLflow artifacts ({location})")
+
+
+def get_client(cfg: DictConfig, recorded: Optional[str] = None) -> Any:
+    """An ``MlflowClient`` for the configured store (with :data:`HTTP_DEFAULTS` applied)."""
+    from mlflow import MlflowClient
+
+    apply_http_defaults()
+    return MlflowClient(tracking_uri=tracking_uri(cfg, recorded))
+
+
+def ensure_store(cfg: DictConfig) -> str:
+    """Creates the store (schema, WAL journal) and the experiment once, checks its artifact
+    root; returns the experiment's id.
+
+    MLflow creates a new sqlite schema unlocked, so two sweeps starting at once against a new
+    database would fail with "table ... already exists": a lock on the database's folder
+    makes it one process at a time (no lock file to leave behind).
+    """
+    uri = tracking_uri(cfg)
+    db = sqlite_path(uri)
+    if db is None:
+        return _ensure_experiment(cfg)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    folder = os.open(db.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        # WAL lets readers (the UI) and parallel jobs' writers proceed without "database is
+        # locked"; the journal mode is stored in the database file, so once is enough.
+        with closing(sqlite3.connect(db, timeout=30)) as con:
+            con.execute("PRAGMA journal_mode=WAL")
+        return _ensure_experiment(cfg)
+    finally:
+        os.close(folder)  # releases the lock
+
+
+def _ensure_experiment(cfg: DictConfig) -> str:
+    from mlflow.exceptions import MlflowException
+
+    client = get_client(cfg)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    if experiment is None:
+        try:
+            client.create_experiment(cfg.tracking.experiment)
+        except MlflowException:
+            pass  # another process created it between our look-up and create
+        experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    check_artifact_root(tracking_uri(cfg), experiment.artifact_location)
+    return experiment.experiment_id

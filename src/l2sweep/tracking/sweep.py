@@ -1,0 +1,216 @@
+"""The sweep: a Hydra callback owning the parent MLflow run, ``<paths.models>/sweep.json`` and
+the best-λ tags.
+
+``on_multirun_start`` (in the launching process) queues the parent run's creation on the
+tracking thread (l2sweep.tracking.runs), which sets ``L2SWEEP_PARENT_RUN_ID`` for the jobs of
+this process. A launcher that runs jobs elsewhere (joblib's workers, submitit's jobs on a
+cluster) hands each job this callback as pickled with it: pickling waits for the parent's id
+and carries it, and ``on_job_start`` sets it in the job's process. ``on_multirun_end`` writes
+the manifest, tags the best λ on the parent and ends it (FAILED if any child did not finish);
+if the multirun dies instead, :func:`finish` (the entry point's ``finally``) ends it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import time
+import uuid
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from l2sweep.base import files
+from l2sweep.reporting import summaries
+from l2sweep.tracking import store
+from l2sweep.tracking.runs import PARENT_ENV, REASON_TAG, SWEEP_ENV, git_tags, tracker
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "sweep.json"
+
+
+class SweepCallback(Callback):
+    """Hydra callback: the sweep's parent run, manifest and best-λ tags (module docstring)."""
+
+    def __init__(self) -> None:
+        #: Environment the jobs need: the sweep id and (with tracking on) the parent run id.
+        self.job_env: dict[str, str] = {}
+        self.parent: Optional[Future] = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        os.environ[SWEEP_ENV] = uuid.uuid4().hex
+        os.environ.pop(PARENT_ENV, None)
+        self.job_env = {SWEEP_ENV: os.environ[SWEEP_ENV]}
+        if config.tracking.enabled:
+            # A copy: Hydra goes on with its own config while the thread reads this one.
+            config = copy.deepcopy(config)
+            start = tracker().start(config)
+            self.parent = tracker().submit(_create_parent, config, start, time.strftime("%Y%m%d-%H%M%S"))
+            tracker().parents.append((store.tracking_uri(config), self.parent))
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickled for a job in another process: it needs the parent's id now.
+        if self.parent is not None:
+            self.job_env[PARENT_ENV] = tracker().wait(self.parent)
+        return {"job_env": self.job_env, "parent": None}
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        os.environ.update(self.job_env)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        parent = _result(self.parent)
+        manifest = write_manifest(config, parent)
+        statuses = {r["status"] for r in manifest["runs"]}
+        ok = bool(manifest["runs"]) and statuses <= {"FINISHED"}
+        if parent is not None:
+            uri = store.tracking_uri(config)
+            if manifest["best"]:
+                tracker().wait(tracker().submit(_try, "tag the best λ", tag_best, uri, parent, manifest["best"]))
+            finish("FINISHED" if ok else "FAILED", None if ok else "a child run did not finish")
+
+
+def _result(parent: Optional[Future]) -> Optional[str]:
+    """The parent run's id; None with tracking off or when its creation failed."""
+    if parent is None:
+        return None
+    tracker().release()
+    return None if parent.exception() is not None else parent.result()
+
+
+def _create_parent(config: DictConfig, start: Future, started: str) -> str:
+    """Creates the parent run ``sweep-<regularizer>-<started>`` and logs the grid (on the thread).
+
+    Raises:
+        StoreError: MLflow's start or the creation failed (a job reports it for its run).
+    """
+    uri = store.tracking_uri(config)
+    try:
+        start.result()
+        return _parent_run(config, uri, started)
+    except Exception as exc:
+        raise store.StoreError(store.store_error(uri, exc)) from exc
+
+
+def _parent_run(config: DictConfig, uri: str, started: str) -> str:
+    client = store.get_client(config)
+    tags = {**git_tags(), "l2sweep.kind": "sweep", "l2sweep.sweep_id": os.environ[SWEEP_ENV],
+            "dataset": config.dataset.name, "model": config.model.name,
+            "regularizer": config.regularizer.name}
+    if os.environ.get("DVC_STAGE"):  # set by `dvc repro` for the stage's command
+        tags["dvc.stage"] = os.environ["DVC_STAGE"]
+    name = f"sweep-{config.regularizer.name}-{started}"
+    run = client.create_run(tracker().experiments[uri], run_name=name, tags=tags)
+    choices = OmegaConf.select(config, "hydra.runtime.choices", default=None) or {}
+    client.log_batch(run.info.run_id, params=_params({
+        "grid": _sweep_grid(config), "sweep.strengths": list(config.sweep.strengths),
+        "dataset.name": config.dataset.name, "model.name": config.model.name,
+        "regularizer.name": config.regularizer.name, "train.epochs": config.train.epochs,
+        **{k.replace("/", "."): choices[k] for k in ("hydra/launcher", "hydra/sweeper") if k in choices}}))
+    os.environ[PARENT_ENV] = run.info.run_id
+    log.info("MLflow sweep run %s (%s) in %s", name, run.info.run_id, uri)
+    return run.info.run_id
+
+
+def _try(what: str, task: Any, *args: Any) -> None:
+    try:
+        task(*args)
+    except Exception as exc:  # the results are in sweep.json; the parent still gets ended
+        log.warning("could not %s on the sweep's MLflow run: %s", what, exc)
+
+
+def finish(status: str, reason: Optional[str] = None) -> None:
+    """Waits for the tracking thread, then ends the parent runs this process opened that are
+    still RUNNING (the entry point's ``finally``: no run is left RUNNING)."""
+    parents = tracker().parents
+    while parents:
+        uri, parent = parents.pop()
+        os.environ.pop(PARENT_ENV, None)
+        if _result(parent) is not None:
+            tracker().wait(tracker().submit(_end_parent, uri, parent.result(), status, reason))
+
+
+def _end_parent(uri: str, parent: str, status: str, reason: Optional[str]) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        if client.get_run(parent).info.status != "RUNNING":
+            return
+        if reason:
+            client.set_tag(parent, REASON_TAG, reason)
+        client.set_terminated(parent, status)
+    except Exception as exc:  # the store may be the thing that failed; say so, don't mask
+        log.error("could not close the sweep's MLflow run %s: %s", parent, exc)
+
+
+def _params(values: dict[str, Any]) -> list:
+    from mlflow.entities import Param
+
+    return [Param(k, str(v)[:6000]) for k, v in values.items()]
+
+
+def _sweep_grid(config: DictConfig) -> str:
+    """The swept overrides as the user gave them, e.g. ``regularizer.strength=0.0001,0.001``,
+    or a search sweeper's space (``hydra.sweeper.params``) that the command line does not set."""
+    overrides = list(OmegaConf.select(config, "hydra.overrides.task", default=[]) or [])
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    swept = [text for text, o in zip(overrides, parsed) if o.is_sweep_override()]
+    keys = {o.get_key_element() for o in parsed if o.is_sweep_override()}
+    space = OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}
+    swept += [f"{k}={v}" for k, v in space.items() if k not in keys]
+    return " ".join(swept) or "(single run)"
+
+
+def best_run(histories: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """The finished run with the lowest final validation cross-entropy (else val_loss), as
+    ``{"run_name", "strength", "by", "value"}``: the rule of the report."""
+    entries = {h["run_name"]: {**summaries.summarize_history(h), "strength": h.get("strength"),
+                               "status": summaries.FINISHED if h.get("status") == "FINISHED" else "failed"}
+               for h in histories if h.get("run_name")}
+    return summaries.pick_best(entries)
+
+
+def tag_best(uri: str, parent_run_id: str, best: dict[str, Any]) -> None:
+    """Tags the best λ on the sweep's parent run (``evaluate`` sets the same tags)."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, RunTag
+
+    tags = {"best_lambda": summaries.format_strength(best["strength"]),
+            "best_run_name": best["run_name"], "best_by": best["by"]}
+    MlflowClient(tracking_uri=uri).log_batch(
+        parent_run_id, metrics=[Metric("best_lambda", float(best["strength"]), int(time.time() * 1000), 0)],
+        tags=[RunTag(k, v) for k, v in tags.items()])
+    log.info("best lambda %s (%s, final %s %.4f)", tags["best_lambda"], best["run_name"],
+             best["by"], best["value"])
+
+
+def write_manifest(cfg: DictConfig, parent_run_id: Optional[str]) -> dict[str, Any]:
+    """Writes ``<paths.models>/sweep.json`` from the histories this sweep wrote."""
+    models = Path(cfg.paths.models)
+    sweep_id = os.environ.get(SWEEP_ENV)
+    runs, histories = [], []
+    for history_file in sorted(models.glob("*/history.json")):
+        history = json.loads(history_file.read_text())
+        if sweep_id and history.get("sweep_id") not in (sweep_id, None):
+            continue
+        histories.append(history)
+        runs.append({key: history.get(key) for key in
+                     ("run_name", "strength", "status", "mlflow_run_id", "diverged_epoch")}
+                    | {"dir": history_file.parent.name})
+    runs.sort(key=lambda r: (r["strength"] is None, r["strength"]))
+    manifest = {
+        "sweep_id": sweep_id, "parent_run_id": parent_run_id,
+        "experiment": cfg.tracking.experiment,
+        "tracking_uri": store.tracking_uri(cfg) if cfg.tracking.enabled else None,
+        "dataset": cfg.dataset.name, "model": cfg.model.name, "regularizer": cfg.regularizer.name,
+        "strengths": [r["strength"] for r in runs], "runs": runs, "best": best_run(histories),
+    }
+    files.write_text(models / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    return manifest

@@ -1,0 +1,264 @@
+"""l2sweep.engine.fit: the compiled loop equals Keras fit, trains K models as K separate runs,
+and trains whatever l2sweep.engine.model defines (or refuses it by name)."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+
+import keras
+import numpy as np
+import pytest
+
+from l2sweep.engine import model
+from l2sweep.base.config import training_loop
+from l2sweep.engine.fit import Trained, fit
+
+#: float32 over a few dozen Adam steps: both loops agree to ~1e-7 relative (measured).
+RTOL, ATOL = 1e-5, 1e-6
+
+
+@pytest.fixture(scope="module")
+def data(tiny_arrays):
+    """(x_train, y_train, x_val, y_val): the tiny set's uint8 images as prepared, read-only
+    like the train stage's (500 train, 100 validation)."""
+    arrays = tuple(tiny_arrays[k].copy() for k in ("x_train", "y_train", "x_test", "y_test"))
+    for a in arrays:
+        a.flags.writeable = False
+    return arrays
+
+
+def grid(tiny_cfg, regularizer: str, strengths, *extra: str) -> list:
+    """One config per lambda, otherwise equal (as the train stage makes them)."""
+    return [tiny_cfg(f"regularizer={regularizer}", f"regularizer.strength={s}", "tracking.enabled=false",
+                     *extra) for s in strengths]
+
+
+def assert_same(got: Trained, ref: Trained, what: str) -> None:
+    """Every per-epoch metric (but the wall time), weight and optimizer variable agree."""
+    assert got.history.keys() == ref.history.keys(), what
+    assert got.diverged_epoch == ref.diverged_epoch, what
+    for key in set(ref.history) - {"epoch_time"}:
+        np.testing.assert_allclose(got.history[key], ref.history[key], rtol=RTOL, atol=ATOL,
+                                   err_msg=f"{what} {key}")
+    pairs = list(zip(got.model.weights, ref.model.weights))
+    pairs += list(zip(got.model.optimizer.variables, ref.model.optimizer.variables))
+    assert len(pairs) == len(ref.model.weights) + len(ref.model.optimizer.variables), what
+    for a, b in pairs:
+        assert a.name == b.name, what
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b),
+                                   rtol=RTOL, atol=ATOL, err_msg=f"{what} {a.path}")
+
+
+def fit_each(cfgs, data) -> list[Trained]:
+    """Each config on its own (K=1), as one job per lambda trains it."""
+    return [fit([c], *data, [[]], c.run_name)[0] for c in cfgs]
+
+
+@pytest.mark.parametrize("regularizer", ["l2", "l1_l2", "weight_decay"])
+def test_compiled_loop_equals_keras_fit(tiny_cfg, data, regularizer):
+    """A 3-lambda grid for 2 epochs: all at once in the compiled loop, one by one in it, and one
+    by one in Keras' own fit give the same metrics, weights and Adam state."""
+    strengths = (0.001, 0.01, 0.1)
+    together = fit(grid(tiny_cfg, regularizer, strengths, "train.epochs=2"), *data, [[]] * 3, "grid")
+    alone = fit_each(grid(tiny_cfg, regularizer, strengths, "train.epochs=2"), data)
+    keras_fit = fit_each(grid(tiny_cfg, regularizer, strengths, "train.epochs=2", "train.loop=keras"), data)
+    for s, a, b, ref in zip(strengths, together, alone, keras_fit):
+        assert len(ref.history["loss"]) == 2 and ref.diverged_epoch is None
+        assert_same(a, ref, f"together {regularizer}-{s}")
+        assert_same(b, ref, f"alone {regularizer}-{s}")
+        assert int(a.model.optimizer.iterations) == 2 * math.ceil(len(data[0]) / 32)
+
+
+@pytest.mark.filterwarnings("ignore:Model doesn.t support .jit_compile=True.")  # load_model under op determinism
+def test_the_trained_model_saves_with_its_optimizer_state(tiny_cfg, data, tmp_path):
+    """A compiled fit's model.keras holds its weights, Adam moments and step count, so it
+    resumes as fit's would."""
+    (trained,) = fit(grid(tiny_cfg, "l2", (0.01,)), *data, [[]], "save")
+    trained.model.save(tmp_path / "model.keras")
+    loaded = keras.saving.load_model(tmp_path / "model.keras")
+    assert int(loaded.optimizer.iterations) == math.ceil(len(data[0]) / 32)
+    for a, b in zip(loaded.weights + loaded.optimizer.variables,
+                    trained.model.weights + trained.model.optimizer.variables):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
+
+
+def deeper_mlp(hidden_units: int, reg) -> keras.Model:
+    """Another MLP for model.mlp: tanh, a second hidden layer (elu, no bias), another width."""
+    inputs = keras.Input(shape=model.INPUT_SHAPE, name="image")
+    x = keras.layers.Flatten(name="flatten")(inputs)
+    x = keras.layers.Dense(48, activation="tanh", kernel_regularizer=reg, name="hidden")(x)
+    x = keras.layers.Dense(24, activation="elu", use_bias=False, kernel_regularizer=reg, name="hidden2")(x)
+    outputs = keras.layers.Dense(model.NUM_CLASSES, activation="softmax", name="output")(x)
+    return keras.Model(inputs, outputs, name="mlp")
+
+
+@pytest.mark.parametrize("regularizer", ["l1_l2", "weight_decay"])
+def test_both_loops_train_what_model_py_defines(tiny_cfg, data, monkeypatch, regularizer):
+    """model.py is the one definition: with another MLP in it, the compiled loop trains that
+    network (layers, activations, penalties, decay), exactly as Keras fit does."""
+    strengths = (0.001, 0.1)
+    (relu,) = fit_each(grid(tiny_cfg, regularizer, strengths[:1]), data)
+    monkeypatch.setattr(model, "mlp", deeper_mlp)
+    compiled = fit(grid(tiny_cfg, regularizer, strengths), *data, [[], []], "grid")
+    keras_fit = fit_each(grid(tiny_cfg, regularizer, strengths, "train.loop=keras"), data)
+    for s, got, ref in zip(strengths, compiled, keras_fit):
+        dense = [layer for layer in got.model.layers if isinstance(layer, keras.layers.Dense)]
+        assert [(d.units, d.activation.__name__) for d in dense] == [(48, "tanh"), (24, "elu"), (10, "softmax")]
+        assert "weight_norm/hidden2" in got.history
+        assert_same(got, ref, f"{regularizer}-{s}")
+    assert not np.allclose(compiled[0].history["loss"], relu.history["loss"])  # not the relu MLP's
+
+
+def _with_dropout(hidden_units: int, reg) -> keras.Model:
+    inputs = keras.Input(shape=model.INPUT_SHAPE, name="image")
+    x = keras.layers.Flatten(name="flatten")(inputs)
+    x = keras.layers.Dropout(0.5, name="dropout")(keras.layers.Dense(hidden_units, name="hidden")(x))
+    return keras.Model(inputs, keras.layers.Dense(10, activation="softmax", name="output")(x))
+
+
+def _linear_output(hidden_units: int, reg) -> keras.Model:
+    inputs = keras.Input(shape=model.INPUT_SHAPE, name="image")
+    x = keras.layers.Dense(hidden_units, name="hidden")(keras.layers.Flatten(name="flatten")(inputs))
+    return keras.Model(inputs, keras.layers.Dense(10, name="output")(x))
+
+
+@pytest.mark.parametrize("builder,named", [(_with_dropout, "layer 'dropout' (Dropout)"),
+                                          (_linear_output, "layer 'output'")], ids=["dropout", "no-softmax"])
+def test_the_compiled_loop_refuses_what_it_cannot_run(tiny_cfg, data, monkeypatch, builder, named):
+    monkeypatch.setattr(model, "mlp", builder)
+    with pytest.raises(ValueError, match=f"cannot run {re.escape(named)}.*train.loop=keras"):
+        fit([tiny_cfg("tracking.enabled=false")], *data, [[]], "refused")
+
+
+def test_the_cnn_runs_only_in_keras_fit(tiny_cfg, data):
+    from l2sweep.base.config import ConfigError, validate
+
+    assert training_loop(tiny_cfg("model=cnn")) == "keras"
+    with pytest.raises(ConfigError, match="train.loop='compiled' is not allowed: auto or keras for model.name=cnn"):
+        validate(tiny_cfg("model=cnn", "train.loop=compiled"))
+    with pytest.raises(ValueError, match=r"cannot run layer 'channels' \(Reshape\).*train.loop=keras"):
+        fit([tiny_cfg("model=cnn", "train.loop=compiled")], *data, [[]], "cnn")
+    with pytest.raises(ValueError, match="one model at a time: got 2 configs"):
+        fit(grid(tiny_cfg, "l2", (0.1, 1.0), "model=cnn"), *data, [[], []], "cnn")
+
+
+def test_a_diverging_lambda_fails_alone(tiny_cfg, data):
+    """lambda=1e37 overflows the penalty at the first step: that model stops with
+    diverged_epoch 0; the other trains on exactly as it does alone."""
+    cfgs = grid(tiny_cfg, "l2", (0.001, 1e37), "train.epochs=2")
+    good, bad = fit(cfgs, *data, [[], []], "grid")
+    assert bad.diverged_epoch == 0 and len(bad.history["loss"]) == 1
+    assert not math.isfinite(bad.history["loss"][0])
+    (alone,) = fit(cfgs[:1], *data, [[]], "alone")
+    assert good.diverged_epoch is None and len(good.history["loss"]) == 2
+    assert_same(good, alone, "l2-0.001")
+
+
+class StopAfterFirstEpoch(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        self.model.stop_training = True
+
+
+def test_a_callback_stops_its_model_as_in_fit(tiny_cfg, data):
+    """A callback setting ``model.stop_training`` ends that model's training as it ends fit's
+    (weights and Adam state of that epoch); the other models of the grid go on."""
+    cfgs = grid(tiny_cfg, "l2", (0.001, 0.1), "train.epochs=2")
+    stopped, going = fit(cfgs, *data, [[StopAfterFirstEpoch()], []], "grid")
+    keras_cfgs = grid(tiny_cfg, "l2", (0.001, 0.1), "train.epochs=2", "train.loop=keras")
+    (ref_stopped,) = fit(keras_cfgs[:1], *data, [[StopAfterFirstEpoch()]], "keras")
+    (ref_going,) = fit(keras_cfgs[1:], *data, [[]], "keras")
+    assert len(stopped.history["loss"]) == 1 and len(going.history["loss"]) == 2
+    assert_same(stopped, ref_stopped, "stopped")
+    assert_same(going, ref_going, "going on")
+
+
+def test_batches_come_in_fits_order():
+    """keras_batch_order is what fit(shuffle=True) feeds, batch for batch, epoch after epoch."""
+    import tensorflow as tf
+
+    from l2sweep.engine.fit import keras_batch_order
+
+    n, epochs, steps = 100, 3, 4   # 3 batches of 32, then one of 4
+
+    class Recorder(keras.Model):
+        """Records the first and last label of every batch it is trained on."""
+
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(1)
+            self.seen = tf.Variable(tf.zeros((epochs * steps, 2), tf.int64), trainable=False)
+            self.step = tf.Variable(0, dtype=tf.int64, trainable=False)
+
+        def call(self, x):
+            return self.dense(x)
+
+        def train_step(self, data):
+            _, y = data
+            self.seen.scatter_nd_update([[self.step]], [tf.stack([y[0], y[-1]])])
+            self.step.assign_add(1)
+            return {"step": self.step}
+
+    model.set_seeds(42)
+    recorder = Recorder()
+    recorder(np.zeros((1, 1)))
+    recorder.compile(steps_per_execution=2)
+    recorder.fit(np.zeros((n, 1)), np.arange(n), batch_size=32, epochs=epochs, shuffle=True, verbose=0)
+    model.set_seeds(42)
+    order = keras_batch_order(n, 32, epochs)
+    assert [[len(b) for b in epoch] for epoch in order] == [[32, 32, 32, 4]] * epochs
+    mine = np.asarray([[b[0], b[-1]] for epoch in order for b in epoch])
+    np.testing.assert_array_equal(mine, recorder.seen.numpy())
+    assert sorted(np.concatenate(order[0]).tolist()) == list(range(n))
+
+
+def test_uint8_images_train_exactly_as_their_float_copy(tiny_cfg, data):
+    """The compiled loop scales uint8 images in its step to exactly to_float's values (the
+    float arrays fit is given): every metric and weight is the float copy's, bit for bit."""
+    from l2sweep.base.data import to_float
+
+    x, y, xv, yv = data
+    cfgs = grid(tiny_cfg, "l2", (0.001, 0.01))
+    runs = [fit(cfgs, *arrays, [[], []], "grid") for arrays in ((x, y, xv, yv), (to_float(x), y, to_float(xv), yv))]
+    for got, ref in zip(*runs):
+        assert got.history.keys() == ref.history.keys()
+        for key in set(ref.history) - {"epoch_time"}:  # a wall time
+            assert got.history[key] == ref.history[key], key
+        for w, w_ref in zip(got.model.get_weights(), ref.model.get_weights()):
+            np.testing.assert_array_equal(w, w_ref)
+
+
+def test_the_compiled_loop_compiles_once_per_process(tiny_cfg, data):
+    """The jobs of a sequential sweep reuse one engine: the next lambda starts from its own
+    initial weights and zero Adam state without tracing (and so compiling) again.
+    (test_compiled_loop_equals_keras_fit shows the reused engine's results equal fit's.)"""
+    from l2sweep.engine.compiled import CompiledMLP
+
+    first, second = grid(tiny_cfg, "l2", (0.001, 0.1))
+    fit([first], *data, [[]], "first")
+    engine = CompiledMLP.for_views([model.build_model(first)])  # the process's engine
+    traced = engine.tracing_count()
+    assert traced >= 1
+    fit([second], *data, [[]], "second")
+    assert CompiledMLP.for_views([model.build_model(second)]) is engine and engine.tracing_count() == traced
+    other = CompiledMLP.for_views([model.build_model(tiny_cfg("model.hidden_units=16"))])
+    assert other is not engine
+
+
+def test_the_jobs_of_a_process_share_the_batch_order_and_data_tensors(tiny_cfg, data, monkeypatch):
+    """The second job reuses the first one's batch order (the same seed gives the same order)
+    and its tensors of the read-only shared arrays; other arrays, or another seed, do not."""
+    from l2sweep.engine import fit as fit_module
+
+    calls = []
+    order = fit_module.keras_batch_order
+    monkeypatch.setattr(fit_module, "keras_batch_order", lambda *a: calls.append(a) or order(*a))
+    first, second = grid(tiny_cfg, "l2", (0.001, 0.1), "train.seed=1234")  # a seed no test used before
+    fit([first], *data, [[]], "first")
+    tensors = fit_module.data_tensors(*data)
+    fit([second], *data, [[]], "second")
+    assert len(calls) == 1 and fit_module.data_tensors(*data) is tensors
+    assert fit_module.data_tensors(data[0].copy(), *data[1:]) is not tensors  # writeable: not kept
+    fit(grid(tiny_cfg, "l2", (0.001,), "train.seed=7"), *data, [[]], "seed 7")
+    assert len(calls) == 2
