@@ -1,22 +1,15 @@
-"""The `evaluate` stage: every model of the sweep on the untouched test split, and the report.
+"""The `evaluate` stage: scores every model of the sweep on the untouched test split.
 
-Run (from the repository root; params.yaml is layered over conf/, the command line wins):
+Run from the repository root (params.yaml over conf/, the command line wins)::
+
     python -m l2sweep.evaluate                    # what `dvc repro evaluate` runs
     python -m l2sweep.evaluate paths.models=elsewhere/models
 
-Reads ``<paths.models>/sweep.json`` (else every ``<paths.models>/*/history.json``), each
-run's ``history.json`` and ``model.keras``, and ``<paths.prepared>/test.npz``. Writes:
-
-* ``paths.metrics`` (``metrics/eval.json``): per run, test loss/accuracy, per-class accuracy,
-  confusion matrix and the summary figures of :func:`l2sweep.reporting.summaries.summarize_history`;
-  the sweep's settings; the best λ by validation loss.
-* ``paths.plots``: DVC plot data (``epochs.json``, ``accuracy.json``, ``by_lambda.json``),
-  drawn by the top-level ``plots:`` of dvc.yaml.
-* ``<paths.reports>/report.md`` and ``<paths.reports>/figures/*.png``.
-* to the sweep's parent MLflow run: the summary metrics per λ, the figures, the report and
-  eval.json as artifacts, and the ``best_lambda`` tag (and each child run's test metrics).
-
-A diverged run (no model) is reported with status ``diverged``, not evaluated.
+Reads the sweep under ``paths.models`` (``sweep.json``, each run's history.json and
+model.keras) and the test split under ``paths.prepared``. Writes ``paths.metrics`` (per run:
+test metrics, confusion matrix, summaries; the settings; the best λ), the DVC plot data under
+``paths.plots``, and ``report.md`` with its figures under ``paths.reports``; logs them to the
+sweep's MLflow runs. A diverged run (no model) is reported, not scored.
 """
 
 from __future__ import annotations
@@ -68,14 +61,8 @@ class SweepRun:
 
 
 def load_sweep(models_dir: str | os.PathLike) -> tuple[dict[str, Any], list[SweepRun]]:
-    """The sweep manifest and its runs, sorted by λ.
-
-    Falls back to every sub-folder of ``models_dir`` holding a history.json when there is no
-    ``sweep.json``.
-
-    Raises:
-        EvaluateError: no manifest and no history, or a run the manifest names has no folder.
-    """
+    """The sweep manifest and its runs, sorted by λ (without ``sweep.json``: each sub-folder
+    holding a history.json). EvaluateError when there is none or a named run has no history."""
     models = Path(models_dir)
     manifest_path = models / MANIFEST
     if manifest_path.is_file():
@@ -146,6 +133,8 @@ def evaluate_run(run: SweepRun, history: dict[str, Any], x: np.ndarray, y: np.nd
         entry.update(score_model(model_path, x, y, class_names))
     else:
         entry.update({"test_loss": None, "test_accuracy": None})
+    log.info("%s: %s, test accuracy %s", run.run_name, entry["status"],
+             summaries.fmt_pct(entry["test_accuracy"]))
     return entry
 
 
@@ -186,10 +175,7 @@ def write_figures(evaluation: dict[str, Any], histories: list[dict[str, Any]],
 def log_to_mlflow(cfg: DictConfig, manifest: dict[str, Any], evaluation: dict[str, Any],
                   runs: list[tuple[SweepRun, dict[str, Any]]], artifacts: list[Path]) -> None:
     """To the sweep's parent run: summary metrics per λ, the best-λ tags, the report, figures
-    and eval.json; to each child run: its test metrics and its figures (curves, histograms).
-
-    Skipped (with a log line) when tracking is off or the sweep has no parent run.
-    """
+    and eval.json; to each child run, :func:`log_child`. Skipped without tracking or parent."""
     parent = manifest.get("parent_run_id")
     if not cfg.tracking.enabled or not parent:
         log.info("no parent MLflow run (tracking off or no sweep manifest): not logging")
@@ -223,8 +209,8 @@ def log_to_mlflow(cfg: DictConfig, manifest: dict[str, Any], evaluation: dict[st
 
 
 def log_child(client: Any, run: SweepRun, entry: dict[str, Any], history: dict[str, Any], now: int) -> None:
-    """A child run's test metrics (so the compare view shows them) and its figures:
-    ``plots/curves.png`` and ``histograms/<layer>.png`` (from ``histograms.json``)."""
+    """A child run's test metrics (for the compare view) and figures: ``plots/curves.png`` and
+    ``histograms/<layer>.png`` (from ``histograms.json``)."""
     from mlflow.entities import Metric
 
     from l2sweep.reporting import plots
@@ -246,20 +232,11 @@ def log_child(client: Any, run: SweepRun, entry: dict[str, Any], history: dict[s
         client.log_artifacts(run_id, tmp)
 
 
-def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Evaluates the sweep under ``cfg.paths.models`` and writes metrics, plots and report.
-
-    Args:
-        cfg: the composed config (see l2sweep.base.config.Config).
-
-    Returns:
-        The content written to ``cfg.paths.metrics``.
-    """
+def describe_sweep(cfg: DictConfig, manifest: dict[str, Any], runs: list[SweepRun],
+                   y: np.ndarray) -> dict[str, Any]:
+    """The ``sweep`` section of eval.json: dataset, model, grid, class names and settings."""
     from l2sweep.base.data import DataError, load_meta
 
-    validate(cfg)
-    manifest, runs = load_sweep(cfg.paths.models)
-    x, y = load_test_split(cfg.paths.prepared)
     try:
         meta = load_meta(cfg.paths.prepared)
     except DataError as exc:  # provenance only: the numbers do not depend on it
@@ -267,37 +244,40 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         meta = {}
     dataset = manifest.get("dataset") or meta.get("dataset") or cfg.dataset.name
     sizes = {split: info.get("size") for split, info in meta.get("splits", {}).items()}
-    names = summaries.class_names(str(dataset), int(y.max()) + 1 if len(y) else 10)
+    return {"dataset": dataset, "model": manifest.get("model", cfg.model.name),
+            "regularizer": manifest.get("regularizer", cfg.regularizer.name),
+            "strengths": [r.strength for r in runs], "test_examples": int(len(y)),
+            "split_sizes": sizes,
+            "class_names": summaries.class_names(str(dataset), int(y.max()) + 1 if len(y) else 10),
+            "parent_run_id": manifest.get("parent_run_id"),
+            "config": {key: OmegaConf.select(cfg, key) for key in RECORDED_SETTINGS}}
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Scores the sweep under ``cfg.paths.models``, writes metrics, plots and report, and logs
+    them to MLflow; returns the content written to ``cfg.paths.metrics``."""
+    validate(cfg)
+    manifest, runs = load_sweep(cfg.paths.models)
+    x, y = load_test_split(cfg.paths.prepared)
+    sweep = describe_sweep(cfg, manifest, runs, y)
+
     histories, entries = [], {}
     for run in runs:
         history = json.loads((run.dir / HISTORY).read_text(encoding="utf-8"))
         histories.append(history)
-        entries[run.run_name] = evaluate_run(run, history, x, y, names)
-        log.info("%s: %s, test accuracy %s", run.run_name, entries[run.run_name]["status"],
-                 summaries.fmt_pct(entries[run.run_name]["test_accuracy"]))
+        entries[run.run_name] = evaluate_run(run, history, x, y, sweep["class_names"])
+    evaluation = {"sweep": sweep, "best": summaries.pick_best(entries), "runs": entries}
 
-    settings = {key: OmegaConf.select(cfg, key) for key in RECORDED_SETTINGS}
-    evaluation = {
-        "sweep": {"dataset": dataset, "model": manifest.get("model", cfg.model.name),
-                  "regularizer": manifest.get("regularizer", cfg.regularizer.name),
-                  "strengths": [r.strength for r in runs], "test_examples": int(len(y)),
-                  "split_sizes": sizes,
-                  "class_names": names, "parent_run_id": manifest.get("parent_run_id"),
-                  "config": settings},
-        "best": summaries.pick_best(entries),
-        "runs": entries,
-    }
-    write_json(Path(cfg.paths.metrics), evaluation)
-    plots_dir = Path(cfg.paths.plots)
+    metrics, reports = Path(cfg.paths.metrics), Path(cfg.paths.reports)
+    write_json(metrics, evaluation)
     for name, rows in summaries.plot_data(evaluation, histories).items():
-        write_json(plots_dir / name, rows)
-    reports = Path(cfg.paths.reports)
+        write_json(Path(cfg.paths.plots) / name, rows)
     figures = write_figures(evaluation, histories, reports / "figures")
-    text = report.render_report(evaluation, [(c, p.relative_to(reports).as_posix())
-                                             for c, p in figures])
-    (reports / "report.md").write_text(text, encoding="utf-8")
+    links = [(caption, path.relative_to(reports).as_posix()) for caption, path in figures]
+    (reports / "report.md").write_text(report.render_report(evaluation, links), encoding="utf-8")
+
     log_to_mlflow(cfg, manifest, evaluation, list(zip(runs, histories)),
-                  [p for _, p in figures] + [reports / "report.md", Path(cfg.paths.metrics)])
+                  [path for _, path in figures] + [reports / "report.md", metrics])
     return evaluation
 
 

@@ -1,21 +1,18 @@
-"""The regression gate: compares ``metrics/eval.json`` with a baseline and fails on regressions.
+"""The regression gate: compares ``metrics/eval.json`` with a baseline, λ by λ.
 
 Run it after ``dvc repro`` (or ``python -m l2sweep.evaluate``)::
 
-    python -m l2sweep.gate                            # baseline: gate.baseline (metrics/baseline.json)
-    python -m l2sweep.gate --baseline other.json      # any eval.json-shaped file
-    python -m l2sweep.gate --rev main                 # metrics/eval.json as committed at `main`
+    python -m l2sweep.gate                              # baseline: gate.baseline
+    python -m l2sweep.gate --baseline other.json        # any eval.json-shaped file
+    python -m l2sweep.gate --rev main                   # metrics/eval.json as committed at main
     python -m l2sweep.gate gate.max_accuracy_drop=0.01  # Hydra overrides (tolerances, paths)
 
-Per λ (matched by value), it checks each metric of :func:`tolerances_from_config`: by default
-test accuracy may not drop more than ``gate.max_accuracy_drop`` (absolute, 0.005 = 0.5 point)
-and test loss may not rise more than ``gate.max_loss_increase`` (relative, 0.05 = 5%). A λ of
-the baseline that is missing from the current metrics, or that diverged now but not in the
-baseline, fails the gate. It prints a Markdown table (metric, baseline, current, change,
-verdict), which reads in a terminal and in a CI job summary.
+Test accuracy may drop by ``gate.max_accuracy_drop`` (absolute) and test loss rise by
+``gate.max_loss_increase`` (relative); a baseline λ that is missing now, or that diverged now
+but not in the baseline, fails. Prints a Markdown table (terminal or CI job summary).
 
-Exit status: 0 nothing regressed; 1 a regression, a missing or a diverged λ; 2 the metrics
-could not be read (missing file, bad JSON, unknown revision).
+Exit status: 0 passed; 1 a regression, a missing or a diverged λ; 2 the metrics could not be
+read (missing file, bad JSON, unknown revision).
 """
 
 from __future__ import annotations
@@ -47,14 +44,8 @@ class GateError(Exception):
 
 @dataclass(frozen=True)
 class Tolerance:
-    """How much one metric may worsen for any λ.
-
-    Attributes:
-        metric: key of a run's entry in eval.json (``test_accuracy``, ``test_loss``...).
-        higher_is_better: True for accuracies, False for losses.
-        max_change: the largest allowed worsening.
-        relative: ``max_change`` is a fraction of the baseline value (else absolute).
-    """
+    """How much one metric (a key of a run's eval.json entry) may worsen for any λ:
+    ``max_change``, absolute or (``relative``) a fraction of the baseline value."""
 
     metric: str
     higher_is_better: bool
@@ -79,18 +70,9 @@ class Tolerance:
 
 @dataclass(frozen=True)
 class Verdict:
-    """The outcome of one check (one λ, one metric; or one λ as a whole when it is missing).
-
-    Attributes:
-        strength: λ.
-        metric: the metric checked, or ``-`` for a whole-λ verdict.
-        baseline: the baseline value (None when absent).
-        current: the current value (None when absent).
-        change: the change as shown (``-1.00 pt``, ``+3.2%``), or ``-``.
-        status: ``ok``, ``regressed``, ``missing``, ``diverged``, ``new`` or ``skipped``.
-        passed: whether this check lets the gate pass.
-        note: why, in words.
-    """
+    """The outcome of one check: one λ and metric, or (``metric`` ``-``) one λ as a whole.
+    ``status``: ``ok``, ``regressed``, ``missing``, ``diverged``, ``new`` or ``skipped``;
+    ``change`` as shown (``-1.00 pt``, ``+3.2%``, ``-``); ``note`` says why."""
 
     strength: float
     metric: str
@@ -103,14 +85,7 @@ class Verdict:
 
 
 def tolerances_from_config(gate_cfg: Any) -> list[Tolerance]:
-    """The per-metric tolerances of the ``gate`` config section.
-
-    Args:
-        gate_cfg: ``cfg.gate`` (``max_accuracy_drop``, ``max_loss_increase``).
-
-    Returns:
-        Test accuracy (absolute drop) and test loss (relative rise).
-    """
+    """The tolerances of ``cfg.gate``: test accuracy (absolute drop), test loss (relative rise)."""
     return [
         Tolerance("test_accuracy", higher_is_better=True,
                   max_change=float(gate_cfg.max_accuracy_drop)),
@@ -156,17 +131,8 @@ def check(tolerance: Tolerance, strength: float, baseline: Optional[float],
 
 def gate(current: Mapping[str, Any], baseline: Mapping[str, Any],
          tolerances: Sequence[Tolerance]) -> list[Verdict]:
-    """Compares two eval.json contents λ by λ.
-
-    Args:
-        current: the metrics under test.
-        baseline: the metrics they must not fall behind.
-        tolerances: what may change by how much (:func:`tolerances_from_config`).
-
-    Returns:
-        One verdict per λ and metric (one per λ when the λ is missing, diverged or new),
-        ordered by λ. The gate passes when every verdict has ``passed``.
-    """
+    """Compares two eval.json contents λ by λ: one verdict per λ and metric (one per λ when
+    it is missing, diverged or new), ordered by λ."""
     cur, base = _by_strength(current), _by_strength(baseline)
     verdicts: list[Verdict] = []
     for strength in sorted(set(cur) | set(base)):

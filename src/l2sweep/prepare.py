@@ -7,10 +7,9 @@ Run it as ``dvc repro prepare`` or on its own::
     python -m l2sweep.prepare dataset=idx_dir dataset.path=/my/idx/folder
     python -m l2sweep.prepare dataset=npz dataset.path=/my/data.npz
 
-It writes ``train.npz``, ``val.npz``, ``test.npz`` (keys ``x`` uint8 (N, 28, 28), ``y``
-int64) and ``meta.json`` (dataset, source, checksums, class counts, split settings) into
-``paths.prepared``, atomically. Bad input prints one ``error:`` line and exits with status 2;
-add ``--verbose`` (or set ``HYDRA_FULL_ERROR=1``) for the traceback.
+It writes ``train.npz``, ``val.npz``, ``test.npz`` and ``meta.json`` (provenance) into
+``paths.prepared``. Bad input prints one ``error:`` line and exits 2; ``--verbose`` shows the
+traceback.
 """
 
 from __future__ import annotations
@@ -28,13 +27,8 @@ from l2sweep.base.data import apply_limit, class_counts, load_dataset, save_prep
 
 
 def prepare(cfg: DictConfig) -> dict[str, Any]:
-    """Loads ``cfg.dataset``, splits it per ``cfg.data`` and saves it to ``cfg.paths.prepared``.
-
-    Args:
-        cfg: the composed (and validated) config.
-
-    Returns:
-        The provenance written as ``meta.json``.
+    """Loads ``cfg.dataset``, splits it per ``cfg.data``, saves it to ``cfg.paths.prepared`` and
+    returns the provenance written as ``meta.json``.
 
     Raises:
         DataError: the dataset is unobtainable or malformed.
@@ -73,10 +67,7 @@ def summary(meta: dict[str, Any], out_dir: str) -> str:
 
 @entry_point()
 def main(overrides: list[str]) -> int:
-    """Command-line entry point: ``python -m l2sweep.prepare [--verbose] [overrides...]``.
-
-    Bad input prints one ``error:`` line and returns 2 (see l2sweep.base.cli).
-    """
+    """``python -m l2sweep.prepare [--verbose] [overrides...]``."""
     if any(a in ("-h", "--help") for a in overrides):
         print(__doc__)
         return 0

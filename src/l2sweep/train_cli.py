@@ -37,8 +37,6 @@ _VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--con
                 "-cn", "--config-dir", "-cd", "--experimental-rerun"}
 _MULTIRUN_FLAGS = {"-m", "--multirun"}
 STRENGTH = "regularizer.strength"
-#: ``hydra/launcher=fused`` is an alias of ``train.fused=true`` (l2sweep.engine.compiled), not a plugin.
-FUSED_ALIAS = ("hydra/launcher=fused", "train.fused=true")
 
 
 def split_args(args: list[str]) -> tuple[list[str], list[str]]:

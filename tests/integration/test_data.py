@@ -432,15 +432,15 @@ def test_interrupted_save_keeps_old_outputs(tmp_path, monkeypatch, had_outputs):
     if had_outputs:
         save_prepared(out, _splits(seed=0), {"run": 1})
     before = {p.name: p.read_bytes() for p in out.iterdir()} if had_outputs else None
-    real_write, calls = data._write_npz, []
+    real_savez, calls = np.savez, []
 
-    def failing_write(path, x, y):
-        calls.append(path)
+    def failing_savez(file, **arrays):
+        calls.append(file)
         if len(calls) == 2:
             raise KeyboardInterrupt  # interrupted midway, after one split was written
-        real_write(path, x, y)
+        real_savez(file, **arrays)
 
-    monkeypatch.setattr(data, "_write_npz", failing_write)
+    monkeypatch.setattr(np, "savez", failing_savez)
     with pytest.raises(KeyboardInterrupt):
         save_prepared(out, _splits(seed=10), {"run": 2})
     if had_outputs:

@@ -1,5 +1,4 @@
-"""The one per-process cache: what the jobs of one process (a sweep's jobs under Hydra's basic
-launcher) reuse instead of rebuilding, e.g. the compiled engine, the batch order, the data."""
+"""The one per-process cache: what a sweep's jobs in one process reuse (engine, batches, data)."""
 
 from __future__ import annotations
 
@@ -9,8 +8,7 @@ T = TypeVar("T")
 
 
 class ProcessCache:
-    """Values kept between the jobs of one process (a sweep's jobs in Hydra's basic launcher),
-    one per kind: a new key for a kind replaces its old value.
+    """One value per kind, kept between jobs: a new key for a kind replaces its old value.
 
     Example:
         >>> engine = CACHE.get("engine", (k, shapes), lambda: build_engine(k, shapes))
@@ -32,5 +30,4 @@ class ProcessCache:
         self._entries.clear()
 
 
-#: The process's cache.
 CACHE = ProcessCache()

@@ -1,8 +1,7 @@
 """Adapters for the private APIs of other packages that l2sweep cannot do without.
 
-Each function names the private API it uses and why no public one does; tests/unit/test_compat.py
-calls each on a small real object, so an upgrade that breaks one fails there, by name.
-The tested versions: keras 3.15, tensorflow 2.21, mlflow 3.17, Python 3.11.
+Each names the private API it uses and why; tests/unit/test_compat.py fails by name when an
+upgrade breaks one. Tested with keras 3.15, tensorflow 2.21, mlflow 3.17, Python 3.11.
 """
 
 from __future__ import annotations
@@ -11,15 +10,11 @@ from typing import Any
 
 
 def fit_batch_dataset(n: int, batch_size: int) -> tuple[Any, int]:
-    """The index batches ``Model.fit(x, y, batch_size, shuffle=True)`` feeds for ``n`` examples.
+    """The index batches ``Model.fit(x, y, batch_size, shuffle=True)`` feeds for ``n`` examples:
+    (a ``tf.data.Dataset`` of int64 index batches, reshuffled per iteration; batches per epoch).
 
-    Private: ``keras.src.trainers.data_adapters.get_data_adapter``, the adapter ``fit`` itself
-    builds for NumPy arrays. Keras has no public way to ask for the order it shuffles in, and the
-    compiled loop must see exactly ``fit``'s batches to equal it.
-
-    Returns:
-        (a ``tf.data.Dataset`` of int64 index batches, iterated afresh for each epoch as ``fit``
-        does, the number of batches per epoch).
+    Private: ``keras.src.trainers.data_adapters.get_data_adapter``, the adapter ``fit`` builds.
+    Nothing public gives ``fit``'s shuffle order, which the compiled loop must match.
     """
     import numpy as np
     from keras.src.trainers.data_adapters import get_data_adapter
@@ -31,8 +26,8 @@ def fit_batch_dataset(n: int, batch_size: int) -> tuple[Any, int]:
 def op_determinism_enabled() -> bool:
     """Whether ``tf.config.experimental.enable_op_determinism()`` was called in this process.
 
-    Private: ``tensorflow.python.framework.config.is_op_determinism_enabled``; TensorFlow exports
-    the switch but not the question (Keras asks it the same way).
+    Private: ``tensorflow.python.framework.config.is_op_determinism_enabled`` (as Keras asks);
+    TensorFlow exports the switch but not the question.
     """
     from tensorflow.python.framework.config import is_op_determinism_enabled
 
@@ -42,10 +37,9 @@ def op_determinism_enabled() -> bool:
 def force_jit_compile(model: Any) -> None:
     """Turns XLA on for a compiled Keras model although op determinism is on.
 
-    Private: ``Model._jit_compile``. Keras' public setter (``model.jit_compile = True``, or
-    ``compile(jit_compile=True)``) refuses XLA whenever op determinism is on, because some ops
-    have no deterministic XLA kernel on GPU; on CPU the l2sweep models repeat bit for bit
-    (tests/unit/test_model.py checks it).
+    Private: ``Model._jit_compile``. The public setter refuses XLA under op determinism (some
+    GPU ops lack a deterministic XLA kernel); on CPU our models repeat bit for bit (checked in
+    tests/unit/test_model.py).
     """
     model._jit_compile = True
 
@@ -60,12 +54,11 @@ def uses_weight_decay(optimizer: Any, variable: Any) -> bool:
 
 
 def run_exit_hooks() -> None:
-    """What a normal interpreter exit runs first, in its order: threading's exit hooks (executors
-    stop taking work, non-daemon threads are joined), then the ``atexit`` handlers.
+    """What a normal interpreter exit runs first: threading's exit hooks (non-daemon threads
+    are joined), then the ``atexit`` handlers.
 
-    Private: ``threading._shutdown`` and ``atexit._run_exitfuncs``, the calls
-    ``Py_FinalizeEx`` makes; there is no public way to run them and then skip the rest of the
-    teardown with ``os._exit`` (l2sweep.base.cli.exit_fast).
+    Private: ``threading._shutdown`` and ``atexit._run_exitfuncs`` (what ``Py_FinalizeEx``
+    calls); nothing public runs them before ``os._exit`` (l2sweep.base.cli.exit_fast).
     """
     import atexit
     import threading
@@ -75,11 +68,10 @@ def run_exit_hooks() -> None:
 
 
 def dataset_input(dataset: Any, context: str) -> Any:
-    """``dataset`` (an ``mlflow.data`` dataset) as the ``mlflow.entities.DatasetInput`` that
+    """``dataset`` (an ``mlflow.data`` dataset) as the ``DatasetInput`` that
     ``MlflowClient.log_inputs`` takes, tagged ``mlflow.data.context=context``.
 
-    Public API only: built from the dataset's public ``to_dict()`` (what the private
-    ``Dataset._to_mlflow_entity()`` does); kept here beside its former private use.
+    Public API only: what the private ``Dataset._to_mlflow_entity()`` does, from ``to_dict()``.
     """
     from mlflow.entities import Dataset, DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT

@@ -1,9 +1,8 @@
-"""Typed configuration: the schema every entry point composes and validates against.
+"""Typed configuration: the schema, composing it (:func:`compose_config`) and :func:`validate`.
 
-Layering, lowest first: the dataclass defaults below, ``conf/`` (Hydra defaults list and
-config groups), ``params.yaml`` (the values DVC tracks), then command-line overrides.
-A misspelt key or a wrong type fails at compose time with the key named (Hydra structured
-configs); values that are well-typed but out of range fail in :func:`validate`.
+Layering, lowest first: the dataclass defaults below, ``conf/``, ``params.yaml``, then
+command-line overrides. A misspelt key or a wrong type fails at compose time with the key
+named; well-typed values out of range fail in :func:`validate`.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from l2sweep.base.config_errors import ConfigError, explained, override_key
 
-#: The repository's ``conf/`` folder (the package is installed editable from the repo).
+#: The repository's ``conf/`` folder (the package is installed editable).
 CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
 #: Where entry points look for the DVC-tracked values; ``L2SWEEP_PARAMS`` overrides it.
 DEFAULT_PARAMS_FILE = "params.yaml"
@@ -31,189 +30,115 @@ GROUPS = ("dataset", "model", "regularizer")
 DATASETS = ("fashion_mnist", "mnist", "idx_dir", "npz")
 MODELS = ("mlp", "cnn")
 REGULARIZERS = ("l2", "l1", "l1_l2", "weight_decay", "none")
-#: Values of ``train.loop``.
 LOOPS = ("auto", "compiled", "keras")
-#: Models the compiled loop (and so the fused sweep, l2sweep.engine.compiled) can run.
+#: Models the compiled loop (and so the fused sweep) can run.
 FUSABLE_MODELS = ("mlp",)
 
 
 @dataclass
 class DatasetConfig:
-    """Which images to train on and where they may be found.
+    """Which images to train on and where they may be found."""
 
-    Attributes:
-        name: ``fashion_mnist`` (default), ``mnist``, ``idx_dir`` or ``npz``.
-        format: ``idx`` (four IDX files, gzipped or not) or ``npz`` (one archive).
-        path: for ``idx_dir``/``npz``: the user's folder or file.
-        files: role (``x_train``, ``y_train``, ``x_test``, ``y_test`` or ``archive``) -> file name.
-        sha256: role -> pinned SHA-256 of the decompressed content (IDX) or of the archive (npz).
-        search: local folders tried in order before downloading (``~`` is expanded).
-        url: base URL of a mirror to download ``files`` from (IDX files as ``<name>.gz``);
-            null = never download.
-    """
-
-    name: str = MISSING
-    format: str = "idx"
-    path: Optional[str] = None
-    files: dict[str, str] = field(default_factory=dict)
-    sha256: dict[str, str] = field(default_factory=dict)
-    search: list[str] = field(default_factory=list)
-    url: Optional[str] = None
+    name: str = MISSING  # fashion_mnist, mnist, idx_dir or npz
+    format: str = "idx"  # idx (four IDX files, gzipped or not) or npz (one archive)
+    path: Optional[str] = None  # idx_dir/npz: the user's folder or file
+    files: dict[str, str] = field(default_factory=dict)  # role (x_train... or archive) -> name
+    sha256: dict[str, str] = field(default_factory=dict)  # role -> pinned SHA-256 (IDX: unzipped)
+    search: list[str] = field(default_factory=list)  # folders tried in order before downloading
+    url: Optional[str] = None  # base URL of ``files`` (IDX as <name>.gz); null = never download
 
 
 @dataclass
 class DataConfig:
-    """How the official training set is split and trimmed.
+    """How the official training set is split and trimmed."""
 
-    Attributes:
-        val_fraction: share of the official training set held out for validation (stratified).
-        limit: cap on the number of training examples after the split; null = all.
-        seed: seed of the stratified split.
-    """
-
-    val_fraction: float = 1 / 6
-    limit: Optional[int] = None
-    seed: int = 42
+    val_fraction: float = 1 / 6  # share held out for validation (stratified)
+    limit: Optional[int] = None  # cap on the training examples after the split; null = all
+    seed: int = 42  # seed of the split
 
 
 @dataclass
 class ModelConfig:
-    """The network.
+    """The network."""
 
-    Attributes:
-        name: ``mlp`` (the seeds' model) or ``cnn`` (seed 004's small CNN).
-        hidden_units: width of the regularized hidden Dense layer.
-        conv_filters: filters of each 3x3 conv layer (``cnn`` only).
-    """
-
-    name: str = "mlp"
-    hidden_units: int = 128
-    conv_filters: list[int] = field(default_factory=list)
+    name: str = "mlp"  # mlp (the seeds' model) or cnn (seed 004's small CNN)
+    hidden_units: int = 128  # width of the regularized hidden Dense layer
+    conv_filters: list[int] = field(default_factory=list)  # cnn: filters of each 3x3 conv layer
 
 
 @dataclass
 class RegularizerConfig:
-    """The penalty under study.
+    """The penalty under study."""
 
-    Attributes:
-        name: ``l2``, ``l1``, ``l1_l2``, ``weight_decay`` (decoupled, AdamW) or ``none``.
-        strength: lambda. For ``weight_decay`` it is AdamW's ``weight_decay``.
-        l1_ratio: ``l1_l2`` only: share of lambda given to the L1 term.
-    """
-
-    name: str = "l2"
-    strength: float = 0.001
-    l1_ratio: float = 0.5
+    name: str = "l2"  # l2, l1, l1_l2, weight_decay (decoupled, AdamW) or none
+    strength: float = 0.001  # lambda (for weight_decay: AdamW's weight_decay)
+    l1_ratio: float = 0.5  # l1_l2 only: share of lambda given to the L1 term
 
 
 @dataclass
 class TrainConfig:
-    """Optimisation settings (the seeds': Adam, batch 32, 10 epochs).
+    """Optimisation settings (the seeds': Adam, batch 32, 10 epochs)."""
 
-    Attributes:
-        epochs: passes over the training split.
-        batch_size: examples per gradient step.
-        learning_rate: Adam's (or AdamW's) learning rate.
-        seed: seeds weights, shuffling and TF ops; every lambda of a sweep shares it.
-        steps_per_execution: batches per compiled call; changes speed, not results.
-        validation_batch_size: examples per validation step (the end-of-epoch evaluation);
-            changes speed, not results: the same mean over the same examples. null = batch_size.
-        jit_compile: compile the train step with XLA (Keras' "auto" leaves it off on CPU).
-        deterministic: enable TensorFlow op determinism (same seed -> same metrics).
-        fused: train every lambda of the grid at once as one vectorized model.
-        loop: how one lambda is trained: ``compiled`` (l2sweep.engine.compiled with one
-            model: the same model, initial weights, batches and Adam as Keras ``fit``, a whole
-            epoch per compiled call; mlp only), ``keras`` (``Model.fit``; the only loop in
-            which ``steps_per_execution`` and ``validation_batch_size`` apply), or ``auto``
-            (compiled for mlp, keras for cnn).
-        threads: TensorFlow's intra-op threads (``TF_NUM_INTRAOP_THREADS``); null: 1 for the
-            compiled loop of one model (its matrix products are small), else every core.
-    """
-
-    epochs: int = 10
-    batch_size: int = 32
-    learning_rate: float = 0.001
-    seed: int = 42
-    steps_per_execution: int = 32
+    epochs: int = 10  # passes over the training split
+    batch_size: int = 32  # examples per gradient step
+    learning_rate: float = 0.001  # Adam's (or AdamW's)
+    seed: int = 42  # seeds weights, shuffling and TF ops; every lambda of a sweep shares it
+    steps_per_execution: int = 32  # keras loop: batches per compiled call (speed only)
+    # keras loop: examples per validation step (speed only); null: batch_size
     validation_batch_size: Optional[int] = 1000
-    jit_compile: bool = True
-    deterministic: bool = True
-    fused: bool = False
+    jit_compile: bool = True  # compile the train step with XLA (Keras' "auto": off on CPU)
+    deterministic: bool = True  # TensorFlow op determinism (same seed -> same metrics)
+    fused: bool = False  # train every lambda of the grid at once as one vectorized model
+    # compiled (l2sweep.engine.compiled: fit's results, one call per epoch; mlp only),
+    # keras (Model.fit) or auto (compiled for mlp)
     loop: str = "auto"
-    threads: Optional[int] = None
+    threads: Optional[int] = None  # TF intra-op threads; null: 1 for one compiled model, else all
 
 
 @dataclass
 class SweepConfig:
-    """The lambda grid.
+    """The lambda grid."""
 
-    Attributes:
-        strengths: the values of ``regularizer.strength`` one multirun trains.
-    """
-
+    # the values of regularizer.strength one sweep trains
     strengths: list[float] = field(default_factory=lambda: [0.0001, 0.001, 0.01])
 
 
 @dataclass
 class TrackingConfig:
-    """MLflow.
+    """MLflow."""
 
-    Attributes:
-        uri: tracking URI; the ``MLFLOW_TRACKING_URI`` environment variable wins.
-        experiment: experiment name.
-        enabled: log to MLflow at all (off only for benchmarks).
-        log_model: log the trained model as an MLflow model.
-        histogram_bins: bins of the per-epoch weight histograms.
-    """
-
-    uri: str = "sqlite:///mlruns/mlflow.db"
-    experiment: str = "l2-sweep"
-    enabled: bool = True
-    log_model: bool = True
-    histogram_bins: int = 50
+    uri: str = "sqlite:///mlruns/mlflow.db"  # tracking URI; MLFLOW_TRACKING_URI wins
+    experiment: str = "l2-sweep"  # experiment name
+    enabled: bool = True  # log to MLflow at all (off only for benchmarks)
+    log_model: bool = True  # log the trained model as an MLflow model
+    histogram_bins: int = 50  # bins of the per-epoch weight histograms
 
 
 @dataclass
 class PathsConfig:
-    """Where stages read and write (relative to the repository root); dvc.yaml uses the same keys.
+    """Where stages read and write, relative to the repository root (dvc.yaml: the same keys)."""
 
-    Attributes:
-        raw: downloaded or user-placed raw datasets.
-        prepared: split data and meta.json written by ``prepare``.
-        models: one folder per run (``models/<run_name>/``) written by ``train``.
-        metrics: the DVC metrics file written by ``evaluate``.
-        plots: DVC plot data written by ``evaluate``.
-        reports: the report and its figures.
-        outputs: Hydra's run/sweep folders (logs, resolved configs).
-    """
-
-    raw: str = "data/raw"
-    prepared: str = "data/prepared"
-    models: str = "models"
-    metrics: str = "metrics/eval.json"
-    plots: str = "plots"
-    reports: str = "reports"
-    outputs: str = "outputs"
+    raw: str = "data/raw"  # downloaded or user-placed raw datasets
+    prepared: str = "data/prepared"  # split data and meta.json written by prepare
+    models: str = "models"  # one folder per run (models/<run_name>/) written by train
+    metrics: str = "metrics/eval.json"  # the DVC metrics file written by evaluate
+    plots: str = "plots"  # DVC plot data written by evaluate
+    reports: str = "reports"  # the report and its figures
+    outputs: str = "outputs"  # Hydra's run/sweep folders (logs, resolved configs)
 
 
 @dataclass
 class GateConfig:
-    """The CI regression gate.
+    """The CI regression gate."""
 
-    Attributes:
-        baseline: metrics file to compare ``metrics/eval.json`` against.
-        max_accuracy_drop: largest allowed drop of test accuracy for any lambda (0.005 = 0.5 point).
-        max_loss_increase: largest allowed relative rise of test loss for any lambda (0.05 = 5%).
-    """
-
-    baseline: str = "metrics/baseline.json"
-    max_accuracy_drop: float = 0.005
-    max_loss_increase: float = 0.05
+    baseline: str = "metrics/baseline.json"  # metrics file to compare metrics/eval.json against
+    max_accuracy_drop: float = 0.005  # largest allowed drop of any lambda's test accuracy
+    max_loss_increase: float = 0.05  # largest allowed relative rise of any lambda's test loss
 
 
 @dataclass
 class Config:
-    """The whole configuration of one run (see the dataclasses above for each section)."""
+    """The whole configuration of one run."""
 
     run_name: str = MISSING
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
@@ -227,15 +152,8 @@ class Config:
     gate: GateConfig = field(default_factory=GateConfig)
 
 
-def register_configs() -> None:
-    """Registers the schema as ``schema`` in Hydra's ConfigStore (idempotent)."""
-    ConfigStore.instance().store(name="schema", node=Config)
-
-
-register_configs()
-
-
-# --- params.yaml -> Hydra overrides ------------------------------------------------------
+# conf/config.yaml's defaults list starts with this schema.
+ConfigStore.instance().store(name="schema", node=Config)
 
 
 def params_file() -> Optional[Path]:
@@ -261,17 +179,8 @@ def format_override_value(value: Any) -> str:
 
 
 def params_overrides(params: dict[str, Any]) -> list[str]:
-    """Turns params.yaml's nested values into Hydra overrides.
-
-    ``<group>.name`` of a config group selects the group's file (``dataset: {name: mnist}``
-    becomes ``dataset=mnist``); every other leaf becomes ``key=value``.
-
-    Args:
-        params: the parsed params.yaml.
-
-    Returns:
-        Overrides in Hydra's grammar, group choices first.
-    """
+    """params.yaml's values as Hydra overrides: group choices first (``dataset: {name: mnist}``
+    -> ``dataset=mnist``), then every other leaf as ``key=value``."""
     choices: list[str] = []
     values: list[str] = []
 
@@ -316,21 +225,10 @@ def project_overrides(cli: list[str], params_path: Optional[Path] = None) -> lis
     return merge_overrides(params_overrides(load_params(params_path)), cli)
 
 
-# --- composing and validating ------------------------------------------------------------
-
-
 def compose_config(overrides: list[str] | None = None, *, with_params: bool = True,
                    params_path: Optional[Path] = None) -> DictConfig:
-    """Composes ``conf/`` (+ params.yaml) + ``overrides`` outside a Hydra app.
-
-    Args:
-        overrides: Hydra overrides, applied last.
-        with_params: layer params.yaml under the overrides.
-        params_path: which params file (default: :func:`params_file`).
-
-    Returns:
-        The composed config, typed by :class:`Config`, with interpolations resolved.
-    """
+    """Composes ``conf/`` + params.yaml (``params_path`` or :func:`params_file`; if ``with_params``)
+    + ``overrides`` outside a Hydra app, with interpolations resolved."""
     overrides = list(overrides or [])
     if with_params:
         overrides = project_overrides(overrides, params_path)
@@ -411,16 +309,10 @@ def validate(cfg: DictConfig | Config) -> None:
 
 
 def training_loop(cfg: DictConfig | Config) -> str:
-    """``compiled`` or ``keras``: what ``train.loop`` picks for ``cfg.model`` (``auto``: the
-    compiled loop for the models it can run, else Keras ``fit``)."""
+    """``compiled`` or ``keras``: what ``train.loop`` picks for ``cfg.model``."""
     if cfg.train.loop == "compiled" or (cfg.train.loop == "auto" and cfg.model.name in FUSABLE_MODELS):
         return "compiled"  # validate() refused compiled for a model it cannot run
     return "keras"
-
-
-def to_object(cfg: DictConfig) -> Config:
-    """The composed config as a :class:`Config` instance."""
-    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
 
 
 def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, Any]:

@@ -1,7 +1,6 @@
 """Hydra's composition errors in the user's terms: the key, the value given, what is allowed.
 
-Generic over the dataclass schema it is given (l2sweep.base.config passes its ``Config``), so
-this module imports nothing else from l2sweep.
+Generic over the dataclass schema it is given, so it imports nothing from l2sweep.
 """
 
 from __future__ import annotations
@@ -64,8 +63,8 @@ def _schema_type(schema: type, key: str) -> Any:
 
 
 def _unknown_key(schema: type, key: str) -> Optional[str]:
-    """What is allowed instead of the unknown ``key``: the nearest declared key, else the list;
-    None when the schema declares every part of it (a free-form mapping such as dataset.sha256)."""
+    """What is allowed instead of the unknown ``key`` (the nearest declared key, else the list),
+    or None when the schema declares every part of it or leaves it free (dataset.sha256)."""
     tp: Any = schema
     known: list[str] = []
     for part in key.split("."):
@@ -94,12 +93,9 @@ def _override_value(overrides: list[str], key: str) -> Any:
 
 
 def compose_error(error: BaseException, overrides: list[str], schema: type) -> BaseException:
-    """Hydra's composition error as a :class:`ConfigError` naming key, value and what is allowed.
-
-    Handles an unknown config-group option (lists the options), an unknown key (suggests the
-    nearest key ``schema`` declares) and a value of the wrong type (says the declared type).
-    Anything else is returned unchanged.
-    """
+    """Hydra's composition error as a :class:`ConfigError`: for an unknown group option, an
+    unknown key (suggesting the nearest one ``schema`` declares) or a value of the wrong type.
+    Anything else is returned unchanged."""
     cause = error.__cause__
     if isinstance(error, OverrideParseException) and "=" in (error.override or ""):
         key, _, text = error.override.partition("=")

@@ -1,8 +1,7 @@
-"""Datasets: find or download them, split them, save and read the prepared splits.
+"""Datasets: find or download them (:func:`load_dataset`), split them, save and read the splits.
 
-Nothing here knows about stages or Hydra apps: :mod:`l2sweep.prepare` wires these together,
-``train``/``evaluate`` read the result with :func:`load_split` and :func:`to_float`. Reading
-and checking the files themselves is :mod:`l2sweep.base.idx`.
+:mod:`l2sweep.prepare` wires these together; ``train``/``evaluate`` read the result with
+:func:`load_split` and :func:`to_float`. Reading the files themselves is :mod:`l2sweep.base.idx`.
 """
 
 from __future__ import annotations
@@ -33,24 +32,14 @@ log = logging.getLogger(__name__)
 
 #: The splits ``prepare`` writes.
 SPLITS = ("train", "val", "test")
-#: Seconds before a download attempt gives up.
 DOWNLOAD_TIMEOUT = 30.0
 _USER_DATASETS = ("idx_dir", "npz")
 
 
 @dataclass(frozen=True, eq=False)
 class RawData:
-    """A dataset as loaded and verified, before splitting.
-
-    Attributes:
-        name: the dataset's config name (``fashion_mnist``, ``idx_dir``, ...).
-        source: the folder, file or URL the arrays came from.
-        checksums: role -> SHA-256 (decompressed IDX content, or the npz file as ``archive``).
-        x_train: uint8 images, shape (N, 28, 28).
-        y_train: int64 labels in 0-9, shape (N,).
-        x_test: uint8 images, shape (M, 28, 28).
-        y_test: int64 labels in 0-9, shape (M,).
-    """
+    """A dataset as loaded and verified, before splitting: uint8 images (N, 28, 28) and int64
+    labels 0-9, the folder, file or URL they came from, and role -> SHA-256."""
 
     name: str
     source: str
@@ -59,9 +48,6 @@ class RawData:
     y_train: np.ndarray = field(repr=False)
     x_test: np.ndarray = field(repr=False)
     y_test: np.ndarray = field(repr=False)
-
-
-# --- loading ------------------------------------------------------------------------------
 
 
 def _get(ds: Any, key: str, default: Any = None) -> Any:
@@ -76,25 +62,16 @@ def _get(ds: Any, key: str, default: Any = None) -> Any:
     return default if value == "???" else value
 
 
-def _download(url: str, dest: Path, timeout: float) -> Path:
-    """Downloads ``url`` to a temp file next to ``dest`` and returns the temp path."""
+def _fetch(url: str, dest: Path, role: str, expected: Optional[str], decompress: bool,
+           timeout: float) -> None:
+    """Downloads ``url`` to ``dest`` (via a temp file) if its checksum matches; else deletes it."""
+    log.info("downloading %s", url)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    tmp = Path(name)
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
             shutil.copyfileobj(response, out, 1 << 20)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return Path(tmp)
-
-
-def _fetch(url: str, dest: Path, role: str, expected: Optional[str], decompress: bool,
-           timeout: float) -> None:
-    """Downloads ``url`` to ``dest`` if its checksum matches; a mismatching download is deleted."""
-    log.info("downloading %s", url)
-    tmp = _download(url, dest, timeout)
-    try:
         actual = sha256_bytes(read_bytes(tmp)) if decompress else sha256_file(tmp)
         verify_sha256(f"{url} (downloaded)", role, actual, expected)
         os.replace(tmp, dest)
@@ -143,8 +120,8 @@ def _read(name: str, source: str, fmt: str, location: str | os.PathLike, files: 
 
 def _search(folders: Sequence[str], fmt: str, files: Mapping[str, str], archive: str
             ) -> tuple[Optional[tuple[str, Path]], list[str]]:
-    """``(source, location)`` of the first folder holding the dataset (None if none does), and
-    what each folder tried before it lacked (``"<folder> (<state>)"``)."""
+    """``(source, location)`` of the first folder holding the dataset (or None), and what each
+    folder before it lacked (``"<folder> (<state>)"``)."""
     looked = []
     for entry in folders:
         folder = Path(os.path.expanduser(entry))
@@ -165,8 +142,8 @@ def _search(folders: Sequence[str], fmt: str, files: Mapping[str, str], archive:
 def _download_missing(url: Optional[str], target: Path, remote: Sequence[tuple[str, str]],
                       pinned: Mapping[str, str], decompress: bool, timeout: float,
                       not_found: Callable[[str], DataError]) -> str:
-    """Downloads each ``(role, file name)`` of ``remote`` from ``url`` into ``target`` and
-    returns the base URL. Files already there (an interrupted run's) are verified when read."""
+    """Downloads each ``(role, file name)`` of ``remote`` missing from ``target``; returns the
+    base URL. Files already there (an interrupted run's) are verified when read."""
     if not url:
         raise not_found("off (dataset.url is null)")
     base = url if url.endswith("/") else url + "/"
@@ -184,27 +161,15 @@ def _download_missing(url: Optional[str], target: Path, remote: Sequence[tuple[s
 
 
 def load_dataset(ds: Any, raw_dir: str | os.PathLike, *, timeout: float = DOWNLOAD_TIMEOUT) -> RawData:
-    """Loads and verifies a dataset as its config describes.
+    """Loads and verifies the dataset ``ds`` (DictConfig, ``DatasetConfig`` or mapping) describes.
 
-    ``idx_dir``/``npz`` (or any dataset with ``path`` set) read ``ds.path``. Built-in datasets
-    are looked up in ``ds.search`` (in order, ``~`` expanded) and in ``<raw_dir>/<name>/``, and
-    otherwise downloaded from ``ds.url`` into ``<raw_dir>/<name>/`` (IDX files as ``<name>.gz``).
-    Pinned ``ds.sha256`` values are verified; the computed ones are always returned.
-
-    Args:
-        ds: the ``dataset`` config section (DictConfig, :class:`~l2sweep.base.config.DatasetConfig`
-            or a mapping with the same keys).
-        raw_dir: ``paths.raw``; downloads land in ``<raw_dir>/<name>/``.
-        timeout: seconds per download attempt.
-
-    Returns:
-        The verified arrays, where they came from and their checksums.
+    ``ds.path`` is read when set. Else ``ds.search``, then ``<raw_dir>/<name>/`` are looked in,
+    else ``ds.url`` is downloaded into ``<raw_dir>/<name>/``. Pinned ``ds.sha256`` are verified.
 
     Raises:
         DataError: files missing, malformed, mismatching or unobtainable; the message says where
             it looked and what to do.
-        ConfigError: ``dataset.name``/``dataset.format`` unknown, or ``dataset.path`` missing
-            for ``idx_dir``/``npz``.
+        ConfigError: ``dataset.format`` unknown, or no ``dataset.path`` for ``idx_dir``/``npz``.
     """
     name, fmt, files, pinned = _settings(ds)
     path = _get(ds, "path")
@@ -225,14 +190,8 @@ def load_dataset(ds: Any, raw_dir: str | os.PathLike, *, timeout: float = DOWNLO
     return _read(name, base, fmt, target if fmt == "idx" else target / archive, files, pinned)
 
 
-# --- splitting ----------------------------------------------------------------------------
-
-
 def _allocate(counts: np.ndarray, total: int) -> np.ndarray:
-    """Splits ``total`` over classes in proportion to ``counts`` (largest remainder method).
-
-    Every share is the floor or the ceiling of its exact value, and the shares sum to ``total``.
-    """
+    """Splits ``total`` over classes in proportion to ``counts`` (largest remainder method)."""
     exact = counts * (total / counts.sum())
     # Guard against float noise (0.1666... * 6000 = 999.9999...) before taking floors.
     exact = np.where(np.isclose(exact, np.round(exact), rtol=0, atol=1e-9), np.round(exact), exact)
@@ -244,23 +203,12 @@ def _allocate(counts: np.ndarray, total: int) -> np.ndarray:
 
 
 def stratified_split(y: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Splits indices of ``y`` into train and validation, stratified by class.
-
-    Each class gives round-ish ``val_fraction`` of its examples to validation (within one of
-    its exact share; the total is ``round(val_fraction * len(y))``), chosen at random with
-    ``seed``.
-
-    Args:
-        y: labels.
-        val_fraction: share held out for validation, strictly between 0 and 1.
-        seed: same seed -> same split.
-
-    Returns:
-        (train indices, validation indices), each sorted, disjoint, together ``range(len(y))``.
+    """Sorted (train, validation) indices of ``y``, stratified by class, random in ``seed``; the
+    validation total is ``round(val_fraction * len(y))``, each class's share within one.
 
     Raises:
-        ConfigError: ``data.val_fraction`` out of range or leaving a class without a
-            validation or training example.
+        ConfigError: ``val_fraction`` out of (0, 1) or leaving a class without a validation or
+            training example.
     """
     y = np.asarray(y)
     if isinstance(val_fraction, bool) or not 0 < val_fraction < 1:
@@ -284,18 +232,11 @@ def stratified_split(y: np.ndarray, val_fraction: float, seed: int) -> tuple[np.
 
 
 def apply_limit(y: np.ndarray, limit: Optional[int], seed: int) -> np.ndarray:
-    """Picks at most ``limit`` examples of ``y``, stratified by class and deterministic in ``seed``.
-
-    Args:
-        y: labels of the training split.
-        limit: how many to keep (``data.limit``); None, or >= len(y), keeps all.
-        seed: ``data.seed`` (drawn on a stream separate from the split's).
-
-    Returns:
-        Sorted indices into ``y``; every class present in ``y`` keeps at least one example.
+    """Sorted indices of at most ``limit`` examples of ``y`` (None: all), stratified by class with
+    at least one each, random in ``seed`` (on a stream separate from the split's).
 
     Raises:
-        ConfigError: ``data.limit`` is not a positive integer or smaller than the number of classes.
+        ConfigError: ``limit`` is not an integer, or smaller than the number of classes.
     """
     y = np.asarray(y)
     if limit is None or (not isinstance(limit, bool) and isinstance(limit, (int, np.integer))
@@ -319,9 +260,6 @@ def class_counts(y: np.ndarray) -> dict[str, int]:
     return {str(c): int(n) for c, n in enumerate(counts)}
 
 
-# --- saving and reading the prepared splits ----------------------------------------------
-
-
 def _fsync_write(path: Path, write) -> None:
     with open(path, "wb") as f:
         write(f)
@@ -336,19 +274,8 @@ def _write_npz(path: Path, x: np.ndarray, y: np.ndarray) -> None:
 
 def save_prepared(out_dir: str | os.PathLike, splits: Mapping[str, tuple[np.ndarray, np.ndarray]],
                   meta: Mapping[str, Any]) -> Path:
-    """Writes ``<split>.npz`` (keys ``x`` uint8 (N,28,28), ``y`` int64) and ``meta.json``.
-
-    Everything goes to a temp folder next to ``out_dir`` which then replaces ``out_dir``, so
-    an interrupted run leaves the old outputs (or none), never a half-written file.
-
-    Args:
-        out_dir: ``paths.prepared``.
-        splits: split name (``train``, ``val``, ``test``) -> (images, labels).
-        meta: JSON-serialisable provenance, written as ``meta.json``.
-
-    Returns:
-        ``out_dir`` as a Path.
-    """
+    """Atomically replaces ``out_dir`` with ``<split>.npz`` (keys ``x`` uint8 (N,28,28), ``y``
+    int64) for each split -> (images, labels), and ``meta.json``; returns it as a Path."""
     def fill(tmp: Path) -> None:
         for split, (x, y) in splits.items():
             _write_npz(tmp / f"{split}.npz", check_images(x, split), np.asarray(y, dtype=np.int64))
@@ -360,14 +287,7 @@ def save_prepared(out_dir: str | os.PathLike, splits: Mapping[str, tuple[np.ndar
 
 
 def load_split(prepared_dir: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Reads one prepared split.
-
-    Args:
-        prepared_dir: ``paths.prepared``.
-        split: ``train``, ``val`` or ``test``.
-
-    Returns:
-        (images uint8 (N, 28, 28), labels int64 (N,)).
+    """Reads one prepared split (``train``, ``val`` or ``test``) as (uint8 images, int64 labels).
 
     Raises:
         DataError: unknown split, or the file is missing or malformed.

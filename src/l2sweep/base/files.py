@@ -1,8 +1,5 @@
-"""Output files: atomic writes, whole-folder replacement, writable and free-space checks.
-
-A killed process leaves, at worst, a temp folder named by :func:`temp_name`; the next run's
-:func:`remove_stale_temp` deletes it once that process is gone.
-"""
+"""Output files: atomic writes (:func:`write_text`, :func:`replace_folder`), writable and
+free-space checks, and removal of the temp folders a killed process left."""
 
 from __future__ import annotations
 
@@ -18,10 +15,8 @@ from typing import Callable
 
 log = logging.getLogger(__name__)
 
-#: Free space a sweep wants on the disks of ``paths.models`` and the MLflow store (a run of
-#: the default MLP writes about 5 MB: model, MLflow model, figures).
+#: Free space a sweep wants for ``paths.models`` and the MLflow store (an MLP run writes ~5 MB).
 MIN_FREE_BYTES = 100 * 2**20
-#: The names :func:`temp_name` makes: ``.<name>.tmp-<pid>-<random>``.
 _TEMP_NAME = re.compile(r"^\..+\.tmp-(\d+)-[^.]+$")
 
 
@@ -30,15 +25,13 @@ class OutputError(RuntimeError):
 
 
 def temp_name(path: Path) -> Path:
-    """``.<name>.tmp-<pid>-<random8>`` next to ``path`` (the pid lets :func:`remove_stale_temp`
-    tell a dead writer's leftovers from a live one's)."""
+    """``.<name>.tmp-<pid>-<random8>`` next to ``path`` (the pid tells a dead writer's leftovers
+    from a live one's)."""
     return path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 def write_text(path: Path, text: str | bytes) -> None:
-    """Writes ``text`` (UTF-8; bytes as they are) to ``path`` atomically: a temp file in the
-    same folder replaces it, so readers see the old content or the new, never half. Creates
-    the parent folders."""
+    """Writes ``text`` (UTF-8; bytes as they are) to ``path`` atomically, creating its folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = text.encode("utf-8") if isinstance(text, str) else text
@@ -53,11 +46,7 @@ def write_text(path: Path, text: str | bytes) -> None:
 
 def replace_folder(out_dir: Path, fill: Callable[[Path], None]) -> None:
     """Fills a fresh temp folder next to ``out_dir`` with ``fill(tmp)``, then swaps it into
-    ``out_dir``'s place.
-
-    An interrupted or failing ``fill`` leaves the previous folder (or none), never half of
-    one. When two processes replace the same folder, the last one wins.
-    """
+    ``out_dir``'s place: a failing ``fill`` leaves the previous folder. The last writer wins."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp, old = temp_name(out_dir), temp_name(out_dir)
@@ -110,12 +99,8 @@ def _alive(pid: int) -> bool:
 
 
 def check_writable(folder: Path, what: str) -> None:
-    """Creates and deletes a file in ``folder``, or in the nearest existing folder above it
-    (nothing is left behind; permission bits say little when running as root).
-
-    Raises:
-        OutputError: naming the folder, what was to be written there and the OS's reason.
-    """
+    """Raises OutputError unless a file can be created in ``folder`` (or the nearest existing
+    folder above it); tried for real, as permission bits say little when running as root."""
     existing = next(p for p in (folder, *folder.parents, Path.cwd()) if p.exists())
     if not existing.is_dir():
         raise OutputError(f"{folder}: cannot write {what} there ({existing} is a file, not a folder)")

@@ -33,8 +33,7 @@ IDX_DTYPES: dict[int, np.dtype] = {
     0x0D: np.dtype(">f4"),
     0x0E: np.dtype(">f8"),
 }
-_IDX_NAMES = {0x08: "uint8", 0x09: "int8", 0x0B: "int16", 0x0C: "int32", 0x0D: "float32",
-              0x0E: "float64"}
+_IDX_NAMES = {code: dtype.name for code, dtype in IDX_DTYPES.items()}
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
@@ -42,15 +41,9 @@ class DataError(ValueError):
     """A data file is missing, malformed or not the expected one; the message names the file."""
 
 
-# --- IDX ----------------------------------------------------------------------------------
-
-
 def read_bytes(path: str | os.PathLike) -> bytes:
-    """Reads a file, gunzipping it when it starts with the gzip magic bytes (not by extension).
-
-    Raises:
-        DataError: the file cannot be read, or its gzip stream is corrupt or truncated.
-    """
+    """Reads a file, gunzipped when it starts with the gzip magic bytes (whatever its name);
+    DataError when it is unreadable or its gzip stream is corrupt."""
     try:
         data = Path(path).read_bytes()
     except OSError as e:
@@ -64,19 +57,8 @@ def read_bytes(path: str | os.PathLike) -> bytes:
 
 
 def parse_idx(data: bytes, name: str = "<bytes>") -> np.ndarray:
-    """Parses the bytes of an IDX file (already decompressed).
-
-    Args:
-        data: header (``0x00 0x00 <type code> <ndim>``, then ndim big-endian uint32 sizes)
-            followed by exactly prod(sizes) items.
-        name: what to call the data in error messages (usually the file's path).
-
-    Returns:
-        A writable array in native byte order with the file's shape.
-
-    Raises:
-        DataError: empty, not IDX, unknown type code, truncated or over-long.
-    """
+    """Parses decompressed IDX bytes (``00 00 <type code> <ndim>``, ndim big-endian uint32
+    sizes, the items) into a writable native-order array; DataError naming ``name`` if bad."""
     if not data:
         raise DataError(f"{name}: file is empty, expected an IDX file")
     if len(data) < 4:
@@ -107,26 +89,12 @@ def parse_idx(data: bytes, name: str = "<bytes>") -> np.ndarray:
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Reads an IDX file, gzipped or not.
-
-    Args:
-        path: the file; gzip is detected from its first bytes, whatever its name.
-
-    Returns:
-        The array, in native byte order.
-
-    Raises:
-        DataError: naming the file and what is wrong with it.
-    """
+    """Reads an IDX file, gzipped or not; raises DataError naming the file and the fault."""
     return parse_idx(read_bytes(path), str(path))
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
-    """Encodes an array as IDX bytes (header + big-endian payload).
-
-    Raises:
-        ValueError: the dtype has no IDX type code or a dimension does not fit the header.
-    """
+    """Encodes an array as IDX bytes; ValueError for a dtype or shape IDX cannot hold."""
     array = np.asarray(array)
     codes = {np.dtype(dt).newbyteorder("=").str: c for c, dt in IDX_DTYPES.items()}
     code = codes.get(array.dtype.newbyteorder("=").str)
@@ -141,25 +109,13 @@ def idx_bytes(array: np.ndarray) -> bytes:
 
 
 def write_idx(path: str | os.PathLike, array: np.ndarray, compress: bool = False) -> Path:
-    """Writes an array as an IDX file (atomically: a temp file renamed into place).
-
-    Args:
-        path: destination; the name is used as given (add ``.gz`` yourself when compressing).
-        array: uint8, int8, int16, int32, float32 or float64, 1-255 dimensions.
-        compress: gzip the file (with a fixed timestamp, so the bytes are reproducible).
-
-    Returns:
-        The path written.
-    """
+    """Writes ``array`` as an IDX file atomically (``compress``: gzipped, reproducibly)."""
     data = idx_bytes(array)
     if compress:
         data = gzip.compress(data, mtime=0)
     path = Path(path)
     write_text(path, data)
     return path
-
-
-# --- checksums ----------------------------------------------------------------------------
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -183,14 +139,9 @@ def verify_sha256(name: str, role: str, actual: str, expected: Optional[str]) ->
                         "(a corrupt or different file; delete it to download it again)")
 
 
-# --- validation ---------------------------------------------------------------------------
-
-
 def check_images(x: Any, name: str) -> np.ndarray:
-    """Returns ``x`` as uint8 (N, 28, 28), or raises DataError naming ``name``.
-
-    Integer or float arrays holding whole numbers 0-255 are accepted and cast.
-    """
+    """Returns ``x`` (whole numbers 0-255 of any numeric dtype) as uint8 (N, 28, 28), or raises
+    DataError naming ``name``."""
     x = np.asarray(x)
     if x.ndim != 3 or x.shape[1:] != IMAGE_SHAPE or x.shape[0] == 0:
         raise DataError(f"{name}: images have shape {x.shape}, expected (N, 28, 28) with N > 0")
@@ -224,9 +175,6 @@ def check_labels(y: Any, name: str, n_images: int, images_name: str) -> np.ndarr
         raise DataError(f"{name}: {int(bad.sum())} labels outside 0-{NUM_CLASSES - 1} "
                         f"(e.g. {found})")
     return y.astype(np.int64)
-
-
-# --- folders and archives -----------------------------------------------------------------
 
 
 def find_idx(folder: Path, files: Mapping[str, str]) -> tuple[dict[str, Path], list[str]]:
@@ -264,15 +212,8 @@ def _checked(arrays: Mapping[str, np.ndarray], names: Mapping[str, str]) -> dict
 
 def load_idx_folder(folder: str | os.PathLike, files: Mapping[str, str],
                     pinned: Optional[Mapping[str, str]] = None) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Loads the four IDX files of ``folder`` (each as ``name`` or ``name.gz``).
-
-    Args:
-        folder: where the files are.
-        files: role -> file name (without ``.gz``).
-        pinned: role -> expected SHA-256 of the decompressed content; roles left out are not checked.
-
-    Returns:
-        (role -> validated array, role -> SHA-256 of the decompressed content).
+    """Loads the IDX files ``files`` (role -> name, or ``name.gz``) of ``folder``: (role -> checked
+    array, role -> SHA-256 of the decompressed content), verified against ``pinned``.
 
     Raises:
         DataError: a file is missing, malformed, mismatching its checksum or inconsistent.
@@ -291,16 +232,10 @@ def load_idx_folder(folder: str | os.PathLike, files: Mapping[str, str],
 
 def load_npz_file(path: str | os.PathLike, pinned: Optional[str] = None
                   ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Loads an ``.npz`` archive holding ``x_train y_train x_test y_test``.
-
-    Args:
-        path: the archive.
-        pinned: expected SHA-256 of the file, or None.
-    Returns:
-        (role -> validated array, ``{"archive": SHA-256 of the file}``).
+    """Loads an ``.npz`` holding the four roles: (role -> checked array, ``{"archive": SHA-256}``).
 
     Raises:
-        DataError: missing file or keys, not an npz, checksum mismatch or inconsistent arrays.
+        DataError: missing file or keys, not an npz, ``pinned`` SHA-256 mismatch, bad arrays.
     """
     path = Path(path)
     if not path.is_file():

@@ -1,9 +1,7 @@
 """SIGINT and SIGTERM as exceptions, raised where stopping is safe.
 
-Entry points install the handlers (:func:`install_handlers`); training code runs inside
-:func:`deferred` and polls :func:`raise_if_signalled` between steps (Keras:
-:class:`l2sweep.engine.callbacks.StopOnSignal`), so ``finally`` blocks close MLflow runs as
-KILLED and no half-written model is left.
+Entry points call :func:`install_handlers`; training runs inside :func:`deferred` and polls
+:func:`raise_if_signalled` between steps, so ``finally`` blocks close MLflow runs as KILLED.
 """
 
 from __future__ import annotations
@@ -14,11 +12,9 @@ from typing import Any, Iterator
 
 
 class Terminated(BaseException):
-    """Raised in the main thread on SIGTERM so ``finally`` blocks run (the default handler
-    would end the process without them)."""
+    """Raised on SIGTERM so ``finally`` blocks run (the default handler skips them)."""
 
 
-#: Signals the handlers turn into exceptions.
 INTERRUPTS = {signal.SIGINT: KeyboardInterrupt, signal.SIGTERM: Terminated}
 
 
@@ -42,11 +38,7 @@ def _handle(signum: int, frame: Any) -> None:
 
 def install_handlers() -> dict[int, Any]:
     """Turns SIGTERM into :class:`Terminated` and SIGINT into ``KeyboardInterrupt``, raised at
-    once, or at the next safe point inside :func:`deferred`.
-
-    Returns:
-        The previous handlers, for :func:`restore_handlers`.
-    """
+    once or at the next safe point inside :func:`deferred`; returns the previous handlers."""
     return {sig: signal.signal(sig, _handle) for sig in INTERRUPTS}
 
 
@@ -64,12 +56,10 @@ def raise_if_signalled() -> None:
 
 @contextmanager
 def deferred() -> Iterator[None]:
-    """Inside, SIGINT and SIGTERM are recorded instead of raised; leaving the block raises a
-    pending one.
+    """Inside, SIGINT and SIGTERM are recorded instead of raised; leaving raises a pending one.
 
-    Why: an exception raised at an arbitrary bytecode inside ``Model.fit`` (in tf.data's or
-    Keras' own bookkeeping) has crashed the process in glibc instead of unwinding; raised
-    between two training steps it unwinds like any callback error.
+    Raised at an arbitrary bytecode inside ``Model.fit``, the exception has crashed the process
+    in glibc; raised between two steps it unwinds like any callback error.
     """
     _Deferral.depth += 1
     try:

@@ -1,12 +1,6 @@
 """Keras callbacks: per-epoch statistics, weight histograms, divergence and signal stops.
 
-A training run uses them in this order (``EpochStats`` must come first, so every callback
-after it, and Keras' ``History``, sees the values it adds to ``logs``)::
-
-    stats = EpochStats()
-    hists = WeightHistograms(bins=cfg.tracking.histogram_bins)
-    stop = StopOnDivergence()
-    model.fit(..., callbacks=[stats, hists, stop, MlflowLogger(run)])   # l2sweep.tracking
+``EpochStats`` goes first, so later callbacks and Keras' ``History`` see what it adds to ``logs``.
 """
 
 from __future__ import annotations
@@ -24,32 +18,18 @@ from l2sweep.engine.model import kernel_layers, regularization_penalty, weight_n
 
 #: Percentiles recorded per layer and epoch by :class:`WeightHistograms`.
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+#: The statistics recorded per layer and epoch, in :meth:`WeightHistograms._record`'s order.
+STAT_KEYS = ("mean", "std", "min", "max", "abs_mean") + tuple(f"p{p}" for p in PERCENTILES)
 
 
 class EpochStats(keras.callbacks.Callback):
-    """Adds the regularization statistics of each epoch to ``logs``.
-
-    At every epoch end it writes, into the ``logs`` dict Keras passes along (so callbacks
-    placed after it and ``model.history`` see them):
-
-    * ``penalty``: the regularization term at the epoch's final weights
-      (:func:`l2sweep.engine.model.regularization_penalty`); 0.0 without a penalty.
-    * ``weight_norm/<layer>``: the L2 norm of each kernel (:func:`l2sweep.engine.model.weight_norms`).
-    * ``learning_rate``: the optimizer's current learning rate.
-    * ``epoch_time``: wall-clock seconds of the epoch, validation included.
-
-    Place it **first** in the callback list: Keras calls callbacks in list order with the
-    same ``logs`` dict, so a callback before it would not see these keys.
-
-    It takes no arguments.
+    """Adds to each epoch's ``logs``: ``penalty`` (the regularization term, 0.0 without one),
+    ``weight_norm/<layer>`` (each kernel's L2 norm), ``learning_rate`` and ``epoch_time``
+    (seconds, validation included). Place it first, so later callbacks see these keys.
 
     Example:
         >>> stats = EpochStats()
-        >>> history = model.fit(x, y, epochs=2, callbacks=[stats, MlflowEpochLogger(client, run_id)])
+        >>> history = model.fit(x, y, epochs=2, callbacks=[stats, MlflowLogger(run)])
         >>> history.history["weight_norm/hidden"]
     """
 
@@ -75,19 +55,14 @@ class EpochStats(keras.callbacks.Callback):
 
 
 class WeightHistograms(keras.callbacks.Callback):
-    """Records each kernel's weight distribution at the start of training and every epoch end.
+    """Records each kernel's weight distribution before training (epoch ``-1``) and every epoch end.
 
-    Bin edges are fixed per layer at ``on_train_begin`` (symmetric, ``±1.5 * max|w_init|``)
-    so the histograms of all epochs share one x axis; weights outside the range are counted
-    in the edge bins (and in ``clipped``), so each epoch's counts sum to the layer's number
-    of weights (NaN/inf weights of a diverged run are left out of counts and statistics).
-    The initial weights are recorded as epoch ``-1``.
-
-    After ``fit``, :attr:`data` holds (JSON-serialisable)::
+    Bin edges are fixed per layer at ``on_train_begin``, so all epochs share one x axis; weights
+    outside them count in the edge bins (and in ``clipped``), NaN/inf ones nowhere. After
+    ``fit``, :attr:`data` holds (JSON-serialisable)::
 
         {layer: {"edges": [bins + 1 floats], "size": n_weights,
-                 "epochs": [-1, 0, 1, ...], "counts": [[bins ints] per epoch],
-                 "clipped": [int per epoch],
+                 "epochs": [-1, 0, 1, ...], "counts": [[bins ints] per epoch], "clipped": [int per epoch],
                  "stats": {"mean" | "std" | "min" | "max" | "abs_mean" | "p1" ... "p99":
                            [float per epoch]}}}
 
@@ -105,7 +80,7 @@ class WeightHistograms(keras.callbacks.Callback):
         super().__init__()
         if isinstance(bins, bool) or not isinstance(bins, (int, np.integer)) or bins < 1:
             raise ValueError(f"bins={bins!r} is not allowed: a positive integer")
-        if (isinstance(range_factor, bool) or not _is_number(range_factor)
+        if (isinstance(range_factor, bool) or not isinstance(range_factor, numbers.Real)
                 or not math.isfinite(range_factor) or range_factor <= 0):
             raise ValueError(f"range_factor={range_factor!r} is not allowed: a finite number > 0")
         self.bins = int(bins)
@@ -120,21 +95,13 @@ class WeightHistograms(keras.callbacks.Callback):
             if not math.isfinite(half) or half <= 0.0:
                 half = 1.0  # all-zero (or broken) init: any symmetric range will do
             self.data[layer.name] = {
-                "edges": np.linspace(-half, half, self.bins + 1).tolist(),
-                "size": int(w.size),
-                "epochs": [],
-                "counts": [],
-                "clipped": [],
-                "stats": {key: [] for key in self._stat_keys()},
+                "edges": np.linspace(-half, half, self.bins + 1).tolist(), "size": int(w.size),
+                "epochs": [], "counts": [], "clipped": [], "stats": {key: [] for key in STAT_KEYS},
             }
         self._record(-1)
 
     def on_epoch_end(self, epoch: int, logs: Optional[dict] = None) -> None:
         self._record(int(epoch))
-
-    @staticmethod
-    def _stat_keys() -> list[str]:
-        return ["mean", "std", "min", "max", "abs_mean"] + [f"p{p}" for p in PERCENTILES]
 
     def _record(self, epoch: int) -> None:
         for layer in kernel_layers(self.model):
@@ -157,18 +124,14 @@ class WeightHistograms(keras.callbacks.Callback):
                 values += list(np.percentile(finite, PERCENTILES))
             else:
                 values = [float("nan")] * len(stats)
-            for key, value in zip(self._stat_keys(), values):
+            for key, value in zip(STAT_KEYS, values):
                 stats[key].append(float(value))
 
 
 class StopOnDivergence(keras.callbacks.Callback):
-    """Stops training as soon as the loss becomes NaN or infinite.
-
-    The loss is checked at every ``on_train_batch_end`` (Keras calls it once per
-    ``steps_per_execution`` batches) and at every epoch end. On divergence it sets
-    ``model.stop_training`` and records where: :attr:`diverged_epoch` (int),
-    :attr:`diverged_batch` (int, or None when caught at the epoch end) and
-    :attr:`bad_value` (the loss seen). All three are None while training is sound.
+    """Stops training as soon as the loss becomes NaN or infinite (checked at each train batch
+    end and epoch end), recording :attr:`diverged_epoch`, :attr:`diverged_batch` (None when
+    caught at an epoch end) and :attr:`bad_value`; all three are None while training is sound.
 
     Args:
         monitor: the ``logs`` key to watch.
@@ -210,24 +173,18 @@ class StopOnDivergence(keras.callbacks.Callback):
         self._check(logs or {}, batch=None)
 
     def _check(self, logs: dict, batch: Optional[int]) -> None:
-        if self.diverged:
+        if self.diverged or logs.get(self.monitor) is None:
             return
-        value = logs.get(self.monitor)
-        if value is None:
-            return
-        value = float(value)
+        value = float(logs[self.monitor])
         if not math.isfinite(value):
             self.diverged_epoch, self.diverged_batch, self.bad_value = self._epoch, batch, value
             self.model.stop_training = True
 
 
 class StopOnSignal(keras.callbacks.Callback):
-    """Ends ``fit`` between two steps (or two epochs) when SIGINT or SIGTERM arrived.
-
-    Inside :func:`l2sweep.base.signals.deferred` the signal handlers only record a signal;
-    this callback raises its exception (``KeyboardInterrupt`` or
-    :class:`l2sweep.base.signals.Terminated`) at the next batch end of training or validation,
-    a point where Keras unwinds cleanly, so the run is closed as KILLED and no model is written.
+    """Ends ``fit`` between two steps (or epochs) when SIGINT or SIGTERM arrived inside
+    :func:`l2sweep.base.signals.deferred`: it raises the signal's exception at the next batch end,
+    where Keras unwinds cleanly, so the run is closed as KILLED and no model is written.
 
     Example:
         >>> with signals.deferred():

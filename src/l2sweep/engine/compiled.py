@@ -1,18 +1,12 @@
-"""The compiled engine: K copies of a Keras MLP, one per lambda, trained at once by one XLA call
-per epoch (l2sweep.engine.fit runs it; K=1 is the default loop of an MLP run).
+"""The compiled loop: K copies of a Keras MLP, one per lambda, trained as one set of variables
+by one XLA call per epoch (run by l2sweep.engine.fit; K=1 is an MLP run's default loop).
 
-It reads what to train from the standalone Keras models that
-:func:`l2sweep.engine.model.build_model` makes, one per lambda (the "views"): Flatten, then Dense
-layers (units, ``activation``, bias, kernel regularizer) ending in softmax, and Adam or AdamW.
-Anything else raises a ValueError naming the layer (train it with ``train.loop=keras``).
-
-Equivalence with Keras ``fit`` (tests/integration/test_engine.py): each slice starts from its view's weights,
-sees ``fit``'s batches in ``fit``'s order, is updated as Keras' Adam/AdamW does, and reports
-Keras' metrics. Independence of the slices: they share no parameter (the first layer is one GEMM
-over the shared input with a ``(inputs, K*units)`` kernel, later layers a batched einsum over
-``(K, in, out)``); penalties, decay and Adam are per slice, and the loss differentiated is the
-*sum* of the slices' losses, so each gets exactly its own gradient and a slice that turns NaN or
-inf affects no other.
+It reads layers, penalties and Adam/AdamW settings from the models that
+:func:`l2sweep.engine.model.build_model` makes, one per lambda (the "views"), and refuses
+anything else by name (train that with ``train.loop=keras``). Each slice starts from its view's
+weights, sees ``fit``'s batches in ``fit``'s order and is updated as Keras does
+(tests/integration/test_engine.py). The slices share no parameter and the loss differentiated
+is the sum of theirs, so each gets exactly its own gradient and a NaN in one affects no other.
 """
 
 from __future__ import annotations
@@ -23,7 +17,6 @@ from typing import Any, Callable, Iterable, NamedTuple
 import keras
 import numpy as np
 import tensorflow as tf
-from omegaconf import DictConfig
 
 from l2sweep.base import compat
 from l2sweep.base.cache import CACHE
@@ -47,12 +40,7 @@ def _refused(what: str, why: str) -> ValueError:
 
 
 def dense_layers(view: keras.Model) -> list[keras.layers.Dense]:
-    """The Dense layers of ``view``, after its Flatten.
-
-    Raises:
-        ValueError: for anything the engine cannot run (another layer, a Dense option, a last
-            layer without softmax, a loss other than sparse categorical cross-entropy).
-    """
+    """The Dense layers of ``view``, after its Flatten; a ValueError for anything else."""
     layers = [layer for layer in view.layers if not isinstance(layer, keras.layers.InputLayer)]
     if len(view.inputs) != 1 or len(layers) < 2:
         raise _refused(f"model {view.name!r}", "only Input -> Flatten -> Dense ... -> Dense")
@@ -95,11 +83,7 @@ class Adam:
 
 
 def adam_settings(optimizer: Any) -> tuple[Adam, float]:
-    """(Adam's hyper-parameters, weight decay or 0.0) of a view's Adam or AdamW.
-
-    Raises:
-        ValueError: another optimizer, a learning-rate schedule, or an option the engine lacks.
-    """
+    """(Adam's hyper-parameters, weight decay or 0.0) of a view's Adam or AdamW, else a ValueError."""
     config = optimizer.get_config()
     options = [k for k in UNSUPPORTED_OPTIMIZER_OPTIONS if config.get(k)]
     if not isinstance(optimizer, keras.optimizers.Adam) or options:  # AdamW is an Adam
@@ -161,9 +145,8 @@ def read_spec(views: list[keras.Model], jit_compile: bool = True) -> Spec:
 # --- the engine ----------------------------------------------------------------------------
 
 class Param(NamedTuple):
-    """One fused parameter: the kernel or bias of layer ``layer``. The first layer's slices are
-    concatenated along the last axis (slice k: a block of ``units`` columns), a later layer's
-    stacked on a new first axis (slice k: index k)."""
+    """A fused kernel or bias: the first layer's slices side by side on the last axis (one GEMM
+    for all), a later layer's stacked on a new first axis (a batched einsum)."""
 
     layer: int
     kernel: bool
@@ -171,11 +154,8 @@ class Param(NamedTuple):
 
 
 class CompiledMLP:
-    """K copies of an MLP as one set of variables, trained by one compiled call per epoch.
-
-    Build it with :meth:`for_views`. Every operation keeps the slices apart (see the module's
-    docstring), so a slice whose loss turns NaN or inf is simply reported and ignored.
-    """
+    """K copies of an MLP as one set of variables, trained by one compiled call per epoch;
+    build it with :meth:`for_views`."""
 
     def __init__(self, spec: Spec) -> None:
         self.spec, self.k, self.layers = spec, spec.k, spec.layers
@@ -201,12 +181,8 @@ class CompiledMLP:
 
     @classmethod
     def for_views(cls, views: list[keras.Model], jit_compile: bool = True) -> "CompiledMLP":
-        """The engine for ``views`` (one compiled standalone model per slice, e.g. from
-        :func:`l2sweep.engine.model.build_model`), loaded from them (:meth:`load`).
-
-        The process keeps the last engine (l2sweep.base.cache) and reuses it, compiled
-        functions and all, for the next views with the same :class:`Spec`.
-        """
+        """The engine for ``views`` (one compiled model per slice), loaded from them. The process
+        keeps the last engine (l2sweep.base.cache), compiled functions and all, for the same :class:`Spec`."""
         spec = read_spec(views, jit_compile)
         engine = CACHE.get("compiled engine", spec, lambda: cls(spec))
         engine.load(views)
@@ -236,7 +212,7 @@ class CompiledMLP:
     # --- the model, per slice ----------------------------------------------------------
 
     def _per_slice(self, values, part: Param):
-        """(K,) values broadcast against ``part``'s fused shape (slice k's entries get values[k])."""
+        """(K,) values broadcast against ``part``'s fused shape."""
         if part.first:
             return tf.repeat(values, self.layers[0].units)  # along the last axis
         return tf.reshape(values, (self.k,) + (1,) * (2 if part.kernel else 1))
@@ -260,8 +236,7 @@ class CompiledMLP:
         return h
 
     def _inputs(self, x):
-        """uint8 pixels through to_float's values (exactly the float arrays ``fit`` is given);
-        float32 images as they are."""
+        """uint8 pixels through to_float's values (the floats ``fit`` is given); floats as they are."""
         return tf.gather(self.pixel_values, tf.cast(x, tf.int32)) if x.dtype == tf.uint8 else x
 
     def _kernels(self):
@@ -313,17 +288,11 @@ class CompiledMLP:
     # --- one compiled call per epoch ---------------------------------------------------
 
     def _train_steps(self, x, y, batches, sizes):
-        """One optimizer step per row of ``batches`` (indices into x/y; row i holds ``sizes[i]``
-        real examples, then padding).
-
-        Returns per-slice sums over the steps: loss * batch size (Keras' loss tracker),
-        cross-entropy and correct predictions over examples.
-        """
-        zeros = tf.zeros(self.k, tf.float32)
+        """One optimizer step per row of ``batches`` (``sizes[i]`` indices into x/y, then padding).
+        Returns per-slice sums of loss * batch size (Keras' loss tracker), cross-entropy and hits."""
         positions = tf.range(tf.shape(batches)[1])
-        sums = (zeros, zeros, zeros)
-        # The penalty at the weights the next step sees, carried from step to step: computed
-        # once, right after each update, instead of inside the differentiated loss.
+        sums = (tf.zeros(self.k, tf.float32),) * 3
+        # The penalty at the next step's weights, computed once after each update (not differentiated).
         penalty = self._penalty()
         for i in tf.range(tf.shape(batches)[0]):
             idx = batches[i]
@@ -338,8 +307,7 @@ class CompiledMLP:
             loss = ce_sum / size + penalty
             self._apply_adam(grads)
             penalty = self._penalty()
-            loss_sum, ce_total, correct_total = sums
-            sums = (loss_sum + loss * size, ce_total + ce_sum, correct_total + correct)
+            sums = tuple(a + b for a, b in zip(sums, (loss * size, ce_sum, correct)))
         return sums
 
     def _apply_adam(self, grads):
@@ -371,8 +339,7 @@ class CompiledMLP:
         """One epoch over ``batches`` (index arrays of at most the first one's size), in one call.
 
         Returns:
-            Per-slice ``loss``, ``data_loss`` and ``accuracy`` (arrays of shape (K,)): Keras'
-            running means (weighted by batch size) at the epoch's end.
+            Per-slice ``loss``, ``data_loss`` and ``accuracy`` (shape (K,)): Keras' running means.
         """
         padded = np.zeros((len(batches), len(batches[0])), np.int64)
         sizes = np.asarray([len(b) for b in batches], np.int32)
@@ -400,14 +367,9 @@ class CompiledMLP:
                 for part, a in zip(self.parts, arrays)]
 
     def copy_to(self, views: list[keras.Model], slices: Iterable[int], optimizer_state: bool = False) -> None:
-        """Sets ``views[k]``'s weights from slice k, for each k in ``slices``.
-
-        Args:
-            views: the standalone models, one per slice.
-            slices: which of them to set.
-            optimizer_state: also set their optimizer's step count and Adam moments, so a saved
-                ``model.keras`` holds what ``fit``'s does (and resumes the same).
-        """
+        """Sets ``views[k]``'s weights from slice k, for each k in ``slices``; with
+        ``optimizer_state`` also its step count and Adam moments (a saved model then resumes as
+        ``fit``'s does)."""
         params = [p.numpy() for p in self.params]
         moments = [[m.numpy() for m in self.m], [v.numpy() for v in self.v]] if optimizer_state else None
         for k in slices:
@@ -421,8 +383,7 @@ class CompiledMLP:
 
 def _set_adam_state(view: keras.Model, variables: list[Any], momentums: list[np.ndarray],
                     velocities: list[np.ndarray], iterations: int) -> None:
-    """Sets ``view``'s optimizer state through its public ``variables``, found by the names Keras
-    gives them (``<variable path with _ for />_momentum``: Optimizer.add_variable_from_reference)."""
+    """Sets ``view``'s Adam state through the names Keras gives it (add_variable_from_reference)."""
     optimizer = view.optimizer
     if not optimizer.built:
         optimizer.build(view.trainable_variables)

@@ -1,13 +1,7 @@
-"""One fit function for both training loops: ``fit(cfgs, ...)`` trains one model per config.
+"""``fit(cfgs, ...)``: one model per config, by the loop ``training_loop(cfg)`` picks.
 
-The configs differ only in ``regularizer.strength``. ``training_loop(cfg)`` picks the loop:
-``compiled`` (l2sweep.engine.compiled: any number K of models at once, one XLA call per epoch)
-or ``keras`` (``Model.fit``, one model). Both give each model the same callbacks, called the
-way ``fit`` calls them, and return the same :class:`Trained` records.
-
-Example:
-    >>> (trained,) = fit([cfg], x_train, y_train, x_val, y_val, [[StopOnSignal()]], "job 1/3")
-    >>> trained.history["val_loss"][-1]
+``compiled`` (l2sweep.engine.compiled) trains K models at once, ``keras`` (``Model.fit``) one;
+both call the callbacks as Keras ``fit`` does and return :class:`Trained` records.
 """
 
 from __future__ import annotations
@@ -20,6 +14,7 @@ from typing import Any, Optional
 
 import keras
 import numpy as np
+import tensorflow as tf
 from omegaconf import DictConfig
 
 from l2sweep.base import compat
@@ -56,22 +51,18 @@ class Trained:
 def fit(cfgs: list, x_train, y_train, x_val, y_val, callbacks: list[list], label: str) -> list[Trained]:
     """Trains one model per config (the configs differ only in ``regularizer.strength``).
 
-    Each model gets the callbacks ``[EpochStats(), WeightHistograms(bins), StopOnDivergence(),
-    *callbacks[k]]`` and Keras' progress lines (one model: per epoch as ``fit(verbose=1)`` on a
-    terminal, else ``verbose=2``; several: one summary line per epoch, logged).
+    Each model gets ``[EpochStats(), WeightHistograms(bins), StopOnDivergence(), *callbacks[k]]``
+    and Keras' progress lines (several models: one summary line per epoch, logged).
 
     Args:
-        cfgs: one config per model, K >= 1; K must be 1 when ``training_loop`` is ``keras``.
-        x_train, y_train, x_val, y_val: images (N, 28, 28), uint8 as prepared or float32 in
-            [0, 1], and int labels.
+        cfgs: one config per model; only one for the ``keras`` loop.
+        x_train, y_train, x_val, y_val: images (N, 28, 28), uint8 or float32 in [0, 1], int labels.
         callbacks: per model, more Keras callbacks (e.g. StopOnSignal, an MLflow logger).
         label: prefix of the log lines.
 
-    Returns:
-        One :class:`Trained` per config, in order.
-
-    Raises:
-        ValueError: several configs for the keras loop, or a model the compiled loop cannot run.
+    Example:
+        >>> (trained,) = fit([cfg], x_train, y_train, x_val, y_val, [[StopOnSignal()]], "job 1/3")
+        >>> trained.history["val_loss"][-1]
     """
     if len(callbacks) != len(cfgs) or not cfgs:
         raise ValueError(f"one callback list per config: got {len(callbacks)} for {len(cfgs)} configs")
@@ -108,25 +99,16 @@ def _fit_keras(cfg: DictConfig, x_train, y_train, x_val, y_val, callbacks: list)
 # --- the compiled loop -------------------------------------------------------------------
 
 def keras_batch_order(n: int, batch_size: int, epochs: int) -> list[list[np.ndarray]]:
-    """The index batches ``Model.fit(x, y, batch_size, shuffle=True)`` feeds, epoch by epoch.
-
-    Taken from Keras' own data adapter, iterated afresh each epoch as ``fit`` does. Call it
-    right after ``set_seeds``, as ``fit`` runs after it.
-    """
+    """The index batches ``Model.fit(x, y, batch_size, shuffle=True)`` feeds, epoch by epoch,
+    from Keras' own data adapter; call it right after ``set_seeds``, as ``fit`` runs after it."""
     dataset, steps = compat.fit_batch_dataset(n, batch_size)
     # All of an epoch's batches as one padded tensor: one iterator step instead of one per batch.
     dataset = dataset.padded_batch(steps, padded_shapes=[batch_size], padding_values=np.int64(-1))
-    order = []
-    for _ in range(epochs):
-        batches = next(iter(dataset)).numpy()
-        order.append([b[b >= 0] for b in batches])
-    return order
+    return [[b[b >= 0] for b in next(iter(dataset)).numpy()] for _ in range(epochs)]
 
 
 def batch_order(cfg: DictConfig, n: int) -> list[list[np.ndarray]]:
-    """:func:`keras_batch_order` for ``cfg``, called right after ``set_seeds(cfg.train.seed)``:
-    a function of the seed, so the jobs of a process with the same seed, sizes and epochs
-    share the last one computed."""
+    """:func:`keras_batch_order` for ``cfg``, shared by a process's jobs with the same seed and sizes."""
     key = (int(cfg.train.seed), bool(cfg.train.deterministic), n, int(cfg.train.batch_size),
            int(cfg.train.epochs))
     return CACHE.get("batch order", key, lambda: keras_batch_order(*key[2:]))
@@ -135,12 +117,9 @@ def batch_order(cfg: DictConfig, n: int) -> list[list[np.ndarray]]:
 def data_tensors(*arrays: np.ndarray) -> tuple:
     """The arrays as tensors (images flattened, labels int64).
 
-    Read-only arrays (the train stage's, shared by the jobs of a process) keep their tensors
-    for the next job. The key is the arrays' ids, and the kept value holds the arrays
-    themselves, so while it is kept no other array can take one of those ids.
+    Read-only arrays (the train stage's) keep their tensors for the next job, keyed by id: the
+    kept value holds the arrays, so no other array can take those ids meanwhile.
     """
-    import tensorflow as tf
-
     def convert():
         return arrays, tuple(tf.constant(a.reshape(len(a), -1)) if a.ndim > 1
                              else tf.constant(a.astype(np.int64)) for a in arrays)
@@ -167,8 +146,7 @@ class _Slice:
 
 
 def _slices(cfgs: list, callbacks: list[list], verbose: int, steps: int) -> list[_Slice]:
-    """A view per config (built as ``fit``'s path builds it: same seed, same initial weights)
-    and its callback list, as ``fit`` makes it."""
+    """A view per config (same seed and initial weights as ``fit``'s) and its callback list."""
     slices = []
     for cfg, extra in zip(cfgs, callbacks):
         set_seeds(cfg.train.seed, cfg.train.deterministic)
@@ -184,10 +162,8 @@ def _slices(cfgs: list, callbacks: list[list], verbose: int, steps: int) -> list
 
 def _fit_compiled(cfgs: list, x_train, y_train, x_val, y_val, callbacks: list[list],
                   label: str) -> list[Trained]:
-    """The compiled loop: every epoch of all K models in one call; each model's callbacks get
-    ``on_train_begin``, ``on_epoch_begin``/``on_epoch_end`` (Keras' ``logs``) and ``on_train_end``
-    with its view (holding its weights) as ``model``. A model whose ``stop_training`` is set (on
-    divergence, by StopOnDivergence) keeps the weights and optimizer state of that epoch."""
+    """Every epoch of all K models in one call; each model's callbacks get the train and epoch
+    events with its view as ``model``. A model that sets ``stop_training`` keeps that epoch's state."""
     base, epochs = cfgs[0], int(cfgs[0].train.epochs)
     verbose = _verbose() if len(cfgs) == 1 else 0
     slices = _slices(cfgs, callbacks, verbose, steps=math.ceil(len(x_train) / int(base.train.batch_size)))
@@ -234,7 +210,7 @@ def _epoch(engine: CompiledMLP, data: tuple, batches: list[np.ndarray], slices: 
 
 
 def _log_epoch(label: str, epoch: int, epochs: int, running: list[_Slice]) -> None:
-    """The summary line of an epoch of several models: how many, how long, the best val_loss."""
+    """The summary line of an epoch of several models."""
     last = [{name: values[-1] for name, values in s.record.history.items()} for s in running]
     best = min(range(len(running)), key=lambda i: last[i]["val_loss"]
                if math.isfinite(last[i]["val_loss"]) else math.inf)

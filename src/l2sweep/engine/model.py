@@ -1,23 +1,10 @@
-"""The networks under study and the regularizers applied to them: their one definition.
+"""The networks under study and their regularizers: the one definition both training loops train.
 
-``build_model(cfg)`` returns a compiled Keras model ready to ``fit``:
-
-* ``mlp`` (:func:`mlp`): ``Input(28, 28) -> Flatten -> Dense(128, relu, regularized kernel)
-  -> Dense(10, softmax)``. Only the hidden layer is regularized.
-* ``cnn`` (:func:`cnn`): ``Conv2D(32, 3x3, same, relu) -> Conv2D(64, 3x3, same, relu) ->
-  Flatten -> Dense(128, relu) -> Dense(10, softmax)``; the conv and hidden kernels are
-  regularized.
-
-Both training loops train exactly what this module builds: Keras ``fit`` directly, the
-compiled loop (l2sweep.engine.compiled) by reading the layers and optimizer of these models.
-
-In both, the output layer is never regularized, so a lambda means the same thing across
-models and across regularizer kinds (``weight_decay`` decays exactly the kernels the
-penalties would regularize). Every layer has an explicit, stable name (``flatten``,
-``hidden``, ``output``; ``conv1``, ``conv2``), so metric names such as
-``weight_norm/hidden`` stay the same however many models a process builds.
-
-Both models take ``(batch, 28, 28)`` float32 images scaled to ``[0, 1]`` and integer labels.
+``build_model(cfg)`` returns a compiled ``mlp`` (:func:`mlp`) or ``cnn`` (:func:`cnn`) taking
+``(batch, 28, 28)`` float32 images in ``[0, 1]`` and integer labels. The output layer is never
+regularized, so a lambda means the same across models and regularizer kinds (``weight_decay``
+decays exactly the kernels the penalties would regularize). Layers have stable names
+(``hidden``, ``output``, ``conv1`` ...), so metric names such as ``weight_norm/hidden`` do too.
 """
 
 from __future__ import annotations
@@ -32,28 +19,18 @@ import tensorflow as tf
 from l2sweep.base import compat
 from l2sweep.base.config import MODELS, REGULARIZERS, ConfigError
 
-#: Shape of one input image.
 INPUT_SHAPE = (28, 28)
-#: Number of classes.
 NUM_CLASSES = 10
 
 
 def set_seeds(seed: int, deterministic: bool = True) -> None:
-    """Seeds Python, NumPy and TensorFlow; optionally makes TF ops deterministic.
-
-    Call it before :func:`build_model` (weights are drawn when the model is built) and
-    before ``fit`` (shuffling). Op determinism is process-wide and cannot be switched
-    off again. Keras turns XLA off when op determinism is on; on CPU :func:`build_model`
-    turns it back on (XLA on CPU is deterministic; the tests check it), so
-    ``train.deterministic`` and ``train.jit_compile`` can both be true.
+    """Seeds Python, NumPy and TensorFlow, before :func:`build_model` and before ``fit``.
 
     Args:
-        seed: the seed (``train.seed``).
-        deterministic: also call ``tf.config.experimental.enable_op_determinism()``, so the
-            same seed gives the same metrics.
-
-    Raises:
-        ValueError: if ``seed`` is not a non-negative integer.
+        seed: a non-negative integer (``train.seed``).
+        deterministic: also enable op determinism (process-wide, for good), so the same seed
+            gives the same metrics. Keras then turns XLA off; on CPU :func:`build_model` turns
+            it back on (deterministic there; the tests check it).
     """
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed={seed!r} is not allowed: a non-negative integer")
@@ -66,17 +43,10 @@ def make_regularizer(name: str, strength: float, l1_ratio: float = 0.5) -> Optio
     """The kernel regularizer of a regularizer kind (None for ``weight_decay`` and ``none``).
 
     Args:
-        name: ``l2`` (``strength * sum(w**2)``, Keras semantics), ``l1``, ``l1_l2``
-            (``strength * l1_ratio`` on ``sum(|w|)`` plus ``strength * (1 - l1_ratio)`` on
-            ``sum(w**2)``), ``weight_decay`` or ``none``.
+        name: ``l2`` (``strength * sum(w**2)``, Keras semantics), ``l1``, ``l1_l2``,
+            ``weight_decay`` or ``none``.
         strength: lambda.
-        l1_ratio: ``l1_l2`` only: share of lambda given to the L1 term.
-
-    Returns:
-        A Keras regularizer, or None when nothing is added to the loss.
-
-    Raises:
-        ConfigError: on an unknown name.
+        l1_ratio: ``l1_l2`` only: share of lambda given to the L1 term (the rest to L2).
     """
     strength = float(strength)
     if name == "l2":
@@ -91,10 +61,7 @@ def make_regularizer(name: str, strength: float, l1_ratio: float = 0.5) -> Optio
 
 
 def mlp(hidden_units: int, reg: Optional[keras.regularizers.Regularizer]) -> keras.Model:
-    """The MLP: ``Input(28, 28) -> Flatten -> Dense(hidden_units, relu, reg) -> Dense(10, softmax)``.
-
-    Both training loops train what this builds (the compiled loop reads its layers).
-    """
+    """The MLP: ``Input(28, 28) -> Flatten -> Dense(hidden_units, relu, reg) -> Dense(10, softmax)``."""
     inputs = keras.Input(shape=INPUT_SHAPE, dtype="float32", name="image")
     x = keras.layers.Flatten(name="flatten")(inputs)
     x = keras.layers.Dense(hidden_units, activation="relu", kernel_regularizer=reg, name="hidden")(x)
@@ -118,20 +85,11 @@ def cnn(conv_filters: list[int], hidden_units: int,
 
 
 def build_model(cfg: Any) -> keras.Model:
-    """Builds and compiles the configured network.
+    """Builds and compiles the configured network (``model.*``, ``regularizer.*``, ``train.*``).
 
     Loss ``sparse_categorical_crossentropy``; metrics ``accuracy`` and ``data_loss`` (the
-    cross-entropy alone, so Keras reports ``loss`` = ``data_loss`` + penalty next to it, and
-    ``val_data_loss`` on validation data). Optimizer Adam, or AdamW for ``weight_decay``
-    (biases and the output layer excluded from decay).
-
-    Args:
-        cfg: the composed config (``l2sweep.base.config.Config`` or its DictConfig); reads
-            ``model.*``, ``regularizer.*`` and ``train.learning_rate``,
-            ``train.steps_per_execution``, ``train.jit_compile``.
-
-    Returns:
-        The compiled model, named ``mlp`` or ``cnn``.
+    cross-entropy alone: ``loss`` = ``data_loss`` + penalty). Optimizer Adam, or AdamW for
+    ``weight_decay`` (biases and the output layer excluded from decay).
 
     Raises:
         ConfigError: on an unknown model or regularizer, or a cnn without conv filters.
@@ -185,9 +143,8 @@ def _compile(model: keras.Model, optimizer: keras.optimizers.Optimizer, t: Any) 
             jit_compile=jit,
         )
     if force_jit:
-        # Keras refuses XLA whenever op determinism is on, because some ops have no
-        # deterministic XLA kernel on GPU. On CPU every op of these models compiles and
-        # repeats bit for bit (tests/unit/test_model.py checks it).
+        # Keras refuses XLA whenever op determinism is on (some ops lack a deterministic XLA kernel
+        # on GPU); on CPU every op here compiles and repeats bit for bit (tests/unit/test_model.py).
         compat.force_jit_compile(model)
 
 
@@ -203,24 +160,14 @@ def kernel_layers(model: keras.Model) -> list[keras.layers.Layer]:
 
 
 def regularized_layers(model: keras.Model) -> list[keras.layers.Layer]:
-    """The layers whose kernel is under study: every kernel layer except ``output``.
-
-    With a penalty these are the layers that carry a ``kernel_regularizer``; with
-    ``weight_decay`` they are the layers AdamW decays.
-    """
+    """The layers whose kernel is under study (regularized or decayed): all kernel layers but ``output``."""
     return [layer for layer in kernel_layers(model) if layer.name != "output"]
 
 
 def regularization_penalty(model: keras.Model) -> float:
-    """The regularization term at the model's current weights (0.0 when there is none).
-
-    It is the sum of ``model.losses``, which Keras recomputes from the current kernels, so
-    it is exactly what ``loss`` adds to the cross-entropy at these weights.
-    """
-    losses = model.losses
-    if not losses:
-        return 0.0
-    return float(sum(float(keras.ops.convert_to_numpy(loss)) for loss in losses))
+    """The regularization term at the model's current weights: the sum of ``model.losses``
+    (what ``loss`` adds to the cross-entropy), 0.0 when there is none."""
+    return float(sum(float(keras.ops.convert_to_numpy(loss)) for loss in model.losses))
 
 
 def weight_norms(model: keras.Model) -> dict[str, float]:

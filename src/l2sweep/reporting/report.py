@@ -1,8 +1,7 @@
-"""The Markdown report of a sweep, written from the numbers of :mod:`l2sweep.reporting.summaries`.
+"""The Markdown report of a sweep, from the numbers of :mod:`l2sweep.reporting.summaries`.
 
-Pure functions only: :mod:`l2sweep.evaluate` writes what they return. Every sentence the report
-makes is computed here from the numbers it is given; nothing about the outcome is written in
-advance.
+Pure functions (:mod:`l2sweep.evaluate` writes the text). Every sentence is computed from the
+numbers given; nothing about the outcome is written in advance.
 """
 
 from __future__ import annotations
@@ -24,17 +23,19 @@ def _lam(run: Mapping[str, Any]) -> str:
     return f"λ={format_strength(run['strength'])}"
 
 
+def _diverged(run: Mapping[str, Any]) -> str:
+    at = run.get("diverged_epoch")
+    return "diverged" + (f" at epoch {at}" if at is not None else "")
+
+
 def _status_notes(runs: Runs) -> list[str]:
     """Which runs diverged or did not finish."""
     notes = []
     for _, run in runs:
-        if run["status"] == DIVERGED:
-            at = run.get("diverged_epoch")
-            notes.append(f"{_lam(run)} diverged" + (f" at epoch {at}" if at is not None else "")
-                         + "; it is left out of the comparisons below.")
-        elif run["status"] != FINISHED:
-            notes.append(f"{_lam(run)} did not finish (status {run['status']}); "
-                         "it is left out of the comparisons below.")
+        if run["status"] != FINISHED:
+            what = (_diverged(run) if run["status"] == DIVERGED
+                    else f"did not finish (status {run['status']})")
+            notes.append(f"{_lam(run)} {what}; it is left out of the comparisons below.")
     return notes
 
 
@@ -131,14 +132,8 @@ def _norm_notes(evaluation: Mapping[str, Any], finished: Runs) -> list[str]:
 
 
 def observations(evaluation: Mapping[str, Any]) -> list[str]:
-    """Short statements derived from the numbers of ``evaluation`` (an eval.json content).
-
-    Each statement quotes the values it rests on; a statement is only made when the numbers
-    support it (for example "falls as λ grows" only when every step down the grid falls).
-
-    Returns:
-        Markdown bullet texts (without the leading ``-``).
-    """
+    """Statements on an eval.json content, as Markdown bullet texts (without the ``-``). Each
+    quotes its numbers and is made only when they support it ("falls" only if every step falls)."""
     runs = runs_by_strength(evaluation)
     finished = [(n, r) for n, r in runs if r["status"] == FINISHED]
     return (_status_notes(runs) + _best_notes(evaluation.get("best"), finished)
@@ -157,12 +152,9 @@ TABLE_COLUMNS = ("λ", "train acc", "val acc", "val loss", "val cross-entropy", 
 def table_row(run: Mapping[str, Any]) -> list[str]:
     """The summary-table cells of one run (see :data:`TABLE_COLUMNS`)."""
     lam = format_strength(run["strength"])
-    if run["status"] == DIVERGED:
-        at = run.get("diverged_epoch")
-        note = "diverged" + (f" at epoch {at}" if at is not None else "")
-        return [lam, note] + [MISSING_CELL] * (len(TABLE_COLUMNS) - 2)
     if run["status"] != FINISHED:
-        return [lam, run["status"]] + [MISSING_CELL] * (len(TABLE_COLUMNS) - 2)
+        note = _diverged(run) if run["status"] == DIVERGED else run["status"]
+        return [lam, note] + [MISSING_CELL] * (len(TABLE_COLUMNS) - 2)
     best_epoch = run.get("best_epoch")
     return [
         lam,
@@ -229,15 +221,8 @@ def _per_class(runs: Runs) -> list[str]:
 
 def render_report(evaluation: Mapping[str, Any],
                   figures: Sequence[tuple[str, str]] = ()) -> str:
-    """The Markdown report of one sweep.
-
-    Args:
-        evaluation: the content of ``metrics/eval.json``.
-        figures: ``(caption, path relative to the report)`` of each figure to embed.
-
-    Returns:
-        The report's text.
-    """
+    """The Markdown report of ``evaluation`` (the content of ``metrics/eval.json``), embedding
+    ``figures``: ``(caption, path relative to the report)``."""
     runs = runs_by_strength(evaluation)
     lines = _overview(evaluation, runs) + [
         "",

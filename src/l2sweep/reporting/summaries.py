@@ -1,13 +1,8 @@
-"""Summary figures of a sweep, derived from training histories and eval entries.
+"""The numbers of a sweep, from its training histories: eval.json's summaries, the DVC plot
+data and the best-λ rule. Pure functions; :mod:`l2sweep.reporting.report` words them.
 
-Pure functions only (no files, no TensorFlow): the numbers behind ``metrics/eval.json``, the
-DVC plot files and the best-λ rule; :mod:`l2sweep.reporting.report` turns them into text.
-
-Conventions:
-    * Epochs count from 0, as in the histories and in MLflow's steps.
-    * ``loss``/``val_loss`` are Keras' losses and include the penalty (λ·Σw²);
-      ``data_loss``/``val_data_loss`` are the cross-entropy alone.
-    * Accuracies are fractions in [0, 1]; the report shows them as percentages.
+Epochs count from 0 (as in MLflow's steps). ``loss``/``val_loss`` include the penalty (λ·Σw²),
+``data_loss``/``val_data_loss`` are the cross-entropy alone. Accuracies are fractions.
 """
 
 from __future__ import annotations
@@ -23,6 +18,11 @@ BEST_BY = ("val_data_loss", "val_loss")
 
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+#: The layer no regularizer acts on (l2sweep.engine.model.regularized_layers).
+REGULARIZED_EXCLUDED = "output"
+#: Per-epoch metrics copied into ``epochs.json`` (when a history has them).
+EPOCH_FIELDS = ("loss", "val_loss", "data_loss", "val_data_loss", "accuracy", "val_accuracy",
+                "penalty")
 
 
 # --- small numeric helpers ---------------------------------------------------------------
@@ -61,10 +61,6 @@ def class_names(dataset: str, num_classes: int = 10) -> list[str]:
     return [str(i) for i in range(num_classes)]
 
 
-#: The layer no regularizer acts on (l2sweep.engine.model.regularized_layers): the output layer.
-REGULARIZED_EXCLUDED = "output"
-
-
 # --- per-run summary ---------------------------------------------------------------------
 
 
@@ -75,11 +71,8 @@ def _combined(values: list[Optional[float]]) -> Optional[float]:
 
 
 def weight_norms(history: Mapping[str, Any]) -> dict[str, Optional[float]]:
-    """Final ``weight_norm/<layer>`` values, plus ``total`` = sqrt(Σ layer norms²) and
-    ``regularized``, the same over the layers the regularizer acts on (all but ``output``).
-
-    A combined value is None when any of its layers' final norm is not finite, or there are none.
-    """
+    """Final ``weight_norm/<layer>`` values, plus ``total`` (sqrt(Σ norm²) over the layers) and
+    ``regularized`` (the same without ``output``); None where a norm is not finite."""
     metrics = history.get("metrics", {})
     norms = {key.split("/", 1)[1]: last(series(history, key))
              for key in metrics if key.startswith("weight_norm/")}
@@ -88,17 +81,9 @@ def weight_norms(history: Mapping[str, Any]) -> dict[str, Optional[float]]:
 
 
 def val_loss_turn(epochs: Sequence[int], val_loss: Sequence[Optional[float]]) -> dict[str, Any]:
-    """Where ``val_loss`` bottoms out and whether it rose after (the "U-shape").
-
-    Args:
-        epochs: the epoch numbers of the history.
-        val_loss: validation loss per epoch (None where not finite).
-
-    Returns:
-        ``best_epoch`` (epoch of the minimum), ``val_loss_min``, ``val_loss_rise``
-        (last value minus the minimum, >= 0) and ``val_loss_rose`` (the minimum is before the
-        last epoch and the last value is above it). All None when there is no finite value.
-    """
+    """Where ``val_loss`` bottoms out and whether it rose after (the "U-shape"): ``best_epoch``,
+    ``val_loss_min``, ``val_loss_rise`` (last minus minimum) and ``val_loss_rose``; all None
+    when no value is finite."""
     points = [(e, v) for e, v in zip(epochs, val_loss) if v is not None]
     if not points:
         return {"best_epoch": None, "val_loss_min": None, "val_loss_rise": None,
@@ -112,18 +97,10 @@ def val_loss_turn(epochs: Sequence[int], val_loss: Sequence[Optional[float]]) ->
 
 
 def summarize_history(history: Mapping[str, Any]) -> dict[str, Any]:
-    """The summary figures of one run, from its ``history.json`` content.
-
-    Args:
-        history: a parsed ``history.json`` (``epochs`` and ``metrics``, one value per epoch).
-
-    Returns:
-        ``epochs`` (how many were recorded), final ``train_accuracy``, ``val_accuracy``,
-        ``train_loss``, ``val_loss``, ``train_data_loss``, ``val_data_loss``, ``penalty``,
-        ``penalty_share`` (penalty / (data_loss + penalty) at the last epoch), ``gap`` (train
-        minus validation accuracy, signed), the :func:`val_loss_turn` fields and
-        ``weight_norm`` (:func:`weight_norms`). Values that cannot be computed are None.
-    """
+    """The summary figures of one run from its ``history.json`` content: the epoch count, the
+    final accuracies and losses, ``penalty_share`` (penalty / (data_loss + penalty)), ``gap``
+    (train minus validation accuracy), :func:`val_loss_turn` and :func:`weight_norms`; None
+    where a value cannot be computed."""
     epochs = [int(e) for e in history.get("epochs", [])]
     train_acc = last(series(history, "accuracy"))
     val_acc = last(series(history, "val_accuracy"))
@@ -151,15 +128,8 @@ def summarize_history(history: Mapping[str, Any]) -> dict[str, Any]:
 
 def pick_best(runs: Mapping[str, Mapping[str, Any]],
               by: Sequence[str] = BEST_BY) -> Optional[dict[str, Any]]:
-    """The finished run with the lowest final validation loss.
-
-    Args:
-        runs: run name -> eval entry (``status``, ``strength`` and the summary figures).
-        by: metric names tried in order; the first that every finished run has is used.
-
-    Returns:
-        ``{"run_name", "strength", "by", "value"}``, or None when no finished run has one.
-    """
+    """The finished run with the lowest final validation loss, by the first metric of ``by``
+    that every finished run has: ``{"run_name", "strength", "by", "value"}``, or None."""
     finished = {name: run for name, run in runs.items() if run.get("status") == FINISHED}
     for metric in by:
         values = {name: finite(run.get(metric)) for name, run in finished.items()}
@@ -214,23 +184,14 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-#: Per-epoch metrics copied into ``epochs.json`` (when a history has them).
-EPOCH_FIELDS = ("loss", "val_loss", "data_loss", "val_data_loss", "accuracy", "val_accuracy",
-                "penalty")
-
-
 def plot_data(evaluation: Mapping[str, Any],
               histories: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, list[dict]]]:
-    """The DVC plot files: file name -> ``{name: rows}`` (long format, one row per point).
+    """The DVC plot files: file name -> ``{name: rows}``, one row per point.
 
-    Every row carries ``lambda`` (the label, e.g. ``"0.001"``) and ``strength`` (the number),
-    which the templates in ``.dvc/plots/`` colour and sort by, so one chart holds every λ of
-    whatever grid was run.
-
-    * ``epochs.json``: per λ and epoch, :data:`EPOCH_FIELDS` and ``weight_norm`` (all layers).
-    * ``accuracy.json``: per λ, epoch and ``split`` (``train``/``validation``), ``accuracy``.
-    * ``by_lambda.json``: per λ, the final and test figures (``test_accuracy``,
-      ``test_loss``, ``val_accuracy``, ``val_data_loss``, ``weight_norm``, ``gap``...).
+    Every row carries ``lambda`` (label) and ``strength`` (number), which the templates in
+    ``.dvc/plots/`` colour and sort by. ``epochs.json``: per λ and epoch, :data:`EPOCH_FIELDS`
+    and ``weight_norm``; ``accuracy.json``: per λ, epoch and ``split``; ``by_lambda.json``:
+    per λ, the final and test figures.
     """
     epoch_rows, acc_rows, lambda_rows = [], [], []
     for h in sorted(histories, key=lambda h: float(h["strength"])):
