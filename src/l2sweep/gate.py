@@ -264,9 +264,8 @@ def run_gate(cfg: Any, baseline_path: Optional[str] = None, rev: Optional[str] =
 @entry_point()
 def main(argv: Optional[list[str]] = None) -> int:
     """``python -m l2sweep.gate [--baseline PATH | --rev REV] [--current PATH] [overrides]``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m l2sweep.gate",
-        description="Compare metrics/eval.json with a baseline; exit 1 when something regressed.")
+    parser = argparse.ArgumentParser(prog="python -m l2sweep.gate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--baseline", help="baseline metrics file (default: gate.baseline)")
     which.add_argument("--rev", help="git revision whose committed metrics are the baseline")

@@ -68,9 +68,6 @@ def summary(meta: dict[str, Any], out_dir: str) -> str:
 @entry_point()
 def main(overrides: list[str]) -> int:
     """``python -m l2sweep.prepare [--verbose] [overrides...]``."""
-    if any(a in ("-h", "--help") for a in overrides):
-        print(__doc__)
-        return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = compose_config(overrides)
     validate(cfg)

@@ -197,3 +197,20 @@ def test_a_fused_sweep_has_the_sequential_layout(tmp_path, tiny_arrays_module):
     manifest = json.loads((tmp_path / "models" / "sweep.json").read_text())
     assert manifest["strengths"] == GRID and manifest["parent_run_id"] == parents[0].info.run_id
     assert sorted(p.name for p in (tmp_path / "outputs" / "sweep").iterdir()) == ["l2-fused-0", "multirun.yaml"]
+
+
+def test_one_run_without_multirun(tmp_path, tiny_arrays_module):
+    """The README's single run: no `-m`, so no sweep and no parent run; one tracked run."""
+    idx_dir = write_idx_dir(tmp_path / "raw_tiny", tiny_arrays_module)
+    write_project_params(tmp_path, idx_dir)
+    run_cli(tmp_path, "l2sweep.prepare")
+    proc = run_cli(tmp_path, "l2sweep.train", "regularizer=l1", "regularizer.strength=0.01",
+                   "tracking.log_model=false")
+    assert "l1-0.01: val_loss" in proc.stdout + proc.stderr
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("l2-sweep").experiment_id])
+    assert run.info.run_name == "l1-0.01" and run.info.status == "FINISHED"
+    assert "mlflow.parentRunId" not in run.data.tags
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == list(range(EPOCHS))
+    history = json.loads((tmp_path / "models" / "l1-0.01" / "history.json").read_text())
+    assert history["status"] == "FINISHED" and history["mlflow_run_id"] == run.info.run_id

@@ -259,3 +259,18 @@ def test_traceback_on_request(project, how):
     proc = run_cli(project, "l2sweep.train", *args, check=False, env=env)
     assert proc.returncode != 0
     assert "Traceback" in proc.stderr and "ConfigError: train.epochs='abc' is not allowed" in proc.stderr
+
+
+@pytest.mark.parametrize("stage", ["prepare", "evaluate", "gate"])
+def test_every_stage_answers_help_with_what_it_does_and_examples(stage, tmp_path):
+    proc = run_cli(tmp_path, f"l2sweep.{stage}", "--help")
+    assert f"python -m l2sweep.{stage} " in proc.stdout and not proc.stderr.strip(), proc.stdout
+
+
+def test_train_answers_help_with_its_keys_groups_and_examples(tmp_path):
+    proc = run_cli(tmp_path, "l2sweep.train", "--help")
+    assert proc.stdout.startswith("The `train` stage"), proc.stdout
+    for text in ("python -m l2sweep.train -m", "Main keys: regularizer.strength",
+                 "regularizer: l1, l1_l2, l2, none, weight_decay"):
+        assert text in proc.stdout
+    assert not (tmp_path / "outputs").exists()

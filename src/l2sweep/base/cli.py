@@ -27,6 +27,7 @@ from l2sweep.base.signals import Terminated, signal_of
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 #: Flags that ask for the traceback; removed before the arguments are parsed.
 VERBOSE_FLAGS = ("--verbose", "-v")
+HELP_FLAGS = ("--help", "-h")
 
 
 def wants_traceback(args: Sequence[str]) -> bool:
@@ -104,7 +105,8 @@ def entry_point(*expected: type[BaseException]) -> Callable[[Callable[[list[str]
                                                             Callable[[Optional[Sequence[str]]], Any]]:
     """Decorator for a stage's ``main(args)``: the wrapped ``main(argv=None)`` passes ``argv``
     (default ``sys.argv[1:]``) without the verbose flags and turns an error into one ``error:``
-    line and its status (:func:`user_errors` and ``expected`` types: :data:`EXIT_USAGE`)."""
+    line and its status (:func:`user_errors` and ``expected`` types: :data:`EXIT_USAGE`).
+    ``-h``/``--help`` prints the stage module's docstring (what it does, its keys, examples)."""
 
     def decorate(main: Callable[[list[str]], Any]) -> Callable[[Optional[Sequence[str]]], Any]:
         @functools.wraps(main)
@@ -112,6 +114,9 @@ def entry_point(*expected: type[BaseException]) -> Callable[[Callable[[list[str]
             args = list(sys.argv[1:] if argv is None else argv)
             verbose = wants_traceback(args)
             args = strip_verbose(args)
+            if any(a in HELP_FLAGS for a in args):
+                print(sys.modules[main.__module__].__doc__.strip())
+                return EXIT_OK
             try:
                 return main(args)
             except (Exception, KeyboardInterrupt, Terminated) as exc:
