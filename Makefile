@@ -6,6 +6,8 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# `dvc plots show/diff`'s page template with vega inlined, so the pages draw offline (.dvc/config).
+PLOTS_PAGE := .dvc/plots/offline.html
 export PATH := $(abspath $(BIN)):$(PATH)
 
 HOST ?= 127.0.0.1
@@ -20,9 +22,10 @@ WORKERS ?= 2
 # MLflow's server also starts job-runner processes for GenAI features this project does not use.
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION ?= false
 
-# Debian packages: the default dataset, and what the test suite drives (browser, PostgreSQL).
+# Debian packages: the default dataset, and what the test suite drives (browser, PostgreSQL,
+# a one-node SLURM cluster with job accounting: tests/e2e/test_slurm.py).
 DATA_PKGS := dataset-fashion-mnist
-TEST_PKGS := chromium chromium-driver postgresql
+TEST_PKGS := chromium chromium-driver postgresql slurm-wlm munge slurmdbd mariadb-server
 CAN_APT := $(shell [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && echo yes)
 
 .PHONY: help install data sysdeps-test run repro test test-fast ci-gate ci-baseline ui server bench clean
@@ -37,7 +40,8 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	@touch $(STAMP)
 
-install: $(STAMP)  ## create .venv and install the locked dependencies
+install: $(STAMP)  ## create .venv, install the locked dependencies and offline vega
+	@$(BIN)/python tools/offline_plots.py  # writes $(PLOTS_PAGE) unless it is up to date
 
 # Debian ships Fashion-MNIST; elsewhere `prepare` downloads it from the Keras mirror.
 data:  ## make the default dataset available (apt on Debian/Ubuntu as root)
@@ -54,7 +58,7 @@ sysdeps-test:
 	  missing=""; for p in $(DATA_PKGS) $(TEST_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	  if [ -n "$$missing" ]; then echo "apt-get install$$missing"; \
 	    (apt-get install -y -qq $$missing || (apt-get update -qq && apt-get install -y -qq $$missing)) >/dev/null; fi; \
-	else echo "not root or no apt: tests needing chromium/postgresql will skip"; fi
+	else echo "not root or no apt: tests needing chromium/postgresql/slurm will skip"; fi
 
 run: install data  ## set up, then run the whole pipeline (dvc repro)
 	dvc repro
@@ -62,6 +66,9 @@ run: install data  ## set up, then run the whole pipeline (dvc repro)
 	@echo "Report:     reports/report.md  (figures in reports/figures/)"
 	@echo "Metrics:    dvc metrics show   |  plots: dvc plots show"
 	@echo "MLflow UI:  make ui  ->  http://$(HOST):$(PORT)"
+	@# The sweep's runs (MLflow 3.17's UI opens experiments in its GenAI view unless workflowType says otherwise).
+	@python -c "from mlflow import MlflowClient; e = MlflowClient('$(TRACKING_URI)').get_experiment_by_name('l2-sweep'); \
+	  print(f'Runs:       http://$(HOST):$(PORT)/#/experiments/{e.experiment_id}?workflowType=machine_learning') if e else None"
 
 repro: install  ## dvc repro without the setup steps
 	dvc repro

@@ -5,11 +5,9 @@ Run from the repository root (params.yaml over conf/, the command line wins)::
     python -m l2sweep.evaluate                    # what `dvc repro evaluate` runs
     python -m l2sweep.evaluate paths.models=elsewhere/models
 
-Reads the sweep under ``paths.models`` (``sweep.json``, each run's history.json and
-model.keras) and the test split under ``paths.prepared``. Writes ``paths.metrics`` (per run:
-test metrics, confusion matrix, summaries; the settings; the best λ), the DVC plot data under
-``paths.plots``, and ``report.md`` with its figures under ``paths.reports``; logs them to the
-sweep's MLflow runs. A diverged run (no model) is reported, not scored.
+Reads the sweep under ``paths.models`` and the test split under ``paths.prepared``; writes
+``paths.metrics``, the DVC plot data under ``paths.plots`` and ``report.md`` with its figures
+under ``paths.reports``, and logs them to the sweep's MLflow runs. Diverged runs are not scored.
 """
 
 from __future__ import annotations
@@ -28,13 +26,13 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from l2sweep.reporting import report, summaries
-from l2sweep.base.cli import entry_point, exit_fast
+from l2sweep.base.cli import entry_point, exit_fast, import_tensorflow
 from l2sweep.base.config import compose_config, validate
 from l2sweep.base.files import write_text
 from l2sweep.tracking import store
-from l2sweep.tracking.sweep import MANIFEST, tag_best
+from l2sweep.tracking.sweep import MANIFEST, register_champion, tag_best
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("l2sweep.evaluate")  # not __main__ under `python -m`
 
 HISTORY, MODEL = "history.json", "model.keras"
 #: Settings recorded in eval.json (``sweep.config``); the gate notes when they differ.
@@ -61,8 +59,7 @@ class SweepRun:
 
 
 def load_sweep(models_dir: str | os.PathLike) -> tuple[dict[str, Any], list[SweepRun]]:
-    """The sweep manifest and its runs, sorted by λ (without ``sweep.json``: each sub-folder
-    holding a history.json). EvaluateError when there is none or a named run has no history."""
+    """The sweep manifest and its runs (without ``sweep.json``: each */history.json), sorted by λ."""
     models = Path(models_dir)
     manifest_path = models / MANIFEST
     if manifest_path.is_file():
@@ -96,6 +93,7 @@ def load_test_split(prepared_dir: str | os.PathLike) -> tuple[np.ndarray, np.nda
 def score_model(model_path: Path, x: np.ndarray, y: np.ndarray, class_names: list[str],
                  batch_size: int = 1024) -> dict[str, Any]:
     """Test loss (cross-entropy), accuracy, per-class accuracy and confusion matrix of a model."""
+    import_tensorflow()  # before Keras loads it: no start-up notices
     import keras
 
     model = keras.saving.load_model(model_path, compile=False)
@@ -174,8 +172,8 @@ def write_figures(evaluation: dict[str, Any], histories: list[dict[str, Any]],
 
 def log_to_mlflow(cfg: DictConfig, manifest: dict[str, Any], evaluation: dict[str, Any],
                   runs: list[tuple[SweepRun, dict[str, Any]]], artifacts: list[Path]) -> None:
-    """To the sweep's parent run: summary metrics per λ, the best-λ tags, the report, figures
-    and eval.json; to each child run, :func:`log_child`. Skipped without tracking or parent."""
+    """Logs summaries, best-λ tags, report, figures and eval.json to the sweep's parent run,
+    :func:`log_child` to each child run, and registers the best λ's model."""
     parent = manifest.get("parent_run_id")
     if not cfg.tracking.enabled or not parent:
         log.info("no parent MLflow run (tracking off or no sweep manifest): not logging")
@@ -197,6 +195,8 @@ def log_to_mlflow(cfg: DictConfig, manifest: dict[str, Any], evaluation: dict[st
         client.log_batch(parent, metrics=metrics)
         if evaluation.get("best"):
             tag_best(uri, parent, evaluation["best"])
+            best_run = evaluation["runs"][evaluation["best"]["run_name"]].get("mlflow_run_id")
+            register_champion(client, cfg.tracking.registered_model, best_run)
         for path in artifacts:
             client.log_artifact(parent, str(path), "figures" if path.suffix == ".png" else None)
         for run, history in runs:
@@ -209,8 +209,7 @@ def log_to_mlflow(cfg: DictConfig, manifest: dict[str, Any], evaluation: dict[st
 
 
 def log_child(client: Any, run: SweepRun, entry: dict[str, Any], history: dict[str, Any], now: int) -> None:
-    """A child run's test metrics (for the compare view) and figures: ``plots/curves.png`` and
-    ``histograms/<layer>.png`` (from ``histograms.json``)."""
+    """Logs a child run's test metrics and figures (curves, weight histograms)."""
     from mlflow.entities import Metric
 
     from l2sweep.reporting import plots
@@ -254,8 +253,7 @@ def describe_sweep(cfg: DictConfig, manifest: dict[str, Any], runs: list[SweepRu
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Scores the sweep under ``cfg.paths.models``, writes metrics, plots and report, and logs
-    them to MLflow; returns the content written to ``cfg.paths.metrics``."""
+    """Scores the sweep, writes metrics, plots and report, logs them; returns eval.json's content."""
     validate(cfg)
     manifest, runs = load_sweep(cfg.paths.models)
     x, y = load_test_split(cfg.paths.prepared)
@@ -284,7 +282,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 @entry_point(EvaluateError)
 def main(overrides: list[str]) -> int:
     """Entry point: ``python -m l2sweep.evaluate [--verbose] [overrides]``; errors: one line, exit 2."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     evaluation = evaluate(compose_config(overrides))
     best = evaluation["best"]
     print(f"wrote {len(evaluation['runs'])} runs; best λ by {best['by'] if best else '-'}: "

@@ -5,14 +5,13 @@ Run it after ``dvc repro`` (or ``python -m l2sweep.evaluate``)::
     python -m l2sweep.gate                              # baseline: gate.baseline
     python -m l2sweep.gate --baseline other.json        # any eval.json-shaped file
     python -m l2sweep.gate --rev main                   # metrics/eval.json as committed at main
+    python -m l2sweep.gate --rev cream-tuba --json      # ... in a DVC experiment; JSON verdict
     python -m l2sweep.gate gate.max_accuracy_drop=0.01  # Hydra overrides (tolerances, paths)
 
-Test accuracy may drop by ``gate.max_accuracy_drop`` (absolute) and test loss rise by
-``gate.max_loss_increase`` (relative); a baseline λ that is missing now, or that diverged now
-but not in the baseline, fails. Prints a Markdown table (terminal or CI job summary).
-
-Exit status: 0 passed; 1 a regression, a missing or a diverged λ; 2 the metrics could not be
-read (missing file, bad JSON, unknown revision).
+Test accuracy may drop by ``gate.max_accuracy_drop`` (absolute), test loss rise by
+``gate.max_loss_increase`` (relative); a baseline λ now missing or newly diverged fails.
+Prints a Markdown table, or with ``--json`` one JSON object (``passed``, ``checks``, ``error``).
+Exit status: 0 passed; 1 a regression, a missing or diverged λ; 2 unreadable metrics.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ import math
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
@@ -44,8 +43,7 @@ class GateError(Exception):
 
 @dataclass(frozen=True)
 class Tolerance:
-    """How much one metric (a key of a run's eval.json entry) may worsen for any λ:
-    ``max_change``, absolute or (``relative``) a fraction of the baseline value."""
+    """How much one eval.json metric may worsen for any λ: absolute, or ``relative`` to the baseline."""
 
     metric: str
     higher_is_better: bool
@@ -70,9 +68,8 @@ class Tolerance:
 
 @dataclass(frozen=True)
 class Verdict:
-    """The outcome of one check: one λ and metric, or (``metric`` ``-``) one λ as a whole.
-    ``status``: ``ok``, ``regressed``, ``missing``, ``diverged``, ``new`` or ``skipped``;
-    ``change`` as shown (``-1.00 pt``, ``+3.2%``, ``-``); ``note`` says why."""
+    """The outcome of one check: one λ and metric, or (``metric`` ``-``) one λ as a whole;
+    ``status``: ``ok``, ``regressed``, ``missing``, ``diverged``, ``new`` or ``skipped``."""
 
     strength: float
     metric: str
@@ -131,8 +128,7 @@ def check(tolerance: Tolerance, strength: float, baseline: Optional[float],
 
 def gate(current: Mapping[str, Any], baseline: Mapping[str, Any],
          tolerances: Sequence[Tolerance]) -> list[Verdict]:
-    """Compares two eval.json contents λ by λ: one verdict per λ and metric (one per λ when
-    it is missing, diverged or new), ordered by λ."""
+    """Compares two eval.json contents: one verdict per λ and metric (per λ if not comparable)."""
     cur, base = _by_strength(current), _by_strength(baseline)
     verdicts: list[Verdict] = []
     for strength in sorted(set(cur) | set(base)):
@@ -216,13 +212,27 @@ def load_metrics(path: str | Path, role: str = "current") -> dict[str, Any]:
     return parse_metrics(path.read_text(encoding="utf-8"), str(path))
 
 
+def experiment_ref(rev: str) -> Optional[str]:
+    """The git ref (``refs/exps/<baseline>/<name>``) of the DVC experiment named ``rev``, else None."""
+    refs = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps/"],
+                          capture_output=True, text=True, check=False).stdout.split()
+    named = [ref for ref in refs if ref.count("/") == 4 and ref.rsplit("/", 1)[1] == rev]
+    if len(named) > 1:
+        raise GateError(f"--rev {rev}: {len(named)} DVC experiments have that name; pass the "
+                        "commit of one (`dvc exp show --sha`)")
+    return named[0] if named else None
+
+
 def load_metrics_at_rev(rev: str, path: str | Path) -> dict[str, Any]:
-    """Reads ``path`` as committed at git revision ``rev`` (like ``dvc metrics diff REV``)."""
+    """Reads ``path`` as committed at ``rev``, a git revision or a DVC experiment's name."""
     path = Path(path)
     relative = Path(os.path.relpath(path)) if path.is_absolute() else path
     spec = f"{rev}:./{relative.as_posix()}"
     try:
         out = subprocess.run(["git", "show", spec], capture_output=True, text=True, check=False)
+        if out.returncode != 0 and (ref := experiment_ref(rev)):
+            out = subprocess.run(["git", "show", f"{ref}:./{relative.as_posix()}"],
+                                 capture_output=True, text=True, check=False)
     except FileNotFoundError as exc:
         raise GateError(f"--rev {rev}: git is not installed") from exc
     if out.returncode != 0:
@@ -235,9 +245,8 @@ def load_metrics_at_rev(rev: str, path: str | Path) -> dict[str, Any]:
 
 
 def run_gate(cfg: Any, baseline_path: Optional[str] = None, rev: Optional[str] = None,
-             current_path: Optional[str] = None, out: Any = None) -> int:
-    """Loads both metrics files, prints the table (to ``out``, default stdout) and returns the
-    exit status."""
+             current_path: Optional[str] = None, out: Any = None, as_json: bool = False) -> int:
+    """Loads both metrics files, prints the table (or JSON) to ``out`` and returns the exit status."""
     out = out or sys.stdout
     current_path = current_path or cfg.paths.metrics
     current = load_metrics(current_path)
@@ -247,8 +256,13 @@ def run_gate(cfg: Any, baseline_path: Optional[str] = None, rev: Optional[str] =
         source = baseline_path or cfg.gate.baseline
         baseline = load_metrics(source, "baseline")
     verdicts = gate(current, baseline, tolerances_from_config(cfg.gate))
-    print(f"Regression gate: {current_path} against {source}\n", file=out)
     diffs = config_differences(current, baseline)
+    if as_json:
+        print(json.dumps({"passed": passed(verdicts), "current": str(current_path),
+                          "baseline": str(source), "config_differences": diffs,
+                          "checks": [asdict(v) for v in verdicts]}), file=out)
+        return EXIT_OK if passed(verdicts) else EXIT_REGRESSED
+    print(f"Regression gate: {current_path} against {source}\n", file=out)
     if diffs:
         print(f"Note: {CONFIG_NOTE}: " + "; ".join(diffs) + "\n", file=out)
     print(format_verdicts(verdicts), file=out)
@@ -268,7 +282,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--baseline", help="baseline metrics file (default: gate.baseline)")
-    which.add_argument("--rev", help="git revision whose committed metrics are the baseline")
+    which.add_argument("--rev", help="git revision or DVC experiment whose metrics are the baseline")
+    parser.add_argument("--json", action="store_true", help="print the verdict as JSON (stdout)")
     parser.add_argument("--current", help="metrics under test (default: paths.metrics)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. gate.max_accuracy_drop=0.01")
     args = parser.parse_args(argv)
@@ -277,9 +292,12 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     try:
         cfg = compose_config(args.overrides)  # the gate reads gate.* and paths.metrics only
-        return run_gate(cfg, baseline_path=args.baseline, rev=args.rev, current_path=args.current)
+        return run_gate(cfg, baseline_path=args.baseline, rev=args.rev, current_path=args.current,
+                        as_json=args.json)
     except (GateError, ValueError) as exc:  # ValueError: a bad tolerance
         print(f"error: {exc}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"passed": False, "error": str(exc)}))
         return EXIT_ERROR
 
 

@@ -14,7 +14,6 @@ traceback.
 
 from __future__ import annotations
 
-import logging
 import sys
 import time
 from typing import Any
@@ -68,7 +67,6 @@ def summary(meta: dict[str, Any], out_dir: str) -> str:
 @entry_point()
 def main(overrides: list[str]) -> int:
     """``python -m l2sweep.prepare [--verbose] [overrides...]``."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = compose_config(overrides)
     validate(cfg)
     start = time.perf_counter()

@@ -21,9 +21,10 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import hydra
 from omegaconf import DictConfig
@@ -32,7 +33,7 @@ from l2sweep import train_cli
 from l2sweep.base import cli, files, signals
 from l2sweep.base.cache import CACHE
 from l2sweep.base.config import CONF_DIR, ConfigError, validate, validate_strengths
-from l2sweep.base.data import load_meta, load_split, to_float
+from l2sweep.base.data import load_meta, load_split
 from l2sweep.reporting.summaries import BEST_BY
 from l2sweep.tracking import artifacts, runs, sweep
 
@@ -62,7 +63,7 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
     cfgs = lambda_configs(cfg)
     (x_train, y_train), (x_val, y_val) = load_training_data(cfg)
     meta = load_meta(cfg.paths.prepared)
-    example = to_float(x_val[:5])  # the MLflow model's input example
+    example = x_val[:5]  # the MLflow model's input example (uint8 pixels, as users have them)
     label = job_label(cfg)
     log.info("%s: %s x %d λ, %d epochs on %d images (%d validation)", label, cfg.model.name,
              len(cfgs), cfg.train.epochs, len(x_train), len(x_val))
@@ -136,7 +137,8 @@ def job_label(cfg: DictConfig) -> str:
 def run_tags(cfg: DictConfig) -> dict[str, str]:
     """The tags of a λ's child run (empty values left out)."""
     tags = {"dataset": cfg.dataset.name, "regularizer": cfg.regularizer.name, "l2sweep.kind": "run",
-            "l2sweep.fused": "true" if cfg.train.fused else "", "dvc.stage": os.environ.get("DVC_STAGE", "")}
+            "l2sweep.fused": "true" if cfg.train.fused else "", "dvc.stage": os.environ.get("DVC_STAGE", ""),
+            "dvc.experiment": os.environ.get("DVC_EXP_NAME", "")}
     return {k: v for k, v in tags.items() if v}
 
 
@@ -206,7 +208,55 @@ def objective(finals: dict[str, dict[str, float]]) -> float:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def hydra_app(cfg: DictConfig) -> float:
-    return objective(train(cfg))
+    with cluster_job(cfg):
+        return objective(train(cfg))
+
+
+class JobError(RuntimeError):
+    """A job of the sweep that ran elsewhere (a SLURM node) failed; the message names its λ,
+    where it ran and its log."""
+
+
+@contextlib.contextmanager
+def cluster_job(cfg: DictConfig) -> Iterator[None]:
+    """Inside a job that submitit runs (``hydra/launcher=slurm``; also ``submitit_local``):
+    SIGTERM (``scancel``) ends its runs KILLED, as on the command line (submitit itself ignores
+    SIGTERM), and an error is logged with its traceback to the job's log and raised as a
+    :class:`JobError` naming the λ, the node and that log. Elsewhere it does nothing.
+    """
+    if "SUBMITIT_FOLDER" not in os.environ:  # set by submitit for the job it runs
+        yield
+        return
+    import socket
+
+    import submitit
+
+    previous = signals.install_handlers()
+    try:
+        yield
+    except Exception as exc:
+        log.exception("%s failed", job_label(cfg))
+        grid = f"sweep.strengths={list(cfg.sweep.strengths)}" if cfg.train.fused else \
+            f"regularizer.strength={cfg.regularizer.strength}"
+        raise JobError(f"{job_label(cfg)} ({grid}) failed on {socket.gethostname()}: "
+                       f"{cli.describe(exc)}; its log: {submitit.JobEnvironment().paths.stdout}") from None
+    finally:
+        signals.restore_handlers(previous)
+
+
+def cluster_error(error: BaseException) -> BaseException:
+    """submitit's error for a job that ended without a result (cancelled, killed), which carries
+    the job's whole stderr, as one line: the job, its state and its log."""
+    submitit = sys.modules.get("submitit")
+    if submitit is None or not isinstance(error, submitit.core.utils.UncompletedJobError):
+        return error
+    found = re.search(r"Job (\S+) \(task: (\d+)\) with path (.+?)\s+has not produced any output "
+                      r"\(state: ([^)]*)\)", str(error))
+    if found is None:
+        return error
+    job, task, result, state = found.groups()
+    return JobError(f"job {job} ended {state} without a result; its log: "
+                    f"{Path(result).with_name(f'{job}_{task}_log.out')}")
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -219,6 +269,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     verbose = cli.wants_traceback(args)
     args = cli.strip_verbose(args)
+    if verbose:  # TensorFlow's start-up notices too, in this process and the launchers' workers
+        os.environ[cli.VERBOSE_ENV] = "1"
     try:
         hydra_args = train_cli.launch_argv(args)
     except Exception as exc:  # bad input: nothing has been written
@@ -229,7 +281,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         with train_cli.hydra_argv(hydra_args):
             hydra_app()
         status, reason = "FINISHED", None
-    except (Exception, KeyboardInterrupt, signals.Terminated) as exc:
+    except (Exception, KeyboardInterrupt, signals.Terminated) as raised:
+        exc = cluster_error(raised)
         interrupted = not isinstance(exc, Exception)
         status = "KILLED" if interrupted else "FAILED"
         reason = f"interrupted by {signals.signal_of(exc).name}" if interrupted else cli.describe(exc, args)

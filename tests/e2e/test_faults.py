@@ -113,7 +113,7 @@ def test_a_diverging_lambda_fails_alone_and_evaluate_reports_it(tmp_path):
 # --- interruption ------------------------------------------------------------------------------------
 
 
-def dvc_repo(root: Path) -> Path:
+def dvc_repo(root: Path, epochs: int = 2) -> Path:
     """A copy of this project's pipeline on the tiny data, under git and DVC."""
     root.mkdir()
     for name in ("dvc.yaml", "params.yaml"):
@@ -123,7 +123,7 @@ def dvc_repo(root: Path) -> Path:
     write_idx_dir(root / "data" / "raw" / "tiny", tiny_arrays())
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["dataset"] = {"name": "idx_dir", "path": "data/raw/tiny"}
-    params["train"]["epochs"] = 2
+    params["train"]["epochs"] = epochs
     params["sweep"]["strengths"] = GRID[:1]
     params["tracking"] = NO_MLFLOW_MODEL
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -147,13 +147,13 @@ def dvc(root: Path, *args: str) -> str:
 
 
 def test_ctrl_c_during_dvc_repro_kills_the_run_and_the_next_repro_completes(tmp_path):
-    root = dvc_repo(tmp_path / "repo")
+    root = dvc_repo(tmp_path / "repo", epochs=50)  # the signal lands after epoch 1's line
     dvc(root, "repro", "prepare")
     prepared = digest(root / "data" / "prepared")
 
     # Ctrl-C in a terminal signals the whole foreground process group: dvc and the stage.
-    status, output = signal_when(["dvc", "repro"], root, "Epoch 1/",
-                                 lambda p: os.killpg(p.pid, signal.SIGINT), env=dvc_env())
+    status, output = signal_when(["dvc", "repro"], root, " Epoch 1/",
+                                 lambda p: os.killpg(p.pid, signal.SIGINT), env=dvc_env(), anywhere=True)
     assert status != 0, output
     assert "error: interrupted (SIGINT)" in output
     (parent,), children = runs_of(sqlite_uri(root))
@@ -184,10 +184,10 @@ def test_ctrl_c_during_dvc_repro_kills_the_run_and_the_next_repro_completes(tmp_
 
 
 def test_sigterm_kills_the_run_and_keeps_the_data(tmp_path):
-    root = make_project(tmp_path / "p", tiny_arrays(), sweep={"strengths": GRID})
+    root = make_project(tmp_path / "p", tiny_arrays(), sweep={"strengths": GRID}, train={"epochs": 50})
     prepared = digest(root / "data" / "prepared")
-    status, output = signal_when([sys.executable, "-m", "l2sweep.train", "-m"], root, "Epoch 1/",
-                                 lambda p: p.send_signal(signal.SIGTERM))
+    status, output = signal_when([sys.executable, "-m", "l2sweep.train", "-m"], root, " Epoch 1/",
+                                 lambda p: p.send_signal(signal.SIGTERM), anywhere=True)
     assert status == 128 + signal.SIGTERM, output
     assert output.strip().splitlines()[-1].startswith("error: interrupted (SIGTERM)")
     (parent,), children = runs_of(sqlite_uri(root))

@@ -72,19 +72,28 @@ def test_params_are_the_resolved_config(sweep):
         assert float(params["regularizer.strength"]) == float(name.split("-", 1)[1])
         assert params["train.epochs"] == str(EPOCHS)
         assert params["model.name"] == "mlp" and params["dataset.name"] == "idx_dir"
+        assert params["dataset.digest"]  # the prepared data's identity
+        # Hyperparameters, not plumbing.
+        assert not [k for k in params if k.startswith(("paths.", "gate.", "tracking.", "dataset.files"))]
         inputs = child.inputs.dataset_inputs
-        assert inputs and inputs[0].dataset.name == "idx_dir" and inputs[0].dataset.digest
+        contexts = {i.tags[0].value: i.dataset for i in inputs}
+        assert set(contexts) == {"training", "validation", "test"}
+        assert {d.name for d in contexts.values()} == {"idx_dir"}
+        assert len({d.digest for d in contexts.values()}) == 3  # each split its own identity
+        note = child.data.tags["mlflow.note.content"]
+        assert f"strength {params['regularizer.strength']}" in note and "val_accuracy" in note, note
+        assert child.data.tags.get("mlflow.user")
 
 
 def test_artifacts(sweep):
     client = sweep["client"]
     for child in sweep["children"].values():
         run_id = child.info.run_id
-        paths = {a.path for folder in ("histograms", "model", "hydra", None)
+        paths = {a.path for folder in ("histograms", "hydra", None)
                  for a in client.list_artifacts(run_id, folder)}
         # (the figures, plots/curves.png and histograms/<layer>.png, come with `evaluate`)
         assert {"histograms/hidden.json", "histograms/output.json", "history.json",
-                "model/MLmodel", "hydra/config.yaml"} <= paths
+                "hydra/config.yaml"} <= paths
         hist = json.loads(Path(client.download_artifacts(run_id, "histograms/hidden.json")).read_text())
         assert len(hist["counts"]) == EPOCHS + 1  # the initial weights, then every epoch
 
@@ -99,13 +108,36 @@ def test_model_loads_through_pyfunc_and_agrees_with_keras_file(sweep, monkeypatc
     # (not mlflow.set_tracking_uri: it would stay set, in the environment too, for later tests)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", sweep["client"].tracking_uri)
     x, _ = load_split(root / "data" / "prepared", "test")
-    x = to_float(x[:20])
+    x = x[:20]
     for name, child in sweep["children"].items():
-        pyfunc = mlflow.pyfunc.load_model(f"runs:/{child.info.run_id}/model")
+        pyfunc = mlflow.pyfunc.load_model(f"models:/{logged_model(sweep, child).model_id}")
         assert pyfunc.metadata.signature is not None
-        served = np.asarray(pyfunc.predict(x))
-        local = keras.saving.load_model(root / "models" / name / "model.keras").predict(x, verbose=0)
+        served = np.asarray(pyfunc.predict(x))  # uint8 pixels, as the data files hold them
+        local = keras.saving.load_model(root / "models" / name / "model.keras").predict(to_float(x), verbose=0)
         np.testing.assert_array_equal(served.argmax(axis=1), local.argmax(axis=1))
+        with pytest.raises(Exception, match="(?i)incompatible|float"):
+            pyfunc.predict(x.astype(np.float32))  # 0-255 floats: rejected, not silently wrong
+
+
+def logged_model(sweep: dict, child) -> "object":
+    """The run's one MLflow 3 logged model."""
+    (output,) = child.outputs.model_outputs
+    return sweep["client"].get_logged_model(output.model_id)
+
+
+def test_models_are_logged_models_linked_to_run_and_metrics(sweep):
+    client = sweep["client"]
+    experiment = client.get_experiment_by_name("l2-sweep")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    found = {m.source_run_id: m for m in client.search_logged_models([experiment.experiment_id])}
+    for child in sweep["children"].values():
+        model = logged_model(sweep, child)
+        assert model.name == "model" and str(model.status) == "READY"
+        assert found[child.info.run_id].model_id == model.model_id  # what the Models tab lists
+        linked = {m.key: m for m in model.metrics}
+        assert linked["val_accuracy"].step == EPOCHS - 1 and linked["val_accuracy"].run_id == child.info.run_id
+        # Linking re-logs the last epoch: the run's history still has one point per epoch.
+        assert len(client.get_metric_history(child.info.run_id, "val_accuracy")) == EPOCHS
 
 
 def test_outputs_on_disk_and_manifest(sweep):
@@ -214,3 +246,62 @@ def test_one_run_without_multirun(tmp_path, tiny_arrays_module):
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == list(range(EPOCHS))
     history = json.loads((tmp_path / "models" / "l1-0.01" / "history.json").read_text())
     assert history["status"] == "FINISHED" and history["mlflow_run_id"] == run.info.run_id
+
+
+@pytest.fixture(scope="module")
+def champion(sweep) -> dict:
+    """`python -m l2sweep.evaluate` after the sweep (twice: a rerun registers nothing new)."""
+    for _ in range(2):
+        run_cli(sweep["root"], "l2sweep.evaluate")
+    return json.loads((sweep["root"] / "metrics" / "eval.json").read_text())["best"]
+
+
+def test_evaluate_registers_the_best_model_as_champion(sweep, champion, monkeypatch):
+    import mlflow.pyfunc
+
+    from l2sweep.base.data import load_split
+
+    client = sweep["client"]
+    version = client.get_model_version_by_alias("l2sweep-mlp", "champion")
+    assert version.run_id == sweep["children"][champion["run_name"]].info.run_id
+    assert len(client.search_model_versions("name = 'l2sweep-mlp'")) == 1
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", client.tracking_uri)
+    x, _ = load_split(sweep["root"] / "data" / "prepared", "test")
+    probs = np.asarray(mlflow.pyfunc.load_model("models:/l2sweep-mlp@champion").predict(x[:5]))
+    assert probs.shape == (5, 10) and np.allclose(probs.sum(axis=1), 1, atol=1e-4)
+
+
+def test_mlflow_models_serve_answers_for_the_champion(sweep, champion, tmp_path):
+    """The README's `mlflow models serve -m models:/l2sweep-mlp@champion --env-manager local`."""
+    import subprocess
+    import sys
+    import time
+
+    import requests
+
+    from helpers import cli_env, free_port
+    from l2sweep.base.data import load_split
+
+    port, env = free_port(), {**cli_env(), "MLFLOW_TRACKING_URI": sweep["client"].tracking_uri}
+    mlflow_cli = Path(sys.executable).with_name("mlflow")
+    with open(tmp_path / "serve.log", "w") as log:
+        server = subprocess.Popen([str(mlflow_cli), "models", "serve", "-m", "models:/l2sweep-mlp@champion",
+                                   "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                                  cwd=sweep["root"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        x, _ = load_split(sweep["root"] / "data" / "prepared", "test")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                answer = requests.post(f"http://127.0.0.1:{port}/invocations", json={"inputs": x[:3].tolist()},
+                                       timeout=30)
+                break
+            except requests.ConnectionError:
+                time.sleep(1)
+        else:
+            pytest.fail(f"mlflow models serve did not answer:\n{(tmp_path / 'serve.log').read_text()[-3000:]}")
+        assert answer.status_code == 200, answer.text
+        assert np.asarray(answer.json()["predictions"]).shape == (3, 10)
+    finally:
+        server.terminate()
+        server.wait(30)

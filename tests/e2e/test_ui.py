@@ -78,8 +78,9 @@ def test_the_sweep_is_visible_in_the_ui(project, ui, browser, tmp_path_factory):
                  if "mlflow.parentRunId" not in r.data.tags]
     screenshot = tmp_path_factory.getbasetemp() / "ui-screenshot.png"
     try:
-        # MLflow 3 opens experiments in its GenAI view; the runs table is the "model training" one.
-        browser.get(f"{ui}/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning")
+        # The experiment page as a user opens it: on the runs table, not MLflow's GenAI view.
+        assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+        browser.get(f"{ui}/#/experiments/{experiment.experiment_id}?workflowType=machine_learning")
         WebDriverWait(browser, 60).until(lambda b: _shown(b, parent.info.run_name))
         for close in browser.find_elements(By.CSS_SELECTOR, "button[data-component-id='mlflow.assistant.chat_panel.close']"):
             if close.is_displayed():

@@ -118,3 +118,17 @@ def test_tracking_off_logs_nothing(tiny_cfg, tmp_path):
 def test_the_logger_validates_its_argument():
     with pytest.raises(TypeError, match="run='abc' is not allowed"):
         MlflowLogger("abc")
+
+
+def test_system_metrics_are_logged_when_asked(tiny_cfg, monkeypatch):
+    import time
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    cfg = tiny_cfg("tracking.system_metrics=true")
+    with child_run(cfg, {}) as run:
+        run.wait()  # created: its monitor runs
+        time.sleep(1.5)  # a few samples
+    (stored,) = runs_of(cfg)
+    assert stored.info.status == "FINISHED"
+    assert "system/cpu_utilization_percentage" in stored.data.metrics, sorted(stored.data.metrics)
+    assert run.monitor is not None

@@ -85,3 +85,13 @@ def test_dataset_input_is_mlflows_entity_with_its_context():
     assert (got.dataset.name, got.dataset.digest, got.dataset.source_type) == ("tiny", "0123abcd", "local")
     assert "/tmp/tiny" in got.dataset.source and '"features"' in (got.dataset.schema or "")
     assert got.dataset.profile and [(t.key, t.value) for t in got.tags] == [("mlflow.data.context", "training")]
+
+
+def test_start_system_metrics_uses_mlflows_monitor_with_a_tracking_uri():
+    import inspect
+
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    # (the monitor itself is driven in tests/integration/test_tracking_runs.py)
+    assert {"run_id", "tracking_uri"} <= set(inspect.signature(SystemMetricsMonitor).parameters)
+    assert callable(SystemMetricsMonitor.start) and callable(SystemMetricsMonitor.finish)

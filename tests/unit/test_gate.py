@@ -175,6 +175,45 @@ def test_rev_compares_with_committed_metrics(workdir, baseline, capsys):
     assert "--rev no-such-branch: cannot read metrics/eval.json" in capsys.readouterr().err
 
 
+def test_rev_takes_a_dvc_experiment_name(workdir, baseline, capsys):
+    """DVC keeps an experiment as the git ref refs/exps/<baseline sha, split 2/38>/<name>."""
+    git(workdir, "init", "-q", "-b", "main")
+    write(workdir / "metrics/eval.json", baseline)
+    git(workdir, "add", "metrics/eval.json")
+    git(workdir, "commit", "-q", "-m", "baseline")
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=workdir, capture_output=True,
+                         text=True, check=True).stdout.strip()
+    git(workdir, "update-ref", f"refs/exps/{sha[:2]}/{sha[2:]}/cream-tuba", "HEAD")
+    current = copy.deepcopy(baseline)
+    current["runs"]["l2-0.001"]["test_accuracy"] -= 0.01
+    write(workdir / "metrics/eval.json", current)
+    assert g.main(["--rev", "cream-tuba"]) == g.EXIT_REGRESSED
+    assert "against metrics/eval.json@cream-tuba" in capsys.readouterr().out
+    git(workdir, "update-ref", f"refs/exps/{'0' * 2}/{'1' * 38}/cream-tuba", "HEAD")
+    assert g.main(["--rev", "cream-tuba"]) == g.EXIT_ERROR
+    assert "--rev cream-tuba: 2 DVC experiments have that name" in capsys.readouterr().err
+
+
+def test_json_prints_the_verdict_and_keeps_the_exit_status(workdir, baseline, capsys):
+    write(workdir / "metrics/baseline.json", baseline)
+    current = copy.deepcopy(baseline)
+    current["runs"]["l2-0.0001"]["test_accuracy"] -= 0.01
+    write(workdir / "metrics/eval.json", current)
+    assert g.main(["--json"]) == g.EXIT_REGRESSED
+    verdict = json.loads(capsys.readouterr().out)
+    assert verdict["passed"] is False and verdict["baseline"] == "metrics/baseline.json"
+    assert len(verdict["checks"]) == 6
+    (failed,) = [c for c in verdict["checks"] if not c["passed"]]
+    assert failed["strength"] == 0.0001 and failed["metric"] == "test_accuracy"
+    assert failed["status"] == "regressed" and failed["change"] == "-1.00 pt"
+    assert g.main(["--json", "gate.max_accuracy_drop=0.011"]) == g.EXIT_OK
+    assert json.loads(capsys.readouterr().out)["passed"] is True
+    assert g.main(["--json", "--baseline", "nowhere.json"]) == g.EXIT_ERROR
+    out, err = capsys.readouterr()
+    assert json.loads(out)["error"].startswith("baseline metrics file nowhere.json does not exist")
+    assert "error: baseline metrics file nowhere.json" in err
+
+
 @pytest.mark.slow
 def test_cli_in_a_subprocess(workdir, baseline):
     write(workdir / "metrics/baseline.json", baseline)

@@ -1,8 +1,4 @@
-"""How every entry point reports failure: one ``error:`` line and an exit status.
-
-Wrap a stage's ``main`` in :func:`entry_point`; a typo then reads the same in every stage::
-
-    error: train.epochs='abc' is not allowed: an integer
+"""How every entry point (:func:`entry_point`) reports failure: one ``error:`` line and a status.
 
 ``--verbose`` (or ``HYDRA_FULL_ERROR=1``) shows the traceback instead. Exit statuses: 0 success,
 1 a failure while working, 2 bad input (config, params.yaml, data files), 130/143 SIGINT/SIGTERM.
@@ -11,8 +7,11 @@ Wrap a stage's ``main`` in :func:`entry_point`; a typo then reads the same in ev
 from __future__ import annotations
 
 import functools
+import logging
 import os
+import re
 import sys
+import tempfile
 from typing import Any, Callable, Optional, Sequence
 
 import yaml
@@ -28,6 +27,13 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 #: Flags that ask for the traceback; removed before the arguments are parsed.
 VERBOSE_FLAGS = ("--verbose", "-v")
 HELP_FLAGS = ("--help", "-h")
+VERBOSE_ENV = "L2SWEEP_VERBOSE"  # "1": a --verbose stage, for its worker processes too
+#: Every stage's log format (conf/config.yaml repeats it); the quiet loggers: INFO only with --verbose.
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
+QUIET_LOGGERS = ("mlflow", "alembic", "sqlalchemy")
+#: TensorFlow's start-up notices (absl's, oneDNN's, CPU and CUDA plugin ones), printed on load.
+TF_STARTUP_NOISE = re.compile(r"absl::InitializeLog|oneDNN custom operations|binary is optimized to use|Unable"
+                              r" to register cu\w+ factory|computation placer|TF-TRT Warning|cuda drivers")
 
 
 def wants_traceback(args: Sequence[str]) -> bool:
@@ -38,6 +44,38 @@ def wants_traceback(args: Sequence[str]) -> bool:
 def strip_verbose(args: Sequence[str]) -> list[str]:
     """``args`` without the verbose flags."""
     return [a for a in args if a not in VERBOSE_FLAGS]
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """INFO to stderr in :data:`LOG_FORMAT`; ``verbose``: :data:`QUIET_LOGGERS` and TensorFlow too."""
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def import_tensorflow() -> None:
+    """Imports TensorFlow without :data:`TF_STARTUP_NOISE` (fd 2 is captured meanwhile) and its
+    C++ chatter (``TF_CPP_MIN_LOG_LEVEL``); with :data:`VERBOSE_ENV` set, as is."""
+    if "tensorflow" in sys.modules or os.environ.get(VERBOSE_ENV) == "1":
+        import tensorflow  # noqa: F401
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        captured.seek(0)
+        lines = captured.read().decode(errors="replace").splitlines()
+    kept = [line for line in lines if not TF_STARTUP_NOISE.search(line)]
+    if kept:
+        print("\n".join(kept), file=sys.stderr)
 
 
 def one_line(error: BaseException) -> str:
@@ -68,8 +106,7 @@ def _params_keys() -> tuple[str, set[str]]:
 
 
 def describe(error: BaseException, args: Sequence[str] = ()) -> str:
-    """The one-line message for ``error``; a ConfigError about a key that params.yaml sets (and
-    ``args``, the command line, does not) is prefixed with the params file's name."""
+    """The one-line message for ``error``, naming params.yaml if it (not ``args``) set the bad key."""
     if isinstance(error, yaml.MarkedYAMLError) and error.problem_mark is not None:
         mark = error.problem_mark
         return f"{mark.name}:{mark.line + 1}: not valid YAML: {error.problem}"
@@ -89,8 +126,7 @@ def describe(error: BaseException, args: Sequence[str] = ()) -> str:
 
 
 def report(error: BaseException, args: Sequence[str] = (), *, verbose: bool = False) -> int:
-    """Prints ``error: <one line>`` to stderr and returns the exit status it calls for; with
-    ``verbose`` it re-raises instead (call it from an ``except`` block)."""
+    """Prints ``error: <one line>`` and returns the exit status; ``verbose``: re-raises instead."""
     if verbose:
         raise error
     if isinstance(error, (KeyboardInterrupt, Terminated)):
@@ -103,10 +139,9 @@ def report(error: BaseException, args: Sequence[str] = (), *, verbose: bool = Fa
 
 def entry_point(*expected: type[BaseException]) -> Callable[[Callable[[list[str]], Any]],
                                                             Callable[[Optional[Sequence[str]]], Any]]:
-    """Decorator for a stage's ``main(args)``: the wrapped ``main(argv=None)`` passes ``argv``
-    (default ``sys.argv[1:]``) without the verbose flags and turns an error into one ``error:``
-    line and its status (:func:`user_errors` and ``expected`` types: :data:`EXIT_USAGE`).
-    ``-h``/``--help`` prints the stage module's docstring (what it does, its keys, examples)."""
+    """Decorator for a stage's ``main(args)``: passes ``argv`` (default ``sys.argv[1:]``) without
+    the verbose flags, turns an error into one ``error:`` line and its status (``expected`` types:
+    :data:`EXIT_USAGE`); ``-h``/``--help`` prints the stage module's docstring."""
 
     def decorate(main: Callable[[list[str]], Any]) -> Callable[[Optional[Sequence[str]]], Any]:
         @functools.wraps(main)
@@ -114,6 +149,7 @@ def entry_point(*expected: type[BaseException]) -> Callable[[Callable[[list[str]
             args = list(sys.argv[1:] if argv is None else argv)
             verbose = wants_traceback(args)
             args = strip_verbose(args)
+            setup_logging(verbose)
             if any(a in HELP_FLAGS for a in args):
                 print(sys.modules[main.__module__].__doc__.strip())
                 return EXIT_OK
@@ -131,12 +167,8 @@ def entry_point(*expected: type[BaseException]) -> Callable[[Callable[[list[str]
 
 
 def exit_fast(main: Callable[[], Any]) -> None:
-    """Runs ``main()`` and ends the process with its status, skipping the interpreter's teardown.
-
-    Exit hooks, ``atexit`` handlers (MLflow, ``logging``) and stream flushes run first; skipped
-    is the destruction of every object, seconds with TensorFlow loaded. An exception other than
-    ``SystemExit`` takes Python's normal path.
-    """
+    """Runs ``main()`` and exits with its status after the exit hooks, ``atexit`` handlers and
+    flushes, skipping the destruction of every object (seconds with TensorFlow loaded)."""
     try:
         result = main()
     except SystemExit as exc:

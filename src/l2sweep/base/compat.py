@@ -10,12 +10,9 @@ from typing import Any
 
 
 def fit_batch_dataset(n: int, batch_size: int) -> tuple[Any, int]:
-    """The index batches ``Model.fit(x, y, batch_size, shuffle=True)`` feeds for ``n`` examples:
-    (a ``tf.data.Dataset`` of int64 index batches, reshuffled per iteration; batches per epoch).
-
-    Private: ``keras.src.trainers.data_adapters.get_data_adapter``, the adapter ``fit`` builds.
-    Nothing public gives ``fit``'s shuffle order, which the compiled loop must match.
-    """
+    """The index batches ``Model.fit(..., shuffle=True)`` feeds for ``n`` examples: (a dataset,
+    reshuffled per iteration; batches per epoch). Private: ``get_data_adapter``, as ``fit`` uses;
+    nothing public gives ``fit``'s shuffle order, which the compiled loop must match."""
     import numpy as np
     from keras.src.trainers.data_adapters import get_data_adapter
 
@@ -24,42 +21,28 @@ def fit_batch_dataset(n: int, batch_size: int) -> tuple[Any, int]:
 
 
 def op_determinism_enabled() -> bool:
-    """Whether ``tf.config.experimental.enable_op_determinism()`` was called in this process.
-
-    Private: ``tensorflow.python.framework.config.is_op_determinism_enabled`` (as Keras asks);
-    TensorFlow exports the switch but not the question.
-    """
+    """Whether op determinism is on. Private: ``is_op_determinism_enabled`` (as Keras asks);
+    TensorFlow exports the switch but not the question."""
     from tensorflow.python.framework.config import is_op_determinism_enabled
 
     return bool(is_op_determinism_enabled())
 
 
 def force_jit_compile(model: Any) -> None:
-    """Turns XLA on for a compiled Keras model although op determinism is on.
-
-    Private: ``Model._jit_compile``. The public setter refuses XLA under op determinism (some
-    GPU ops lack a deterministic XLA kernel); on CPU our models repeat bit for bit (checked in
-    tests/unit/test_model.py).
-    """
+    """Turns XLA on although op determinism is on. Private: ``Model._jit_compile``; the public
+    setter refuses (for GPU ops), but on CPU our models repeat bit for bit (tests/unit/test_model.py)."""
     model._jit_compile = True
 
 
 def uses_weight_decay(optimizer: Any, variable: Any) -> bool:
-    """Whether ``optimizer`` (Adam/AdamW with ``weight_decay``) decays ``variable``.
-
-    Private: ``BaseOptimizer._use_weight_decay``. ``exclude_from_weight_decay()`` is public, but
-    nothing public reads back what it excluded.
-    """
+    """Whether ``optimizer`` decays ``variable``. Private: ``BaseOptimizer._use_weight_decay``;
+    nothing public reads back what ``exclude_from_weight_decay()`` excluded."""
     return bool(optimizer._use_weight_decay(variable))
 
 
 def run_exit_hooks() -> None:
-    """What a normal interpreter exit runs first: threading's exit hooks (non-daemon threads
-    are joined), then the ``atexit`` handlers.
-
-    Private: ``threading._shutdown`` and ``atexit._run_exitfuncs`` (what ``Py_FinalizeEx``
-    calls); nothing public runs them before ``os._exit`` (l2sweep.base.cli.exit_fast).
-    """
+    """Joins non-daemon threads, then runs the ``atexit`` handlers, as an interpreter exit does.
+    Private: ``threading._shutdown``, ``atexit._run_exitfuncs``; needed before ``os._exit``."""
     import atexit
     import threading
 
@@ -68,11 +51,8 @@ def run_exit_hooks() -> None:
 
 
 def dataset_input(dataset: Any, context: str) -> Any:
-    """``dataset`` (an ``mlflow.data`` dataset) as the ``DatasetInput`` that
-    ``MlflowClient.log_inputs`` takes, tagged ``mlflow.data.context=context``.
-
-    Public API only: what the private ``Dataset._to_mlflow_entity()`` does, from ``to_dict()``.
-    """
+    """An ``mlflow.data`` dataset as ``log_inputs``' ``DatasetInput``, tagged with ``context``
+    (public API only: what the private ``Dataset._to_mlflow_entity()`` does)."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
@@ -80,3 +60,13 @@ def dataset_input(dataset: Any, context: str) -> Any:
     entity = Dataset(name=fields["name"], digest=fields["digest"], source_type=fields["source_type"],
                      source=fields["source"], schema=fields.get("schema"), profile=fields.get("profile"))
     return DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
+
+
+def start_system_metrics(run_id: str, tracking_uri: str) -> Any:
+    """Starts MLflow's system-metrics monitor for a run (``finish()`` stops it). Private:
+    ``SystemMetricsMonitor``; the public switch serves only the fluent run of one thread."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, tracking_uri=tracking_uri)
+    monitor.start()
+    return monitor

@@ -111,6 +111,8 @@ class TrackingConfig:
     experiment: str = "l2-sweep"  # experiment name
     enabled: bool = True  # log to MLflow at all (off only for benchmarks)
     log_model: bool = True  # log the trained model as an MLflow model
+    registered_model: str = "l2sweep-${model.name}"  # evaluate registers the best λ's model here, alias champion
+    system_metrics: bool = False  # log CPU/memory/GPU use (system/*) to each run, every 10 s
     histogram_bins: int = 50  # bins of the per-epoch weight histograms
 
 

@@ -1,8 +1,4 @@
-"""Datasets: find or download them (:func:`load_dataset`), split them, save and read the splits.
-
-:mod:`l2sweep.prepare` wires these together; ``train``/``evaluate`` read the result with
-:func:`load_split` and :func:`to_float`. Reading the files themselves is :mod:`l2sweep.base.idx`.
-"""
+"""Datasets: find or download them (:func:`load_dataset`), split them, save and read the splits."""
 
 from __future__ import annotations
 
@@ -120,8 +116,7 @@ def _read(name: str, source: str, fmt: str, location: str | os.PathLike, files: 
 
 def _search(folders: Sequence[str], fmt: str, files: Mapping[str, str], archive: str
             ) -> tuple[Optional[tuple[str, Path]], list[str]]:
-    """``(source, location)`` of the first folder holding the dataset (or None), and what each
-    folder before it lacked (``"<folder> (<state>)"``)."""
+    """The first folder holding the dataset, ``(source, location)`` or None; what the others lacked."""
     looked = []
     for entry in folders:
         folder = Path(os.path.expanduser(entry))
@@ -142,8 +137,7 @@ def _search(folders: Sequence[str], fmt: str, files: Mapping[str, str], archive:
 def _download_missing(url: Optional[str], target: Path, remote: Sequence[tuple[str, str]],
                       pinned: Mapping[str, str], decompress: bool, timeout: float,
                       not_found: Callable[[str], DataError]) -> str:
-    """Downloads each ``(role, file name)`` of ``remote`` missing from ``target``; returns the
-    base URL. Files already there (an interrupted run's) are verified when read."""
+    """Downloads each ``(role, file name)`` of ``remote`` missing from ``target``; returns the base URL."""
     if not url:
         raise not_found("off (dataset.url is null)")
     base = url if url.endswith("/") else url + "/"
@@ -161,14 +155,11 @@ def _download_missing(url: Optional[str], target: Path, remote: Sequence[tuple[s
 
 
 def load_dataset(ds: Any, raw_dir: str | os.PathLike, *, timeout: float = DOWNLOAD_TIMEOUT) -> RawData:
-    """Loads and verifies the dataset ``ds`` (DictConfig, ``DatasetConfig`` or mapping) describes.
-
-    ``ds.path`` is read when set. Else ``ds.search``, then ``<raw_dir>/<name>/`` are looked in,
-    else ``ds.url`` is downloaded into ``<raw_dir>/<name>/``. Pinned ``ds.sha256`` are verified.
+    """Loads and verifies the dataset ``ds`` describes: ``ds.path``, else the first of ``ds.search``
+    and ``<raw_dir>/<name>/`` holding it, else ``ds.url`` downloaded there.
 
     Raises:
-        DataError: files missing, malformed, mismatching or unobtainable; the message says where
-            it looked and what to do.
+        DataError: files missing, malformed, mismatching or unobtainable.
         ConfigError: ``dataset.format`` unknown, or no ``dataset.path`` for ``idx_dir``/``npz``.
     """
     name, fmt, files, pinned = _settings(ds)
@@ -203,13 +194,8 @@ def _allocate(counts: np.ndarray, total: int) -> np.ndarray:
 
 
 def stratified_split(y: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted (train, validation) indices of ``y``, stratified by class, random in ``seed``; the
-    validation total is ``round(val_fraction * len(y))``, each class's share within one.
-
-    Raises:
-        ConfigError: ``val_fraction`` out of (0, 1) or leaving a class without a validation or
-            training example.
-    """
+    """Sorted (train, validation) indices of ``y``, stratified by class, random in ``seed``;
+    ConfigError when ``val_fraction`` is out of (0, 1) or leaves a class empty on one side."""
     y = np.asarray(y)
     if isinstance(val_fraction, bool) or not 0 < val_fraction < 1:
         raise ConfigError("data.val_fraction", val_fraction, "a number strictly between 0 and 1")
@@ -232,12 +218,8 @@ def stratified_split(y: np.ndarray, val_fraction: float, seed: int) -> tuple[np.
 
 
 def apply_limit(y: np.ndarray, limit: Optional[int], seed: int) -> np.ndarray:
-    """Sorted indices of at most ``limit`` examples of ``y`` (None: all), stratified by class with
-    at least one each, random in ``seed`` (on a stream separate from the split's).
-
-    Raises:
-        ConfigError: ``limit`` is not an integer, or smaller than the number of classes.
-    """
+    """Sorted indices of at most ``limit`` examples of ``y`` (None: all), stratified, at least one
+    per class, random in ``seed``; ConfigError for a non-integer or too small ``limit``."""
     y = np.asarray(y)
     if limit is None or (not isinstance(limit, bool) and isinstance(limit, (int, np.integer))
                          and limit >= len(y)):
@@ -274,8 +256,7 @@ def _write_npz(path: Path, x: np.ndarray, y: np.ndarray) -> None:
 
 def save_prepared(out_dir: str | os.PathLike, splits: Mapping[str, tuple[np.ndarray, np.ndarray]],
                   meta: Mapping[str, Any]) -> Path:
-    """Atomically replaces ``out_dir`` with ``<split>.npz`` (keys ``x`` uint8 (N,28,28), ``y``
-    int64) for each split -> (images, labels), and ``meta.json``; returns it as a Path."""
+    """Atomically replaces ``out_dir`` with ``<split>.npz`` (``x``, ``y``) per split and ``meta.json``."""
     def fill(tmp: Path) -> None:
         for split, (x, y) in splits.items():
             _write_npz(tmp / f"{split}.npz", check_images(x, split), np.asarray(y, dtype=np.int64))
@@ -287,11 +268,7 @@ def save_prepared(out_dir: str | os.PathLike, splits: Mapping[str, tuple[np.ndar
 
 
 def load_split(prepared_dir: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Reads one prepared split (``train``, ``val`` or ``test``) as (uint8 images, int64 labels).
-
-    Raises:
-        DataError: unknown split, or the file is missing or malformed.
-    """
+    """Reads one prepared split as (uint8 images, int64 labels); DataError if unknown or bad."""
     if split not in SPLITS:
         raise DataError(f"split {split!r} is not one of {', '.join(SPLITS)}")
     path = Path(prepared_dir) / f"{split}.npz"

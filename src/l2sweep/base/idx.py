@@ -1,8 +1,5 @@
-"""IDX and npz files: read, write, verify checksums, and check what they hold.
-
-Checksums are SHA-256 of the *decompressed* IDX bytes (so a Debian ``.gz`` and the upstream
-``.gz`` of the same data agree) and of the file itself for an ``.npz`` archive.
-"""
+"""IDX and npz files: read, write, verify checksums (of the *decompressed* IDX bytes, of an
+``.npz`` file itself), and check what they hold."""
 
 from __future__ import annotations
 
@@ -42,8 +39,7 @@ class DataError(ValueError):
 
 
 def read_bytes(path: str | os.PathLike) -> bytes:
-    """Reads a file, gunzipped when it starts with the gzip magic bytes (whatever its name);
-    DataError when it is unreadable or its gzip stream is corrupt."""
+    """Reads a file, gunzipped when it starts with the gzip magic bytes; DataError if unreadable."""
     try:
         data = Path(path).read_bytes()
     except OSError as e:
@@ -57,8 +53,7 @@ def read_bytes(path: str | os.PathLike) -> bytes:
 
 
 def parse_idx(data: bytes, name: str = "<bytes>") -> np.ndarray:
-    """Parses decompressed IDX bytes (``00 00 <type code> <ndim>``, ndim big-endian uint32
-    sizes, the items) into a writable native-order array; DataError naming ``name`` if bad."""
+    """Parses decompressed IDX bytes into a writable native-order array; DataError naming ``name``."""
     if not data:
         raise DataError(f"{name}: file is empty, expected an IDX file")
     if len(data) < 4:
@@ -140,8 +135,7 @@ def verify_sha256(name: str, role: str, actual: str, expected: Optional[str]) ->
 
 
 def check_images(x: Any, name: str) -> np.ndarray:
-    """Returns ``x`` (whole numbers 0-255 of any numeric dtype) as uint8 (N, 28, 28), or raises
-    DataError naming ``name``."""
+    """``x`` (whole numbers 0-255, any numeric dtype) as uint8 (N, 28, 28); else DataError."""
     x = np.asarray(x)
     if x.ndim != 3 or x.shape[1:] != IMAGE_SHAPE or x.shape[0] == 0:
         raise DataError(f"{name}: images have shape {x.shape}, expected (N, 28, 28) with N > 0")
@@ -212,12 +206,8 @@ def _checked(arrays: Mapping[str, np.ndarray], names: Mapping[str, str]) -> dict
 
 def load_idx_folder(folder: str | os.PathLike, files: Mapping[str, str],
                     pinned: Optional[Mapping[str, str]] = None) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Loads the IDX files ``files`` (role -> name, or ``name.gz``) of ``folder``: (role -> checked
-    array, role -> SHA-256 of the decompressed content), verified against ``pinned``.
-
-    Raises:
-        DataError: a file is missing, malformed, mismatching its checksum or inconsistent.
-    """
+    """Loads the IDX files ``files`` (role -> name, or ``name.gz``) of ``folder``, verified against
+    ``pinned``: (role -> checked array, role -> SHA-256); DataError when one is missing or bad."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: not a folder; expected a folder with the four IDX files "
@@ -232,11 +222,8 @@ def load_idx_folder(folder: str | os.PathLike, files: Mapping[str, str],
 
 def load_npz_file(path: str | os.PathLike, pinned: Optional[str] = None
                   ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Loads an ``.npz`` holding the four roles: (role -> checked array, ``{"archive": SHA-256}``).
-
-    Raises:
-        DataError: missing file or keys, not an npz, ``pinned`` SHA-256 mismatch, bad arrays.
-    """
+    """Loads an ``.npz`` holding the four roles: (role -> checked array, ``{"archive": SHA-256}``);
+    DataError when it is missing, unreadable, mismatching ``pinned`` or holds bad arrays."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file; expected an .npz with keys {', '.join(ROLES)}")

@@ -1,7 +1,4 @@
-"""Keras callbacks: per-epoch statistics, weight histograms, divergence and signal stops.
-
-``EpochStats`` goes first, so later callbacks and Keras' ``History`` see what it adds to ``logs``.
-"""
+"""Keras callbacks: per-epoch statistics and line, weight histograms, divergence and signal stops."""
 
 from __future__ import annotations
 
@@ -23,14 +20,11 @@ STAT_KEYS = ("mean", "std", "min", "max", "abs_mean") + tuple(f"p{p}" for p in P
 
 
 class EpochStats(keras.callbacks.Callback):
-    """Adds to each epoch's ``logs``: ``penalty`` (the regularization term, 0.0 without one),
-    ``weight_norm/<layer>`` (each kernel's L2 norm), ``learning_rate`` and ``epoch_time``
-    (seconds, validation included). Place it first, so later callbacks see these keys.
+    """Adds ``penalty``, ``weight_norm/<layer>``, ``learning_rate`` and ``epoch_time`` (seconds)
+    to each epoch's ``logs``. Place it first, so later callbacks and ``History`` see them.
 
     Example:
-        >>> stats = EpochStats()
-        >>> history = model.fit(x, y, epochs=2, callbacks=[stats, MlflowLogger(run)])
-        >>> history.history["weight_norm/hidden"]
+        >>> model.fit(x, y, epochs=2, callbacks=[EpochStats()]).history["weight_norm/hidden"]
     """
 
     def __init__(self) -> None:
@@ -54,17 +48,39 @@ class EpochStats(keras.callbacks.Callback):
         logs["epoch_time"] = now - self._epoch_start if self._epoch_start is not None else float("nan")
 
 
+class EpochLine(keras.callbacks.Callback):
+    """Prints a short line per epoch, e.g. ``l2-0.001 Epoch 2/10 - loss 0.4701 - ... - 1.3s``
+    (``epoch_time`` from an :class:`EpochStats` placed before it).
+
+    Args:
+        label: the line's start, e.g. the run's name.
+
+    Example:
+        >>> model.fit(x, y, epochs=10, verbose=0, callbacks=[EpochStats(), EpochLine("l2-0.001")])
+    """
+
+    KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")  # shown when in ``logs``
+
+    def __init__(self, label: str) -> None:
+        super().__init__()
+        self.label = label
+
+    def on_epoch_end(self, epoch: int, logs: Optional[dict] = None) -> None:
+        logs = logs or {}
+        parts = [f"{self.label} Epoch {epoch + 1}/{self.params.get('epochs', '?')}"]
+        parts += [f"{key} {float(logs[key]):.4f}" for key in self.KEYS if key in logs]
+        if math.isfinite(logs.get("epoch_time", math.nan)):
+            parts.append(f"{logs['epoch_time']:.1f}s")
+        print(" - ".join(parts), flush=True)
+
+
 class WeightHistograms(keras.callbacks.Callback):
     """Records each kernel's weight distribution before training (epoch ``-1``) and every epoch end.
 
-    Bin edges are fixed per layer at ``on_train_begin``, so all epochs share one x axis; weights
-    outside them count in the edge bins (and in ``clipped``), NaN/inf ones nowhere. After
-    ``fit``, :attr:`data` holds (JSON-serialisable)::
-
-        {layer: {"edges": [bins + 1 floats], "size": n_weights,
-                 "epochs": [-1, 0, 1, ...], "counts": [[bins ints] per epoch], "clipped": [int per epoch],
-                 "stats": {"mean" | "std" | "min" | "max" | "abs_mean" | "p1" ... "p99":
-                           [float per epoch]}}}
+    Bin edges are fixed per layer at ``on_train_begin``; weights outside them count in the edge
+    bins (and in ``clipped``), NaN/inf ones nowhere. :attr:`data` (JSON-serialisable) maps each
+    layer to ``edges``, ``size``, and per epoch ``epochs``, ``counts``, ``clipped`` and ``stats``
+    (:data:`STAT_KEYS` -> a float per epoch).
 
     Args:
         bins: number of bins per layer (``tracking.histogram_bins``).
@@ -73,7 +89,6 @@ class WeightHistograms(keras.callbacks.Callback):
     Example:
         >>> hists = WeightHistograms(bins=50)
         >>> model.fit(x, y, epochs=10, callbacks=[EpochStats(), hists])
-        >>> json.dump(hists.data, open("histograms.json", "w"))
     """
 
     def __init__(self, bins: int = 50, range_factor: float = 1.5) -> None:
@@ -129,18 +144,15 @@ class WeightHistograms(keras.callbacks.Callback):
 
 
 class StopOnDivergence(keras.callbacks.Callback):
-    """Stops training as soon as the loss becomes NaN or infinite (checked at each train batch
-    end and epoch end), recording :attr:`diverged_epoch`, :attr:`diverged_batch` (None when
-    caught at an epoch end) and :attr:`bad_value`; all three are None while training is sound.
+    """Stops training once the monitored loss is NaN or infinite (at a train batch or epoch end),
+    recording :attr:`diverged_epoch`, :attr:`diverged_batch` (None at an epoch end), :attr:`bad_value`.
 
     Args:
         monitor: the ``logs`` key to watch.
 
     Example:
         >>> stop = StopOnDivergence()
-        >>> model.fit(x, y, epochs=10, callbacks=[EpochStats(), stop])
-        >>> if stop.diverged_epoch is not None:
-        ...     print(f"diverged in epoch {stop.diverged_epoch}: loss={stop.bad_value}")
+        >>> model.fit(x, y, epochs=10, callbacks=[stop])
     """
 
     def __init__(self, monitor: str = "loss") -> None:
@@ -182,9 +194,8 @@ class StopOnDivergence(keras.callbacks.Callback):
 
 
 class StopOnSignal(keras.callbacks.Callback):
-    """Ends ``fit`` between two steps (or epochs) when SIGINT or SIGTERM arrived inside
-    :func:`l2sweep.base.signals.deferred`: it raises the signal's exception at the next batch end,
-    where Keras unwinds cleanly, so the run is closed as KILLED and no model is written.
+    """Raises a SIGINT/SIGTERM deferred by :func:`l2sweep.base.signals.deferred` at the next batch
+    (or epoch) end, where Keras unwinds cleanly: the run closes as KILLED, no model is written.
 
     Example:
         >>> with signals.deferred():

@@ -1,8 +1,5 @@
-"""``fit(cfgs, ...)``: one model per config, by the loop ``training_loop(cfg)`` picks.
-
-``compiled`` (l2sweep.engine.compiled) trains K models at once, ``keras`` (``Model.fit``) one;
-both call the callbacks as Keras ``fit`` does and return :class:`Trained` records.
-"""
+"""``fit(cfgs, ...)``: one model per config, by the ``compiled`` loop (K at once) or ``keras``'s
+``Model.fit`` (one); both call the callbacks as Keras ``fit`` does."""
 
 from __future__ import annotations
 
@@ -21,7 +18,7 @@ from l2sweep.base import compat
 from l2sweep.base.cache import CACHE
 from l2sweep.base.config import training_loop
 from l2sweep.base.data import to_float
-from l2sweep.engine.callbacks import EpochStats, StopOnDivergence, WeightHistograms
+from l2sweep.engine.callbacks import EpochLine, EpochStats, StopOnDivergence, WeightHistograms
 from l2sweep.engine.compiled import CompiledMLP
 from l2sweep.engine.model import build_model, set_seeds
 
@@ -33,14 +30,8 @@ EPOCH_METRICS = ("accuracy", "data_loss", "loss")
 
 @dataclass
 class Trained:
-    """What training one config produced.
-
-    Attributes:
-        model: standalone Keras model holding the final weights (optimizer state too).
-        history: Keras History: metric -> one value per epoch trained.
-        diverged_epoch: epoch in which loss became NaN/inf, else None.
-        histograms: ``engine.callbacks.WeightHistograms(...).data``.
-    """
+    """What training one config produced: the model (final weights and optimizer state), its
+    history (metric -> value per epoch), the epoch it diverged in (else None), ``WeightHistograms.data``."""
 
     model: Any
     history: dict[str, list[float]] = field(default_factory=dict)
@@ -49,15 +40,12 @@ class Trained:
 
 
 def fit(cfgs: list, x_train, y_train, x_val, y_val, callbacks: list[list], label: str) -> list[Trained]:
-    """Trains one model per config (the configs differ only in ``regularizer.strength``).
-
-    Each model gets ``[EpochStats(), WeightHistograms(bins), StopOnDivergence(), *callbacks[k]]``
-    and Keras' progress lines (several models: one summary line per epoch, logged).
+    """Trains one model per config (the configs differ only in ``regularizer.strength``), each
+    with ``EpochStats``, ``WeightHistograms``, ``StopOnDivergence``, progress and ``callbacks[k]``.
 
     Args:
         cfgs: one config per model; only one for the ``keras`` loop.
         x_train, y_train, x_val, y_val: images (N, 28, 28), uint8 or float32 in [0, 1], int labels.
-        callbacks: per model, more Keras callbacks (e.g. StopOnSignal, an MLflow logger).
         label: prefix of the log lines.
 
     Example:
@@ -74,8 +62,9 @@ def fit(cfgs: list, x_train, y_train, x_val, y_val, callbacks: list[list], label
     return [_fit_keras(cfgs[0], x_train, y_train, x_val, y_val, callbacks[0])]
 
 
-def _verbose() -> int:
-    return 1 if sys.stdout.isatty() else 2
+def _progress(cfg: DictConfig) -> tuple[int, list]:
+    """Keras' ``verbose`` and callbacks: its progress bar on a terminal, else an :class:`EpochLine`."""
+    return (1, []) if sys.stdout.isatty() else (0, [EpochLine(cfg.run_name)])
 
 
 def _as_float(x: np.ndarray) -> np.ndarray:
@@ -87,11 +76,12 @@ def _fit_keras(cfg: DictConfig, x_train, y_train, x_val, y_val, callbacks: list)
     set_seeds(cfg.train.seed, cfg.train.deterministic)
     model = build_model(cfg)
     histograms, divergence = WeightHistograms(cfg.tracking.histogram_bins), StopOnDivergence()
+    verbose, progress = _progress(cfg)
     history = model.fit(
         _as_float(x_train), y_train, validation_data=(_as_float(x_val), y_val),
         epochs=cfg.train.epochs, batch_size=cfg.train.batch_size,
         validation_batch_size=cfg.train.validation_batch_size, shuffle=True,
-        callbacks=[EpochStats(), histograms, divergence, *callbacks], verbose=_verbose()).history
+        callbacks=[EpochStats(), *progress, histograms, divergence, *callbacks], verbose=verbose).history
     return Trained(model, {k: [float(v) for v in values] for k, values in history.items()},
                    divergence.diverged_epoch, histograms.data)
 
@@ -99,8 +89,7 @@ def _fit_keras(cfg: DictConfig, x_train, y_train, x_val, y_val, callbacks: list)
 # --- the compiled loop -------------------------------------------------------------------
 
 def keras_batch_order(n: int, batch_size: int, epochs: int) -> list[list[np.ndarray]]:
-    """The index batches ``Model.fit(x, y, batch_size, shuffle=True)`` feeds, epoch by epoch,
-    from Keras' own data adapter; call it right after ``set_seeds``, as ``fit`` runs after it."""
+    """The index batches ``Model.fit(..., shuffle=True)`` feeds per epoch; call it after ``set_seeds``."""
     dataset, steps = compat.fit_batch_dataset(n, batch_size)
     # All of an epoch's batches as one padded tensor: one iterator step instead of one per batch.
     dataset = dataset.padded_batch(steps, padded_shapes=[batch_size], padding_values=np.int64(-1))
@@ -115,11 +104,8 @@ def batch_order(cfg: DictConfig, n: int) -> list[list[np.ndarray]]:
 
 
 def data_tensors(*arrays: np.ndarray) -> tuple:
-    """The arrays as tensors (images flattened, labels int64).
-
-    Read-only arrays (the train stage's) keep their tensors for the next job, keyed by id: the
-    kept value holds the arrays, so no other array can take those ids meanwhile.
-    """
+    """The arrays as tensors (images flattened, labels int64); read-only ones are cached by id
+    (the cached value holds the arrays, so no other array can take those ids)."""
     def convert():
         return arrays, tuple(tf.constant(a.reshape(len(a), -1)) if a.ndim > 1
                              else tf.constant(a.astype(np.int64)) for a in arrays)
@@ -145,7 +131,7 @@ class _Slice:
         return Trained(self.view, history, self.divergence.diverged_epoch, self.histograms.data)
 
 
-def _slices(cfgs: list, callbacks: list[list], verbose: int, steps: int) -> list[_Slice]:
+def _slices(cfgs: list, callbacks: list[list], steps: int) -> list[_Slice]:
     """A view per config (same seed and initial weights as ``fit``'s) and its callback list."""
     slices = []
     for cfg, extra in zip(cfgs, callbacks):
@@ -153,7 +139,8 @@ def _slices(cfgs: list, callbacks: list[list], verbose: int, steps: int) -> list
         view = build_model(cfg)
         hists, stop, record = (WeightHistograms(cfg.tracking.histogram_bins), StopOnDivergence(),
                                keras.callbacks.History())
-        cbs = keras.callbacks.CallbackList([EpochStats(), hists, stop, *extra, record],
+        verbose, progress = _progress(cfg) if len(cfgs) == 1 else (0, [])  # else: _log_epoch
+        cbs = keras.callbacks.CallbackList([EpochStats(), *progress, hists, stop, *extra, record],
                                            add_progbar=verbose > 0, model=view, verbose=verbose,
                                            epochs=int(cfg.train.epochs), steps=steps)
         slices.append(_Slice(cfg, view, cbs, hists, stop, record))
@@ -162,11 +149,9 @@ def _slices(cfgs: list, callbacks: list[list], verbose: int, steps: int) -> list
 
 def _fit_compiled(cfgs: list, x_train, y_train, x_val, y_val, callbacks: list[list],
                   label: str) -> list[Trained]:
-    """Every epoch of all K models in one call; each model's callbacks get the train and epoch
-    events with its view as ``model``. A model that sets ``stop_training`` keeps that epoch's state."""
+    """Each epoch of all K models in one call; each model's callbacks see its view as ``model``."""
     base, epochs = cfgs[0], int(cfgs[0].train.epochs)
-    verbose = _verbose() if len(cfgs) == 1 else 0
-    slices = _slices(cfgs, callbacks, verbose, steps=math.ceil(len(x_train) / int(base.train.batch_size)))
+    slices = _slices(cfgs, callbacks, steps=math.ceil(len(x_train) / int(base.train.batch_size)))
     set_seeds(base.train.seed, base.train.deterministic)  # as before fit: its shuffling
     order = batch_order(base, len(x_train))
     views = [s.view for s in slices]
@@ -180,7 +165,7 @@ def _fit_compiled(cfgs: list, x_train, y_train, x_val, y_val, callbacks: list[li
         if not running:
             break
         _epoch(engine, data, order[epoch], slices, running, epoch, label)
-        if not verbose:
+        if len(slices) > 1:
             _log_epoch(label, epoch, epochs, [slices[k] for k in running])
     engine.copy_to(views, [k for k, s in enumerate(slices) if not s.view.stop_training],
                    optimizer_state=True)

@@ -1,10 +1,7 @@
-"""The networks under study and their regularizers: the one definition both training loops train.
+"""The networks under study and their regularizers, as both training loops train them.
 
-``build_model(cfg)`` returns a compiled ``mlp`` (:func:`mlp`) or ``cnn`` (:func:`cnn`) taking
-``(batch, 28, 28)`` float32 images in ``[0, 1]`` and integer labels. The output layer is never
-regularized, so a lambda means the same across models and regularizer kinds (``weight_decay``
-decays exactly the kernels the penalties would regularize). Layers have stable names
-(``hidden``, ``output``, ``conv1`` ...), so metric names such as ``weight_norm/hidden`` do too.
+The output layer is never regularized (nor decayed), so a lambda means the same across models
+and regularizer kinds. Layer names (``hidden``, ``output``, ``conv1`` ...) are stable.
 """
 
 from __future__ import annotations
@@ -24,14 +21,8 @@ NUM_CLASSES = 10
 
 
 def set_seeds(seed: int, deterministic: bool = True) -> None:
-    """Seeds Python, NumPy and TensorFlow, before :func:`build_model` and before ``fit``.
-
-    Args:
-        seed: a non-negative integer (``train.seed``).
-        deterministic: also enable op determinism (process-wide, for good), so the same seed
-            gives the same metrics. Keras then turns XLA off; on CPU :func:`build_model` turns
-            it back on (deterministic there; the tests check it).
-    """
+    """Seeds Python, NumPy and TensorFlow, before :func:`build_model` and before ``fit``;
+    ``deterministic`` also enables op determinism (process-wide, for good)."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed={seed!r} is not allowed: a non-negative integer")
     keras.utils.set_random_seed(int(seed))
@@ -40,14 +31,8 @@ def set_seeds(seed: int, deterministic: bool = True) -> None:
 
 
 def make_regularizer(name: str, strength: float, l1_ratio: float = 0.5) -> Optional[keras.regularizers.Regularizer]:
-    """The kernel regularizer of a regularizer kind (None for ``weight_decay`` and ``none``).
-
-    Args:
-        name: ``l2`` (``strength * sum(w**2)``, Keras semantics), ``l1``, ``l1_l2``,
-            ``weight_decay`` or ``none``.
-        strength: lambda.
-        l1_ratio: ``l1_l2`` only: share of lambda given to the L1 term (the rest to L2).
-    """
+    """The kernel regularizer of ``name`` (Keras semantics; None for ``weight_decay`` and
+    ``none``); ``l1_ratio``: ``l1_l2``'s share of lambda given to the L1 term."""
     strength = float(strength)
     if name == "l2":
         return keras.regularizers.L2(strength)
@@ -71,8 +56,7 @@ def mlp(hidden_units: int, reg: Optional[keras.regularizers.Regularizer]) -> ker
 
 def cnn(conv_filters: list[int], hidden_units: int,
         reg: Optional[keras.regularizers.Regularizer]) -> keras.Model:
-    """The CNN: ``Conv2D(f, 3x3, same, relu, reg)`` per filter count, then Flatten -> Dense(
-    hidden_units, relu, reg) -> Dense(10, softmax)."""
+    """The CNN: ``Conv2D(f, 3x3, relu, reg)`` per filter count -> Flatten -> Dense(relu, reg) -> Dense(10)."""
     inputs = keras.Input(shape=INPUT_SHAPE, dtype="float32", name="image")
     x = keras.layers.Reshape(INPUT_SHAPE + (1,), name="channels")(inputs)
     for i, filters in enumerate(conv_filters, start=1):
@@ -85,20 +69,8 @@ def cnn(conv_filters: list[int], hidden_units: int,
 
 
 def build_model(cfg: Any) -> keras.Model:
-    """Builds and compiles the configured network (``model.*``, ``regularizer.*``, ``train.*``).
-
-    Loss ``sparse_categorical_crossentropy``; metrics ``accuracy`` and ``data_loss`` (the
-    cross-entropy alone: ``loss`` = ``data_loss`` + penalty). Optimizer Adam, or AdamW for
-    ``weight_decay`` (biases and the output layer excluded from decay).
-
-    Raises:
-        ConfigError: on an unknown model or regularizer, or a cnn without conv filters.
-
-    Example:
-        >>> set_seeds(cfg.train.seed, cfg.train.deterministic)
-        >>> model = build_model(cfg)
-        >>> model.fit(x_train, y_train, batch_size=cfg.train.batch_size)
-    """
+    """The configured network, compiled: metrics ``accuracy`` and ``data_loss`` (``loss`` minus
+    the penalty); Adam, or AdamW for ``weight_decay``. ConfigError for a bad ``model.*``/``regularizer.*``."""
     model = _network(cfg.model, make_regularizer(cfg.regularizer.name, cfg.regularizer.strength,
                                                  cfg.regularizer.l1_ratio))
     _compile(model, _optimizer(model, cfg.regularizer, float(cfg.train.learning_rate)), cfg.train)
@@ -143,14 +115,12 @@ def _compile(model: keras.Model, optimizer: keras.optimizers.Optimizer, t: Any) 
             jit_compile=jit,
         )
     if force_jit:
-        # Keras refuses XLA whenever op determinism is on (some ops lack a deterministic XLA kernel
-        # on GPU); on CPU every op here compiles and repeats bit for bit (tests/unit/test_model.py).
+        # Keras refuses XLA under op determinism for GPU's sake; on CPU it repeats bit for bit.
         compat.force_jit_compile(model)
 
 
 def _xla_refused_only_for_determinism() -> bool:
-    """True when Keras would refuse ``jit_compile=True`` only because op determinism is on
-    and no GPU is visible (the case in which XLA is safe to turn back on)."""
+    """Whether Keras refuses XLA only for op determinism, with no GPU (where XLA is safe)."""
     return compat.op_determinism_enabled() and not tf.config.list_physical_devices("GPU")
 
 
@@ -165,8 +135,7 @@ def regularized_layers(model: keras.Model) -> list[keras.layers.Layer]:
 
 
 def regularization_penalty(model: keras.Model) -> float:
-    """The regularization term at the model's current weights: the sum of ``model.losses``
-    (what ``loss`` adds to the cross-entropy), 0.0 when there is none."""
+    """The regularization term at the current weights (the sum of ``model.losses``; 0.0 if none)."""
     return float(sum(float(keras.ops.convert_to_numpy(loss)) for loss in model.losses))
 
 

@@ -1,8 +1,5 @@
-"""The numbers of a sweep, from its training histories: eval.json's summaries, the DVC plot
-data and the best-λ rule. Pure functions; :mod:`l2sweep.reporting.report` words them.
-
-Epochs count from 0 (as in MLflow's steps). ``loss``/``val_loss`` include the penalty (λ·Σw²),
-``data_loss``/``val_data_loss`` are the cross-entropy alone. Accuracies are fractions.
+"""The numbers of a sweep from its histories: eval.json's summaries, the DVC plot data, the best-λ
+rule. Epochs count from 0; ``loss`` includes the penalty, ``data_loss`` is the cross-entropy alone.
 """
 
 from __future__ import annotations
@@ -12,8 +9,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 #: Run status in ``metrics/eval.json``.
 FINISHED, DIVERGED, FAILED = "finished", "diverged", "failed"
-#: Metrics preferred, in order, to pick the λ that generalises best: the validation
-#: cross-entropy (comparable across λ), else Keras' val_loss (which includes the penalty).
+#: Metrics preferred, in order, to pick the best λ: the validation cross-entropy, else val_loss.
 BEST_BY = ("val_data_loss", "val_loss")
 
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -71,8 +67,7 @@ def _combined(values: list[Optional[float]]) -> Optional[float]:
 
 
 def weight_norms(history: Mapping[str, Any]) -> dict[str, Optional[float]]:
-    """Final ``weight_norm/<layer>`` values, plus ``total`` (sqrt(Σ norm²) over the layers) and
-    ``regularized`` (the same without ``output``); None where a norm is not finite."""
+    """Final ``weight_norm/<layer>`` values plus their ``total`` and ``regularized`` (no ``output``) norms."""
     metrics = history.get("metrics", {})
     norms = {key.split("/", 1)[1]: last(series(history, key))
              for key in metrics if key.startswith("weight_norm/")}
@@ -81,9 +76,8 @@ def weight_norms(history: Mapping[str, Any]) -> dict[str, Optional[float]]:
 
 
 def val_loss_turn(epochs: Sequence[int], val_loss: Sequence[Optional[float]]) -> dict[str, Any]:
-    """Where ``val_loss`` bottoms out and whether it rose after (the "U-shape"): ``best_epoch``,
-    ``val_loss_min``, ``val_loss_rise`` (last minus minimum) and ``val_loss_rose``; all None
-    when no value is finite."""
+    """Where ``val_loss`` bottoms out (``best_epoch``, ``val_loss_min``) and whether it rose after
+    (``val_loss_rise``: last minus minimum, ``val_loss_rose``); all None when none is finite."""
     points = [(e, v) for e, v in zip(epochs, val_loss) if v is not None]
     if not points:
         return {"best_epoch": None, "val_loss_min": None, "val_loss_rise": None,
@@ -97,10 +91,8 @@ def val_loss_turn(epochs: Sequence[int], val_loss: Sequence[Optional[float]]) ->
 
 
 def summarize_history(history: Mapping[str, Any]) -> dict[str, Any]:
-    """The summary figures of one run from its ``history.json`` content: the epoch count, the
-    final accuracies and losses, ``penalty_share`` (penalty / (data_loss + penalty)), ``gap``
-    (train minus validation accuracy), :func:`val_loss_turn` and :func:`weight_norms`; None
-    where a value cannot be computed."""
+    """One run's summary from its ``history.json`` content: final accuracies and losses,
+    ``penalty_share``, ``gap``, :func:`val_loss_turn`, :func:`weight_norms`; None where unknown."""
     epochs = [int(e) for e in history.get("epochs", [])]
     train_acc = last(series(history, "accuracy"))
     val_acc = last(series(history, "val_accuracy"))
@@ -128,8 +120,7 @@ def summarize_history(history: Mapping[str, Any]) -> dict[str, Any]:
 
 def pick_best(runs: Mapping[str, Mapping[str, Any]],
               by: Sequence[str] = BEST_BY) -> Optional[dict[str, Any]]:
-    """The finished run with the lowest final validation loss, by the first metric of ``by``
-    that every finished run has: ``{"run_name", "strength", "by", "value"}``, or None."""
+    """The finished run lowest in the first metric of ``by`` they all have: ``{"run_name", ...}``."""
     finished = {name: run for name, run in runs.items() if run.get("status") == FINISHED}
     for metric in by:
         values = {name: finite(run.get(metric)) for name, run in finished.items()}
@@ -186,13 +177,9 @@ def json_safe(value: Any) -> Any:
 
 def plot_data(evaluation: Mapping[str, Any],
               histories: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, list[dict]]]:
-    """The DVC plot files: file name -> ``{name: rows}``, one row per point.
-
-    Every row carries ``lambda`` (label) and ``strength`` (number), which the templates in
-    ``.dvc/plots/`` colour and sort by. ``epochs.json``: per λ and epoch, :data:`EPOCH_FIELDS`
-    and ``weight_norm``; ``accuracy.json``: per λ, epoch and ``split``; ``by_lambda.json``:
-    per λ, the final and test figures.
-    """
+    """The DVC plot files: file name -> ``{name: rows}``, each row with ``lambda`` (label) and
+    ``strength`` (number) for the templates in ``.dvc/plots/``: per λ and epoch (``epochs.json``),
+    and ``split`` (``accuracy.json``), per λ (``by_lambda.json``)."""
     epoch_rows, acc_rows, lambda_rows = [], [], []
     for h in sorted(histories, key=lambda h: float(h["strength"])):
         strength = float(h["strength"])

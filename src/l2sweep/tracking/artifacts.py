@@ -1,14 +1,12 @@
-"""What a trained model's run gets besides its per-epoch metrics: params and dataset input at
-the start; the Hydra config, the MLflow model, the weight-histogram data and the history at the
-end. Each function runs on the tracking thread (l2sweep.tracking.runs) with a created run.
-
-The per-run figures (curves, histograms) are drawn and logged by ``evaluate``.
+"""What a trained model's run gets besides its per-epoch metrics: params and inputs at the start,
+config, model, histogram data and history at the end (on the tracking thread; figures: evaluate).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import tempfile
 import warnings
 from pathlib import Path
@@ -22,48 +20,53 @@ from l2sweep.tracking.runs import ChildRun
 
 #: MLflow's limit on a param value's length.
 MAX_PARAM_LENGTH = 6000
+HYPERPARAMETERS = ("model.", "regularizer.", "train.", "data.")  #: logged as params (not paths.*, gate.*, ...)
+SPLITS = (("train", "training"), ("val", "validation"), ("test", "test"))  #: inputs, MLflow context
 
 
 def log_inputs(run: ChildRun, cfg: DictConfig, meta: dict[str, Any], example: Any, y_val: Any) -> None:
-    """Logs the resolved config as params and the dataset as the run's training input (its
-    schema from ``example``, validation images as the model sees them, and labels ``y_val``)."""
+    """Logs the hyperparameters and dataset as params, the run's description and each split as input."""
     import mlflow
     from mlflow.entities import Param
 
-    run.client.log_batch(run.run_id, params=[Param(k, str(v)[:MAX_PARAM_LENGTH])
-                                             for k, v in flatten(cfg).items()])
+    digest = content_digest(meta)
+    params = {**{k: v for k, v in flatten(cfg).items() if k.startswith(HYPERPARAMETERS)},
+              "dataset.name": cfg.dataset.name, "dataset.digest": digest}
+    run.client.log_batch(run.run_id, params=[Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()])
+    size = meta.get("splits", {}).get("train", {}).get("size")
+    run.note = (f"{cfg.model.name} with {cfg.regularizer.name} strength {cfg.regularizer.strength}, "
+                f"{cfg.train.epochs} epochs on {cfg.dataset.name} ({size} training images; data {digest}).")
+    run.client.set_tag(run.run_id, "mlflow.note.content", run.note)
     with warnings.catch_warnings():
         # MLflow registers its local-path source twice ("" and "file" schemes) and warns, on
         # every run, that a local path matches both; either one is the same source.
         warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
-        dataset = mlflow.data.from_numpy(example[:1], targets=y_val[:1], name=cfg.dataset.name,
-                                         source=str(meta.get("source", cfg.paths.prepared)),
-                                         digest=content_digest(meta))
+        inputs = [compat.dataset_input(mlflow.data.from_numpy(
+            example[:1], targets=y_val[:1], name=cfg.dataset.name, digest=content_digest(meta, split),
+            source=str(meta.get("source", cfg.paths.prepared))), context) for split, context in SPLITS]
     for attempt in range(3):
         try:
-            run.client.log_inputs(run.run_id, [compat.dataset_input(dataset, "training")])
+            run.client.log_inputs(run.run_id, inputs)
             return
         except mlflow.exceptions.MlflowException as exc:
-            # Two jobs logging the same new dataset at once (parallel launchers, two sweeps):
-            # both look it up, both insert, one loses on the store's unique key. Once it exists,
-            # a second attempt links it instead.
+            # Two jobs inserting the same new dataset at once: the loser links it on a retry.
             if "unique constraint" not in str(exc).lower() or attempt == 2:
                 raise
 
 
-def content_digest(meta: dict[str, Any]) -> Optional[str]:
-    """A short digest of the prepared data's checksums (the MLflow dataset's identity)."""
+def content_digest(meta: dict[str, Any], split: str = "") -> Optional[str]:
+    """A short digest of the prepared data (or one ``split``): the MLflow dataset's identity."""
     checksums = meta.get("checksums") or {}
     if not checksums:
         return None
-    joined = "".join(f"{k}:{checksums[k]}" for k in sorted(checksums))
+    joined = "".join(f"{k}:{checksums[k]}" for k in sorted(checksums)) + (
+        f"|{split}|{meta.get('val_fraction')}|{meta.get('seed')}|{meta.get('limit')}" if split else "")
     return hashlib.sha256(joined.encode()).hexdigest()[:16]
 
 
 def log_outputs(run: ChildRun, model: Any, history: dict[str, Any], histograms: dict[str, Any],
                 example: Any, hydra_dir: Optional[Path], job_config: Optional[DictConfig]) -> None:
-    """Logs the run's Hydra config (``hydra/``), MLflow model (``model/``, unless ``model`` is
-    None), weight-histogram data (``histograms/<layer>.json``) and ``history.json``.
+    """Logs the Hydra config, the MLflow model (unless None), the result, histograms and history.
 
     Args:
         hydra_dir: the Hydra job's output folder; its ``.hydra/`` is logged as ``hydra/``.
@@ -74,7 +77,10 @@ def log_outputs(run: ChildRun, model: Any, history: dict[str, Any], histograms: 
     if job_config is not None:
         run.client.log_text(run.run_id, OmegaConf.to_yaml(job_config, resolve=True), "hydra/config.yaml")
     if model is not None:
-        log_mlflow_model(run, model, example)
+        log_mlflow_model(run, model, example, max(len(history["epochs"]) - 1, 0))
+    final = ", ".join(f"{k} {history['metrics'][k][-1]:.4f}" for k in ("val_accuracy", "val_loss")
+                      if history["metrics"].get(k))
+    run.client.set_tag(run.run_id, "mlflow.note.content", f"{run.note} Result ({history['status']}): {final}.")
     with tempfile.TemporaryDirectory(prefix="l2sweep-artifacts-") as tmp:
         (Path(tmp) / "histograms").mkdir()
         for layer, data in histograms.items():
@@ -83,18 +89,27 @@ def log_outputs(run: ChildRun, model: Any, history: dict[str, Any], histograms: 
         run.client.log_artifacts(run.run_id, tmp)
 
 
-def log_mlflow_model(run: ChildRun, model: Any, example: Any) -> None:
-    """Logs ``model`` as the run's ``model/`` artifact: an MLflow model (MLmodel, signature,
-    input ``example``) that ``mlflow.pyfunc.load_model("runs:/<id>/model")`` serves."""
+def log_mlflow_model(run: ChildRun, model: Any, example: Any, step: int) -> None:
+    """Logs ``model`` as the run's logged model, taking uint8 pixels (as ``example``; its schema
+    rejects floats) and scaling them to [0, 1]; its metrics are epoch ``step``'s."""
     import keras
     import mlflow.tensorflow
     from mlflow.models import infer_signature
 
+    served = keras.Sequential([keras.Input(example.shape[1:], dtype="uint8"), keras.layers.Rescaling(1 / 255),
+                               model])
     # A direct call, not predict(): the same output without building a tf.data pipeline.
-    signature = infer_signature(example, keras.ops.convert_to_numpy(model(example, training=False)))
-    with tempfile.TemporaryDirectory() as tmp:
-        # Requirements given, not inferred: inferring loads the model again in a fresh Python.
-        requirements = [*mlflow.tensorflow.get_default_pip_requirements(), f"keras=={keras.__version__}"]
-        mlflow.tensorflow.save_model(model, f"{tmp}/model", signature=signature, input_example=example,
-                                     pip_requirements=requirements)
-        run.client.log_artifacts(run.run_id, f"{tmp}/model", "model")
+    signature = infer_signature(example, keras.ops.convert_to_numpy(served(example, training=False)))
+    # Requirements given, not inferred: inferring loads the model again in a fresh Python.
+    requirements = [*mlflow.tensorflow.get_default_pip_requirements(), f"keras=={keras.__version__}"]
+    # log_model writes to the global tracking URI (this thread is the process's only MLflow caller)
+    # and, given no model, creates it in the default experiment: created here, in the run's.
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(run.client.tracking_uri)
+    try:
+        logged = run.client.create_logged_model(run.tracker.experiments[run.uri], name="model", source_run_id=
+                                                run.run_id, params=run.client.get_run(run.run_id).data.params)
+        mlflow.tensorflow.log_model(served, model_id=logged.model_id, run_id=run.run_id, step=step,
+                                    signature=signature, input_example=example, pip_requirements=requirements)
+    finally:
+        mlflow.set_tracking_uri(previous)

@@ -1,16 +1,9 @@
-"""MLflow runs, logged on one background thread: the process's :class:`Tracker`.
+"""MLflow runs, logged in order on one background thread: the process's :class:`Tracker`.
 
-Every MLflow call of a run (its creation, params, per-epoch metrics, artifacts, its end) is a
-task on the tracker's one queue, run in order on its one thread, so training never waits for
-the store. The first task imports MLflow and sets up the store; it waits until the first
-epoch has trained (:meth:`Tracker.release`), so that this GIL-bound start overlaps training
-(the compiled loop releases the GIL) instead of coming before it. Anything that waits for the
-thread releases it first, so nothing can wait on a start that never comes.
-
-A run's tasks record what the store failed to take instead of raising; when the run ends,
-:func:`child_run` waits for its tasks and raises :class:`TrackingError` for that run, listing
-what was not logged, after its outputs were written to disk. The same design serves every
-Hydra launcher: a launcher's worker process has its own tracker.
+Training never waits for the store. MLflow's GIL-bound start waits until training is under way
+(:meth:`Tracker.release`), so it overlaps it; whatever waits for the thread releases it first.
+A run's tasks record what the store failed to take; :func:`child_run` then raises
+:class:`TrackingError` listing it, after the outputs were written to disk.
 """
 
 from __future__ import annotations
@@ -27,7 +20,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from omegaconf import DictConfig
 
-from l2sweep.base import signals
+from l2sweep.base import compat, signals
 from l2sweep.base.cache import CACHE
 from l2sweep.tracking import store
 
@@ -48,10 +41,7 @@ class TrackingError(RuntimeError):
 
 
 class Tracker:
-    """One thread, one queue: every MLflow call of this process, in order.
-
-    Get the process's tracker with :func:`tracker`; it lives in the per-process cache.
-    """
+    """One thread, one queue: every MLflow call of this process, in order (see :func:`tracker`)."""
 
     def __init__(self) -> None:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="l2sweep-tracking")
@@ -76,8 +66,7 @@ class Tracker:
         return (future or self.submit(lambda: None)).result()
 
     def start(self, cfg: DictConfig) -> Future:
-        """Queues MLflow's start for ``cfg``'s store (once per store): the first task waits for
-        :meth:`release`, then imports MLflow, sets up the store and freezes the heap."""
+        """Queues MLflow's start for ``cfg``'s store (once per store), run after :meth:`release`."""
         uri = store.tracking_uri(cfg)
         if uri not in self._started:
             self._started[uri] = self.submit(self._start, cfg, uri)
@@ -89,9 +78,7 @@ class Tracker:
             if not threading.main_thread().is_alive():
                 return
         self.experiments[uri] = store.ensure_store(cfg)
-        # What is alive now (TensorFlow, Keras, MLflow, SQLAlchemy: ~0.5M objects) stays
-        # alive until the exit; frozen, CPython's full collections no longer walk it again
-        # while the jobs train. The jobs' own garbage is collected as before.
+        # ~0.5M long-lived objects (TensorFlow, MLflow ...): frozen, full collections skip them.
         gc.freeze()
 
     def start_error(self, cfg: DictConfig) -> Optional[BaseException]:
@@ -119,10 +106,7 @@ def git_tags() -> dict[str, str]:
 
 class ChildRun:
     """A trained model's MLflow run: :meth:`log` queues work for it on the tracking thread.
-
-    With tracking off (``tracker`` None) every method does nothing, so callers need no second
-    code path. Attributes set on the thread: ``run_id`` and ``client`` once the run exists.
-    """
+    With tracking off (``tracker`` None) every method does nothing."""
 
     def __init__(self, tracker: Optional[Tracker], name: str = "", out_dir: Optional[Path] = None,
                  uri: str = "") -> None:
@@ -130,6 +114,8 @@ class ChildRun:
         self.run_id: Optional[str] = None
         self.client: Any = None
         self.status, self.reason = "FINISHED", None
+        self.note = ""  # the run's description (mlflow.note.content), once its params are logged
+        self.monitor: Any = None  # MLflow's system-metrics monitor (tracking.system_metrics)
         #: What the store did not take, in order (ints: epochs whose metrics were not logged).
         self.unlogged: list[str | int] = []
         self.error: Optional[BaseException] = None
@@ -140,10 +126,8 @@ class ChildRun:
         return self.tracker is not None
 
     def log(self, what: str | int, task: Callable[[], None], always: bool = False) -> None:
-        """Queues ``task`` (which logs ``what``; an int is an epoch's metrics). After a store
-        failure in this run (unless ``always``: the run's end is tried once whatever happened),
-        or when the run could not be created, it is skipped; either way ``what`` is recorded
-        as not logged."""
+        """Queues ``task`` (logging ``what``; an int: an epoch's metrics); after a store failure in
+        this run (unless ``always``) or without a run, skipped and ``what`` recorded as not logged."""
         if self.tracker is not None:
             self._last = self.tracker.submit(self._attempt, what, task, always)
 
@@ -196,14 +180,9 @@ def _describe(unlogged: list[str | int]) -> str:
 
 @contextmanager
 def child_run(cfg: DictConfig, tags: dict[str, str]) -> Iterator[ChildRun]:
-    """A run for one trained model, nested under the sweep's parent run if there is one; always
-    ended: FINISHED, FAILED (an exception or :meth:`ChildRun.fail`, the reason tagged) or KILLED
-    (Ctrl-C / SIGTERM).
-
-    Raises:
-        TrackingError: the store failed to take something of this run (after the body
-            finished), or MLflow's start failed in an earlier run of this process.
-    """
+    """A run for one trained model, under the sweep's parent run if any; always ended FINISHED,
+    FAILED (reason tagged) or KILLED. TrackingError when the store failed to take part of it
+    (after the body) or MLflow's start failed earlier in this process."""
     if not cfg.tracking.enabled:
         yield ChildRun(None)
         return
@@ -239,6 +218,8 @@ def _create(run: ChildRun, cfg: DictConfig, tags: dict[str, str], start: Future)
     created = client.create_run(run.tracker.experiments[run.uri], run_name=cfg.run_name,
                                 tags=registry.resolve_tags(all_tags))
     run.client, run.run_id = client, created.info.run_id
+    if cfg.tracking.system_metrics:  # MLflow's own thread samples and logs them
+        run.monitor = compat.start_system_metrics(run.run_id, client.tracking_uri)
 
 
 def _end(run: ChildRun) -> None:
@@ -246,6 +227,8 @@ def _end(run: ChildRun) -> None:
     def end() -> None:
         if run.unlogged and run.status == "FINISHED":
             run.fail(f"tracking failed; not logged: {_describe(run.unlogged)}")
+        if run.monitor is not None:
+            run.monitor.finish()
         if run.reason:
             run.client.set_tag(run.run_id, REASON_TAG, run.reason[:5000])
         run.client.set_terminated(run.run_id, run.status)

@@ -1,8 +1,5 @@
 """The MLflow store: which one (:func:`tracking_uri`), whether it can be used (:func:`check_store`,
 before any job trains), and its one-time set-up (:func:`ensure_store`).
-
-The ``MLFLOW_TRACKING_URI`` environment variable wins over ``tracking.uri``; ``evaluate``
-resolves the store the same way, falling back to the one the sweep recorded.
 """
 
 from __future__ import annotations
@@ -21,15 +18,16 @@ from omegaconf import DictConfig
 
 from l2sweep.base import files
 
-#: MLflow's HTTP client defaults (7 retries with exponential back-off, 120 s timeout) let an
-#: unreachable tracking server hang a run for minutes; these give up in seconds. Set the
-#: variables to change them. Exported by :func:`apply_http_defaults`, so launcher workers and
-#: jobs on other machines (sbatch exports the environment) get them too.
+#: MLflow's HTTP defaults (7 retries, 120 s timeout) let a dead server hang a run for minutes;
+#: these give up in seconds. Exported to the environment, so launcher workers get them too.
 HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
 }
+
+
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  #: model training, not GenAI
 
 
 class StoreError(RuntimeError):
@@ -44,8 +42,28 @@ def apply_http_defaults() -> None:
 
 def tracking_uri(cfg: DictConfig, recorded: Optional[str] = None) -> str:
     """The store: ``MLFLOW_TRACKING_URI``, else ``recorded`` (the one a sweep logged to, for
-    ``evaluate``), else ``tracking.uri``."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or recorded or cfg.tracking.uri
+    ``evaluate``), else ``tracking.uri``; a relative local one in :func:`origin`, if any."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or recorded or cfg.tracking.uri
+    folder, root = local_folder(uri), origin()
+    if root is None or folder is None or folder.is_absolute():
+        return uri
+    return f"sqlite:///{root / sqlite_path(uri)}" if sqlite_path(uri) else str(root / folder)
+
+
+def origin() -> Optional[Path]:
+    """The user's repository (``DVC_ROOT``) when a DVC experiment runs in a copy of it, else None:
+    relative stores live there, not in the copy DVC deletes afterwards."""
+    root = os.environ.get("DVC_ROOT")
+    return Path(root) if root and Path(root).resolve() != Path.cwd().resolve() else None
+
+
+def artifact_location(cfg: DictConfig) -> Optional[str]:
+    """A new experiment's artifact root: MLflow's default (None), except for sqlite in
+    :func:`origin`'s case: that repository's ``mlruns/``."""
+    root = origin()
+    if root is None or sqlite_path(tracking_uri(cfg)) is None:
+        return None
+    return (root.resolve() / "mlruns" / cfg.tracking.experiment).as_uri()
 
 
 def sqlite_path(uri: str) -> Optional[Path]:
@@ -66,8 +84,7 @@ def local_folder(uri: str) -> Optional[Path]:
 
 
 def store_error(uri: str, error: BaseException) -> str:
-    """One line on why the store at ``uri`` failed; for a server that does not answer, the
-    reason and the settings that bound the wait (:data:`HTTP_DEFAULTS`)."""
+    """One line on why the store at ``uri`` failed (for a silent server: the settings that bound the wait)."""
     text = " ".join(str(error).split()) or type(error).__name__
     if not uri.startswith(("http://", "https://")) or "failed with exception" not in text:
         return f"MLflow store {uri}: {text}"  # not a connection failure (the server answered)
@@ -84,10 +101,8 @@ def store_error(uri: str, error: BaseException) -> str:
 def check_store(cfg: DictConfig) -> None:
     """The store can be written (local) or answers (a server), before any job trains.
 
-    For the embedded sqlite store only what needs no MLflow is checked (the folder is
-    writable, the disk has room, an existing database opens): MLflow itself starts on the
-    tracking thread once training is under way (l2sweep.tracking.runs). Other stores are set up
-    here, in the launching process, before parallel jobs could race to create them.
+    For sqlite only what needs no MLflow is checked (MLflow starts on the tracking thread);
+    other stores are set up here, before parallel jobs could race to create them.
 
     Raises:
         StoreError: naming the store and the reason.
@@ -154,12 +169,8 @@ def get_client(cfg: DictConfig, recorded: Optional[str] = None) -> Any:
 
 def ensure_store(cfg: DictConfig) -> str:
     """Creates the store (schema, WAL journal) and the experiment once, checks its artifact
-    root; returns the experiment's id.
-
-    MLflow creates a new sqlite schema unlocked, so two sweeps starting at once against a new
-    database would fail with "table ... already exists": a lock on the database's folder
-    makes it one process at a time (no lock file to leave behind).
-    """
+    root; returns the experiment's id. A lock on a sqlite database's folder keeps two new
+    sweeps from creating its schema at once ("table ... already exists")."""
     uri = tracking_uri(cfg)
     db = sqlite_path(uri)
     if db is None:
@@ -184,9 +195,12 @@ def _ensure_experiment(cfg: DictConfig) -> str:
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)
     if experiment is None:
         try:
-            client.create_experiment(cfg.tracking.experiment)
+            client.create_experiment(cfg.tracking.experiment, artifact_location(cfg),
+                                     tags=dict([EXPERIMENT_KIND]))
         except MlflowException:
             pass  # another process created it between our look-up and create
         experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    if EXPERIMENT_KIND[0] not in experiment.tags:  # created by an older version or by hand
+        client.set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
     check_artifact_root(tracking_uri(cfg), experiment.artifact_location)
     return experiment.experiment_id

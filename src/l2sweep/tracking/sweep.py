@@ -1,17 +1,14 @@
 """The sweep: a Hydra callback owning the parent MLflow run, ``<paths.models>/sweep.json`` and
 the best-λ tags.
 
-``on_multirun_start`` (in the launching process) queues the parent run's creation on the
-tracking thread (l2sweep.tracking.runs), which sets ``L2SWEEP_PARENT_RUN_ID`` for the jobs of
-this process. A launcher that runs jobs elsewhere (joblib's workers, submitit's jobs on a
-cluster) hands each job this callback as pickled with it: pickling waits for the parent's id
-and carries it, and ``on_job_start`` sets it in the job's process. ``on_multirun_end`` writes
-the manifest, tags the best λ on the parent and ends it (FAILED if any child did not finish);
+Jobs in other processes get the parent's id in the pickled callback (``on_job_start`` sets it).
+``on_multirun_end`` writes the manifest and ends the parent (FAILED if a child did not finish);
 if the multirun dies instead, :func:`finish` (the entry point's ``finally``) ends it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -85,11 +82,8 @@ def _result(parent: Optional[Future]) -> Optional[str]:
 
 
 def _create_parent(config: DictConfig, start: Future, started: str) -> str:
-    """Creates the parent run ``sweep-<regularizer>-<started>`` and logs the grid (on the thread).
-
-    Raises:
-        StoreError: MLflow's start or the creation failed (a job reports it for its run).
-    """
+    """Creates the parent run ``sweep-<regularizer>-<started>`` and logs the grid (on the thread);
+    StoreError when MLflow's start or the creation failed."""
     uri = store.tracking_uri(config)
     try:
         start.result()
@@ -105,6 +99,8 @@ def _parent_run(config: DictConfig, uri: str, started: str) -> str:
             "regularizer": config.regularizer.name}
     if os.environ.get("DVC_STAGE"):  # set by `dvc repro` for the stage's command
         tags["dvc.stage"] = os.environ["DVC_STAGE"]
+    if os.environ.get("DVC_EXP_NAME"):  # set by `dvc exp run` (workspace, --queue, --temp)
+        tags["dvc.experiment"] = os.environ["DVC_EXP_NAME"]
     name = f"sweep-{config.regularizer.name}-{started}"
     run = client.create_run(tracker().experiments[uri], run_name=name, tags=tags)
     choices = OmegaConf.select(config, "hydra.runtime.choices", default=None) or {}
@@ -126,8 +122,7 @@ def _try(what: str, task: Any, *args: Any) -> None:
 
 
 def finish(status: str, reason: Optional[str] = None) -> None:
-    """Waits for the tracking thread, then ends the parent runs this process opened that are
-    still RUNNING (the entry point's ``finally``: no run is left RUNNING)."""
+    """Ends the parent runs this process opened that are still RUNNING (the entry point's ``finally``)."""
     parents = tracker().parents
     while parents:
         uri, parent = parents.pop()
@@ -157,8 +152,7 @@ def _params(values: dict[str, Any]) -> list:
 
 
 def _sweep_grid(config: DictConfig) -> str:
-    """The swept overrides as the user gave them, e.g. ``regularizer.strength=0.0001,0.001``,
-    or a search sweeper's space (``hydra.sweeper.params``) that the command line does not set."""
+    """The swept overrides as given (``regularizer.strength=0.0001,0.001``) and a sweeper's space."""
     overrides = list(OmegaConf.select(config, "hydra.overrides.task", default=[]) or [])
     parsed = OverridesParser.create().parse_overrides(overrides)
     swept = [text for text, o in zip(overrides, parsed) if o.is_sweep_override()]
@@ -169,8 +163,7 @@ def _sweep_grid(config: DictConfig) -> str:
 
 
 def best_run(histories: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
-    """The finished run with the lowest final validation cross-entropy (else val_loss), as
-    ``{"run_name", "strength", "by", "value"}``: the rule of the report."""
+    """The best finished run by :func:`summaries.pick_best`, the rule of the report."""
     entries = {h["run_name"]: {**summaries.summarize_history(h), "strength": h.get("strength"),
                                "status": summaries.FINISHED if h.get("status") == "FINISHED" else "failed"}
                for h in histories if h.get("run_name")}
@@ -189,6 +182,24 @@ def tag_best(uri: str, parent_run_id: str, best: dict[str, Any]) -> None:
         tags=[RunTag(k, v) for k, v in tags.items()])
     log.info("best lambda %s (%s, final %s %.4f)", tags["best_lambda"], best["run_name"],
              best["by"], best["value"])
+
+
+def register_champion(client: Any, name: str, run_id: Optional[str]) -> None:
+    """Registers run ``run_id``'s logged model (if any) once as ``models:/<name>@champion``."""
+    from mlflow.exceptions import MlflowException
+
+    outputs = client.get_run(run_id).outputs if name and run_id else None
+    model_ids = [o.model_id for o in outputs.model_outputs] if outputs else []
+    if not model_ids:
+        return
+    with contextlib.suppress(MlflowException):  # it exists already
+        client.create_registered_model(name)
+    versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    source = client.get_logged_model(model_ids[-1]).artifact_location
+    version = versions[0].version if versions else \
+        client.create_model_version(name, source, run_id=run_id, model_id=model_ids[-1]).version
+    client.set_registered_model_alias(name, "champion", version)
+    log.info("registered model %s version %s (run %s), alias champion", name, version, run_id)
 
 
 def write_manifest(cfg: DictConfig, parent_run_id: Optional[str]) -> dict[str, Any]:
