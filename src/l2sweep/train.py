@@ -21,10 +21,9 @@ import json
 import logging
 import math
 import os
-import re
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import hydra
 from omegaconf import DictConfig
@@ -64,7 +63,7 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
     (x_train, y_train), (x_val, y_val) = load_training_data(cfg)
     meta = load_meta(cfg.paths.prepared)
     example = x_val[:5]  # the MLflow model's input example (uint8 pixels, as users have them)
-    label = job_label(cfg)
+    label = train_cli.job_label(cfg)
     log.info("%s: %s x %d λ, %d epochs on %d images (%d validation)", label, cfg.model.name,
              len(cfgs), cfg.train.epochs, len(x_train), len(x_val))
     with contextlib.ExitStack() as stack:
@@ -122,16 +121,6 @@ def load_training_data(cfg: DictConfig) -> tuple:
         return splits
 
     return CACHE.get("training data", (str(folder), tuple(stamps)), read)
-
-
-def job_label(cfg: DictConfig) -> str:
-    """``job 2/3 l2-0.001`` in a multirun, else the run name (the prefix of progress lines)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized() or HydraConfig.get().mode.name != "MULTIRUN":
-        return cfg.run_name
-    total = os.environ.get(train_cli.JOBS_ENV)
-    return f"job {HydraConfig.get().job.num + 1}/{total or '?'} {cfg.run_name}"
 
 
 def run_tags(cfg: DictConfig) -> dict[str, str]:
@@ -208,55 +197,8 @@ def objective(finals: dict[str, dict[str, float]]) -> float:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def hydra_app(cfg: DictConfig) -> float:
-    with cluster_job(cfg):
+    with train_cli.cluster_job(cfg):
         return objective(train(cfg))
-
-
-class JobError(RuntimeError):
-    """A job of the sweep that ran elsewhere (a SLURM node) failed; the message names its λ,
-    where it ran and its log."""
-
-
-@contextlib.contextmanager
-def cluster_job(cfg: DictConfig) -> Iterator[None]:
-    """Inside a job that submitit runs (``hydra/launcher=slurm``; also ``submitit_local``):
-    SIGTERM (``scancel``) ends its runs KILLED, as on the command line (submitit itself ignores
-    SIGTERM), and an error is logged with its traceback to the job's log and raised as a
-    :class:`JobError` naming the λ, the node and that log. Elsewhere it does nothing.
-    """
-    if "SUBMITIT_FOLDER" not in os.environ:  # set by submitit for the job it runs
-        yield
-        return
-    import socket
-
-    import submitit
-
-    previous = signals.install_handlers()
-    try:
-        yield
-    except Exception as exc:
-        log.exception("%s failed", job_label(cfg))
-        grid = f"sweep.strengths={list(cfg.sweep.strengths)}" if cfg.train.fused else \
-            f"regularizer.strength={cfg.regularizer.strength}"
-        raise JobError(f"{job_label(cfg)} ({grid}) failed on {socket.gethostname()}: "
-                       f"{cli.describe(exc)}; its log: {submitit.JobEnvironment().paths.stdout}") from None
-    finally:
-        signals.restore_handlers(previous)
-
-
-def cluster_error(error: BaseException) -> BaseException:
-    """submitit's error for a job that ended without a result (cancelled, killed), which carries
-    the job's whole stderr, as one line: the job, its state and its log."""
-    submitit = sys.modules.get("submitit")
-    if submitit is None or not isinstance(error, submitit.core.utils.UncompletedJobError):
-        return error
-    found = re.search(r"Job (\S+) \(task: (\d+)\) with path (.+?)\s+has not produced any output "
-                      r"\(state: ([^)]*)\)", str(error))
-    if found is None:
-        return error
-    job, task, result, state = found.groups()
-    return JobError(f"job {job} ended {state} without a result; its log: "
-                    f"{Path(result).with_name(f'{job}_{task}_log.out')}")
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -282,7 +224,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             hydra_app()
         status, reason = "FINISHED", None
     except (Exception, KeyboardInterrupt, signals.Terminated) as raised:
-        exc = cluster_error(raised)
+        exc = train_cli.cluster_error(raised)
         interrupted = not isinstance(exc, Exception)
         status = "KILLED" if interrupted else "FAILED"
         reason = f"interrupted by {signals.signal_of(exc).name}" if interrupted else cli.describe(exc, args)

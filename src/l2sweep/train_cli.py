@@ -1,4 +1,5 @@
-"""From a user's command line to the Hydra app's: params.yaml, the λ grid, the checks.
+"""From a user's command line to the Hydra app's: params.yaml, the λ grid, the checks; and
+on the jobs' side, the label of a job and what a job on a cluster (submitit) reports.
 
 ``python -m l2sweep.train -m`` sweeps ``sweep.strengths`` (from params.yaml) in one Hydra
 multirun; an explicit ``regularizer.strength=a,b`` or another sweeper (``hydra/sweeper=...``)
@@ -9,8 +10,10 @@ A Hydra callback could not do this: Hydra turns a callback's errors into warning
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import re
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,11 +23,13 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
-from l2sweep.base import files
+from l2sweep.base import cli, files, signals
 from l2sweep.base.config import (ConfigError, compose_config, format_override_value, override_key,
                                  project_overrides, training_loop, validate, validate_strengths)
 from l2sweep.base.data import load_meta, load_split
 from l2sweep.tracking import store
+
+log = logging.getLogger(__name__)
 
 #: Number of jobs in the sweep, for progress lines ("job 2/3").
 JOBS_ENV = "L2SWEEP_JOBS"
@@ -207,3 +212,63 @@ def _number(key: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(key, value, "a number >= 0")
     return float(value)
+
+
+# --- the jobs' side --------------------------------------------------------------------
+
+
+def job_label(cfg: DictConfig) -> str:
+    """``job 2/3 l2-0.001`` in a multirun, else the run name (the prefix of progress lines)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode.name != "MULTIRUN":
+        return cfg.run_name
+    total = os.environ.get(JOBS_ENV)
+    return f"job {HydraConfig.get().job.num + 1}/{total or '?'} {cfg.run_name}"
+
+
+class JobError(RuntimeError):
+    """A job of the sweep that ran elsewhere (a SLURM node) failed; the message names its λ,
+    where it ran and its log."""
+
+
+@contextmanager
+def cluster_job(cfg: DictConfig) -> Iterator[None]:
+    """Inside a job that submitit runs (``hydra/launcher=slurm``; also ``submitit_local``):
+    SIGTERM (``scancel``) ends its runs KILLED, as on the command line (submitit itself ignores
+    SIGTERM), and an error is logged with its traceback to the job's log and raised as a
+    :class:`JobError` naming the λ, the node and that log. Elsewhere it does nothing.
+    """
+    if "SUBMITIT_FOLDER" not in os.environ:  # set by submitit for the job it runs
+        yield
+        return
+    import socket
+
+    import submitit
+
+    previous = signals.install_handlers()
+    try:
+        yield
+    except Exception as exc:
+        log.exception("%s failed", job_label(cfg))
+        grid = f"sweep.strengths={list(cfg.sweep.strengths)}" if cfg.train.fused else \
+            f"regularizer.strength={cfg.regularizer.strength}"
+        raise JobError(f"{job_label(cfg)} ({grid}) failed on {socket.gethostname()}: "
+                       f"{cli.describe(exc)}; its log: {submitit.JobEnvironment().paths.stdout}") from None
+    finally:
+        signals.restore_handlers(previous)
+
+
+def cluster_error(error: BaseException) -> BaseException:
+    """submitit's error for a job that ended without a result (cancelled, killed), which carries
+    the job's whole stderr, as one line: the job, its state and its log."""
+    submitit = sys.modules.get("submitit")
+    if submitit is None or not isinstance(error, submitit.core.utils.UncompletedJobError):
+        return error
+    found = re.search(r"Job (\S+) \(task: (\d+)\) with path (.+?)\s+has not produced any output "
+                      r"\(state: ([^)]*)\)", str(error))
+    if found is None:
+        return error
+    job, task, result, state = found.groups()
+    return JobError(f"job {job} ended {state} without a result; its log: "
+                    f"{Path(result).with_name(f'{job}_{task}_log.out')}")
