@@ -7,6 +7,7 @@ Import them as ``from helpers import ...`` (``tests/`` is on sys.path, as for co
 from __future__ import annotations
 
 import os
+import shutil
 import re
 import socket
 import subprocess
@@ -77,6 +78,16 @@ def make_project(root: Path, arrays: Optional[dict[str, np.ndarray]] = None, **s
     write_project_params(root, idx_dir, **sections)
     run_cli(root, "l2sweep.prepare")
     return root
+
+
+def copy_project(prepared: Path, dest: Path, **params: dict) -> Path:
+    """``prepared``'s params and data in ``dest``; ``params`` update params.yaml's sections."""
+    shutil.copytree(prepared / "data", dest / "data")
+    values = yaml.safe_load((prepared / "params.yaml").read_text())
+    for key, value in params.items():
+        values.setdefault(key, {}).update(value)
+    (dest / "params.yaml").write_text(yaml.safe_dump(values))
+    return dest
 
 
 def sqlite_uri(root: Path) -> str:

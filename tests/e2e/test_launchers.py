@@ -13,7 +13,6 @@ import json
 import math
 import os
 import pickle
-import shutil
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
 
-from helpers import EPOCHS, GRID, make_project, run_cli, sqlite_uri
+from helpers import EPOCHS, GRID, copy_project, make_project, run_cli, sqlite_uri
 from l2sweep.tracking import runs, sweep
 from l2sweep.base.config import CONF_DIR
 
@@ -67,16 +66,6 @@ def assert_one_sweep(root: Path, names: list[str], epochs: int) -> tuple:
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A prepared tiny project; each test sweeps in its own copy."""
     return make_project(tmp_path_factory.mktemp("launchers") / "template")
-
-
-def copy_project(prepared: Path, dest: Path, **params: dict) -> Path:
-    """``prepared``'s params and data in ``dest``; ``params`` update params.yaml's sections."""
-    shutil.copytree(prepared / "data", dest / "data")
-    values = yaml.safe_load((prepared / "params.yaml").read_text())
-    for key, value in params.items():
-        values.setdefault(key, {}).update(value)
-    (dest / "params.yaml").write_text(yaml.safe_dump(values))
-    return dest
 
 
 # --- configs (fast) ------------------------------------------------------------------------

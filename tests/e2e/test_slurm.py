@@ -33,7 +33,7 @@ import requests
 import yaml
 
 from conftest import write_idx_dir
-from helpers import (EPOCHS, GRID, cli_env, free_port, make_project, make_server, run_cli,
+from helpers import (EPOCHS, GRID, cli_env, copy_project, free_port, make_project, make_server, run_cli,
                      tiny_arrays, wait_until)
 from l2sweep.tracking.runs import REASON_TAG
 
@@ -299,16 +299,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A prepared tiny project (3 λ, 2 epochs); each test sweeps in its own copy."""
     return make_project(tmp_path_factory.mktemp("slurm") / "template")
-
-
-def copy_project(prepared: Path, dest: Path, **params: dict) -> Path:
-    """``prepared``'s params and data in ``dest``; ``params`` update params.yaml's sections."""
-    shutil.copytree(prepared / "data", dest / "data")
-    values = yaml.safe_load((prepared / "params.yaml").read_text())
-    for key, value in params.items():
-        values.setdefault(key, {}).update(value)
-    (dest / "params.yaml").write_text(yaml.safe_dump(values))
-    return dest
 
 
 # --- reading the server ---------------------------------------------------------------------
