@@ -88,10 +88,10 @@ ci-tiny-pipeline: install data
 	$(CI_TINY) python -m l2sweep.evaluate
 
 ci-gate: ci-tiny-pipeline  ## tiny pipeline + regression gate against .ci/baseline-tiny.json
-	$(CI_TINY) python -m l2sweep.gate --baseline .ci/baseline-tiny.json --current .ci/out/eval.json
+	$(CI_TINY) python -m l2sweep.gate --baseline .ci/baseline-tiny.json --current .ci/out/reports/evaluation.json
 
 ci-baseline: ci-tiny-pipeline  ## refresh .ci/baseline-tiny.json after an intended change
-	cp .ci/out/eval.json .ci/baseline-tiny.json
+	cp .ci/out/reports/evaluation.json .ci/baseline-tiny.json
 
 ui: install  ## serve the MLflow UI for the embedded store on 127.0.0.1:5000
 	mlflow ui --backend-store-uri $(TRACKING_URI) --host $(HOST) --port $(PORT) --workers $(WORKERS)

@@ -5,9 +5,11 @@ Run from the repository root (params.yaml over conf/, the command line wins)::
     python -m l2sweep.evaluate                    # what `dvc repro evaluate` runs
     python -m l2sweep.evaluate paths.models=elsewhere/models
 
-Reads the sweep under ``paths.models`` and the test split under ``paths.prepared``; writes
-``paths.metrics``, the DVC plot data under ``paths.plots`` and ``report.md`` with its figures
-under ``paths.reports``, and logs them to the sweep's MLflow runs. Diverged runs are not scored.
+Reads the sweep under ``paths.models`` and the test split under ``paths.prepared``; writes the
+DVC metrics ``paths.metrics`` (a few numbers per λ), the DVC plot data under ``paths.plots``, and
+under ``paths.reports`` ``evaluation.json`` (every run's status, summaries and test metrics: what
+the report and the gate read), ``report.md`` and its figures; logs them to the sweep's MLflow
+runs. Diverged runs are not scored.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,18 +25,22 @@ from typing import Any, Optional
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from l2sweep.reporting import report, summaries
 from l2sweep.base.cli import entry_point, exit_fast, import_tensorflow
+from l2sweep.base import outputs, progress
 from l2sweep.base.config import compose_config, validate
+from l2sweep.base.config_errors import override_key
 from l2sweep.base.files import write_text
 from l2sweep.tracking import store
+from l2sweep.tracking.artifacts import scratch_folder
 from l2sweep.tracking.sweep import MANIFEST, register_champion, tag_best
 
 log = logging.getLogger("l2sweep.evaluate")  # not __main__ under `python -m`
 
 HISTORY, MODEL = "history.json", "model.keras"
-#: Settings recorded in eval.json (``sweep.config``); the gate notes when they differ.
+#: Settings recorded in the evaluation (``sweep.config``); the gate notes when they differ.
 RECORDED_SETTINGS = ("dataset.name", "data.limit", "data.val_fraction", "data.seed",
                      "model.name", "model.hidden_units", "regularizer.name", "train.epochs",
                      "train.batch_size", "train.learning_rate", "train.seed")
@@ -115,7 +120,7 @@ def score_model(model_path: Path, x: np.ndarray, y: np.ndarray, class_names: lis
 
 def evaluate_run(run: SweepRun, history: dict[str, Any], x: np.ndarray, y: np.ndarray,
                  class_names: list[str]) -> dict[str, Any]:
-    """The eval.json entry of one run: status, summary figures and (if it has a model) test metrics."""
+    """The evaluation's entry of one run: status, summary figures and (if it has a model) test metrics."""
     entry: dict[str, Any] = {"strength": run.strength, "status": summaries.FINISHED,
                              "diverged_epoch": history.get("diverged_epoch"),
                              "mlflow_run_id": run.mlflow_run_id}
@@ -172,7 +177,7 @@ def write_figures(evaluation: dict[str, Any], histories: list[dict[str, Any]],
 
 def log_to_mlflow(cfg: DictConfig, manifest: dict[str, Any], evaluation: dict[str, Any],
                   runs: list[tuple[SweepRun, dict[str, Any]]], artifacts: list[Path]) -> None:
-    """Logs summaries, best-λ tags, report, figures and eval.json to the sweep's parent run,
+    """Logs summaries, best-λ tags, report, figures and the evaluation to the sweep's parent run,
     :func:`log_child` to each child run, and registers the best λ's model."""
     parent = manifest.get("parent_run_id")
     if not cfg.tracking.enabled or not parent:
@@ -183,7 +188,7 @@ def log_to_mlflow(cfg: DictConfig, manifest: dict[str, Any], evaluation: dict[st
 
     uri = store.tracking_uri(cfg, manifest.get("tracking_uri"))
     client = store.get_client(cfg, manifest.get("tracking_uri"))
-    now = int(time.time() * 1000)
+    now, reports = int(time.time() * 1000), Path(cfg.paths.reports)
     metrics = []
     for name, run in evaluation["runs"].items():
         values = {key: summaries.finite(run.get(key)) for key in PARENT_METRICS}
@@ -199,17 +204,20 @@ def log_to_mlflow(cfg: DictConfig, manifest: dict[str, Any], evaluation: dict[st
             register_champion(client, cfg.tracking.registered_model, best_run)
         for path in artifacts:
             client.log_artifact(parent, str(path), "figures" if path.suffix == ".png" else None)
-        for run, history in runs:
-            log_child(client, run, evaluation["runs"][run.run_name], history, now)
+        for run, history in progress.bar(runs, "logging figures", "run"):
+            log_child(client, run, evaluation["runs"][run.run_name], history, now, reports)
     except MlflowException as exc:
-        raise EvaluateError(f"could not log to the sweep's MLflow run {parent} in {uri}: {exc}. "
+        raise EvaluateError(f"could not log to the sweep's MLflow run {parent} in "
+                            f"{store.redact(uri)}: {store.redact(str(exc))}. "
                             "Metrics, plots and report are written; tracking.enabled=false "
                             "skips MLflow") from exc
-    log.info("logged the evaluation to MLflow run %s (%s)", parent, uri)
+    log.info("logged the evaluation to MLflow run %s (%s)", parent, store.redact(uri))
 
 
-def log_child(client: Any, run: SweepRun, entry: dict[str, Any], history: dict[str, Any], now: int) -> None:
-    """Logs a child run's test metrics and figures (curves, weight histograms)."""
+def log_child(client: Any, run: SweepRun, entry: dict[str, Any], history: dict[str, Any], now: int,
+              reports: Path) -> None:
+    """Logs a child run's test metrics and figures (curves, weight histograms), drawn in a scratch
+    folder in ``reports``."""
     from mlflow.entities import Metric
 
     from l2sweep.reporting import plots
@@ -225,15 +233,15 @@ def log_child(client: Any, run: SweepRun, entry: dict[str, Any], history: dict[s
     layers = json.loads(hist_file.read_text()) if hist_file.is_file() else {}
     for layer, data in layers.items():
         figures[f"histograms/{layer}.png"] = plots.plot_histograms(data, layer, f"{name}: {layer} weights")
-    with tempfile.TemporaryDirectory(prefix="l2sweep-figures-") as tmp:
+    with scratch_folder(reports / f"figures-{run.run_name}") as tmp:
         for rel, fig in figures.items():
-            plots.save_figure(fig, Path(tmp) / rel, tight=False)
-        client.log_artifacts(run_id, tmp)
+            plots.save_figure(fig, tmp / rel, tight=False)
+        client.log_artifacts(run_id, str(tmp))
 
 
 def describe_sweep(cfg: DictConfig, manifest: dict[str, Any], runs: list[SweepRun],
                    y: np.ndarray) -> dict[str, Any]:
-    """The ``sweep`` section of eval.json: dataset, model, grid, class names and settings."""
+    """The ``sweep`` section of the evaluation: dataset, model, grid, class names and settings."""
     from l2sweep.base.data import DataError, load_meta
 
     try:
@@ -253,21 +261,22 @@ def describe_sweep(cfg: DictConfig, manifest: dict[str, Any], runs: list[SweepRu
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Scores the sweep, writes metrics, plots and report, logs them; returns eval.json's content."""
+    """Scores the sweep, writes metrics, plots and report, logs them; returns the evaluation."""
     validate(cfg)
     manifest, runs = load_sweep(cfg.paths.models)
     x, y = load_test_split(cfg.paths.prepared)
     sweep = describe_sweep(cfg, manifest, runs, y)
 
     histories, entries = [], {}
-    for run in runs:
+    for run in progress.bar(runs, "scoring", "model"):
         history = json.loads((run.dir / HISTORY).read_text(encoding="utf-8"))
         histories.append(history)
         entries[run.run_name] = evaluate_run(run, history, x, y, sweep["class_names"])
     evaluation = {"sweep": sweep, "best": summaries.pick_best(entries), "runs": entries}
 
-    metrics, reports = Path(cfg.paths.metrics), Path(cfg.paths.reports)
-    write_json(metrics, evaluation)
+    reports = Path(cfg.paths.reports)
+    write_json(reports / summaries.EVALUATION_FILE, evaluation)
+    write_json(Path(cfg.paths.metrics), summaries.dvc_metrics(evaluation))
     for name, rows in summaries.plot_data(evaluation, histories).items():
         write_json(Path(cfg.paths.plots) / name, rows)
     figures = write_figures(evaluation, histories, reports / "figures")
@@ -275,14 +284,22 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     (reports / "report.md").write_text(report.render_report(evaluation, links), encoding="utf-8")
 
     log_to_mlflow(cfg, manifest, evaluation, list(zip(runs, histories)),
-                  [path for _, path in figures] + [reports / "report.md", metrics])
+                  [path for _, path in figures] + [reports / "report.md",
+                                                   reports / summaries.EVALUATION_FILE])
     return evaluation
 
 
 @entry_point(EvaluateError)
 def main(overrides: list[str]) -> int:
     """Entry point: ``python -m l2sweep.evaluate [--verbose] [overrides]``; errors: one line, exit 2."""
-    evaluation = evaluate(compose_config(overrides))
+    cfg = compose_config(overrides)
+    adhoc = outputs.adhoc_evaluate_paths(cfg.paths, {override_key(o) for o in overrides})
+    for key, path in adhoc.items():  # an ad-hoc sweep: its results beside it, not in DVC's
+        OmegaConf.update(cfg, f"paths.{key}", path)
+    if adhoc:
+        log.info("not a DVC stage and not DVC's models: writing %s", ", ".join(adhoc.values()))
+    with logging_redirect_tqdm():  # log lines above a progress bar, not through it
+        evaluation = evaluate(cfg)
     best = evaluation["best"]
     print(f"wrote {len(evaluation['runs'])} runs; best λ by {best['by'] if best else '-'}: "
           f"{summaries.format_strength(best['strength']) if best else 'none'}")

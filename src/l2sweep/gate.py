@@ -1,10 +1,11 @@
-"""The regression gate: compares ``metrics/eval.json`` with a baseline, λ by λ.
+"""The regression gate: compares the evaluation (``reports/evaluation.json``, written by
+``evaluate``) with a baseline, λ by λ.
 
 Run it after ``dvc repro`` (or ``python -m l2sweep.evaluate``)::
 
     python -m l2sweep.gate                              # baseline: gate.baseline
-    python -m l2sweep.gate --baseline other.json        # any eval.json-shaped file
-    python -m l2sweep.gate --rev main                   # metrics/eval.json as committed at main
+    python -m l2sweep.gate --baseline other.json        # any evaluation.json-shaped file
+    python -m l2sweep.gate --rev main                   # reports/evaluation.json as committed at main
     python -m l2sweep.gate --rev cream-tuba --json      # ... in a DVC experiment; JSON verdict
     python -m l2sweep.gate gate.max_accuracy_drop=0.01  # Hydra overrides (tolerances, paths)
 
@@ -28,7 +29,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 from l2sweep.base.cli import entry_point
 from l2sweep.reporting.report import markdown_table
-from l2sweep.reporting.summaries import FINISHED, finite, fmt_loss, fmt_pct, format_strength
+from l2sweep.reporting.summaries import (EVALUATION_FILE, FINISHED, finite, fmt_loss, fmt_pct,
+                                         format_strength)
 
 EXIT_OK, EXIT_REGRESSED, EXIT_ERROR = 0, 1, 2
 #: Changes within this of the limit count as equal to it (float noise, not a regression).
@@ -43,7 +45,7 @@ class GateError(Exception):
 
 @dataclass(frozen=True)
 class Tolerance:
-    """How much one eval.json metric may worsen for any λ: absolute, or ``relative`` to the baseline."""
+    """How much one evaluation metric may worsen for any λ: absolute, or ``relative`` to the baseline."""
 
     metric: str
     higher_is_better: bool
@@ -128,7 +130,7 @@ def check(tolerance: Tolerance, strength: float, baseline: Optional[float],
 
 def gate(current: Mapping[str, Any], baseline: Mapping[str, Any],
          tolerances: Sequence[Tolerance]) -> list[Verdict]:
-    """Compares two eval.json contents: one verdict per λ and metric (per λ if not comparable)."""
+    """Compares two evaluations: one verdict per λ and metric (per λ if not comparable)."""
     cur, base = _by_strength(current), _by_strength(baseline)
     verdicts: list[Verdict] = []
     for strength in sorted(set(cur) | set(base)):
@@ -186,14 +188,14 @@ def passed(verdicts: Sequence[Verdict]) -> bool:
 
 
 def parse_metrics(text: str, source: str) -> dict[str, Any]:
-    """Parses an eval.json text; ``source`` names it in errors."""
+    """Parses an evaluation.json text; ``source`` names it in errors."""
     try:
         metrics = json.loads(text)
     except json.JSONDecodeError as exc:
         raise GateError(f"{source} is not valid JSON: {exc}") from exc
     if not isinstance(metrics, dict) or not isinstance(metrics.get("runs"), dict):
-        raise GateError(f"{source} has no 'runs' section: expected a metrics file written by "
-                        "`python -m l2sweep.evaluate`")
+        raise GateError(f"{source} has no 'runs' section: expected the {EVALUATION_FILE} "
+                        "written by `python -m l2sweep.evaluate` (paths.reports)")
     for name, run in metrics["runs"].items():
         if finite(run.get("strength")) is None:
             raise GateError(f"{source}: run {name!r} has strength={run.get('strength')!r}; "
@@ -202,10 +204,10 @@ def parse_metrics(text: str, source: str) -> dict[str, Any]:
 
 
 def load_metrics(path: str | Path, role: str = "current") -> dict[str, Any]:
-    """Reads an eval.json-shaped file; ``role`` (``current``/``baseline``) words the error."""
+    """Reads an evaluation.json-shaped file; ``role`` (``current``/``baseline``) words the error."""
     path = Path(path)
     if not path.is_file():
-        hint = ("commit one made from a reference run (a copy of its metrics/eval.json), or "
+        hint = (f"commit one made from a reference run (a copy of its reports/{EVALUATION_FILE}), or "
                 "pass --baseline PATH or --rev REV" if role == "baseline" else
                 "run `dvc repro` (or `python -m l2sweep.evaluate`) first")
         raise GateError(f"{role} metrics file {path} does not exist: {hint}")
@@ -223,16 +225,27 @@ def experiment_ref(rev: str) -> Optional[str]:
     return named[0] if named else None
 
 
+def resolve_commit(rev: str) -> Optional[str]:
+    """The commit ``rev`` names (a git revision), else None. ``rev`` is only ever read as a
+    revision: one that starts with ``-`` is refused, and git gets it after ``--end-of-options``."""
+    if not rev or rev.startswith("-") or any(c in rev for c in "\0\n"):
+        raise GateError(f"--rev {rev!r} is not allowed: a git revision (branch, tag, commit) or "
+                        "a DVC experiment's name")
+    out = subprocess.run(["git", "rev-parse", "--verify", "--quiet", "--end-of-options",
+                          f"{rev}^{{commit}}"], capture_output=True, text=True, check=False)
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
 def load_metrics_at_rev(rev: str, path: str | Path) -> dict[str, Any]:
     """Reads ``path`` as committed at ``rev``, a git revision or a DVC experiment's name."""
     path = Path(path)
     relative = Path(os.path.relpath(path)) if path.is_absolute() else path
-    spec = f"{rev}:./{relative.as_posix()}"
     try:
-        out = subprocess.run(["git", "show", spec], capture_output=True, text=True, check=False)
-        if out.returncode != 0 and (ref := experiment_ref(rev)):
-            out = subprocess.run(["git", "show", f"{ref}:./{relative.as_posix()}"],
-                                 capture_output=True, text=True, check=False)
+        commit = resolve_commit(rev) or experiment_ref(rev)
+        if commit is None:
+            raise GateError(f"--rev {rev}: no such git revision or DVC experiment")
+        out = subprocess.run(["git", "show", f"{commit}:./{relative.as_posix()}"],
+                             capture_output=True, text=True, check=False)
     except FileNotFoundError as exc:
         raise GateError(f"--rev {rev}: git is not installed") from exc
     if out.returncode != 0:
@@ -248,10 +261,11 @@ def run_gate(cfg: Any, baseline_path: Optional[str] = None, rev: Optional[str] =
              current_path: Optional[str] = None, out: Any = None, as_json: bool = False) -> int:
     """Loads both metrics files, prints the table (or JSON) to ``out`` and returns the exit status."""
     out = out or sys.stdout
-    current_path = current_path or cfg.paths.metrics
+    evaluation = Path(cfg.paths.reports) / EVALUATION_FILE
+    current_path = current_path or evaluation
     current = load_metrics(current_path)
     if rev:
-        baseline, source = load_metrics_at_rev(rev, cfg.paths.metrics), f"{cfg.paths.metrics}@{rev}"
+        baseline, source = load_metrics_at_rev(rev, evaluation), f"{evaluation}@{rev}"
     else:
         source = baseline_path or cfg.gate.baseline
         baseline = load_metrics(source, "baseline")
@@ -284,14 +298,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     which.add_argument("--baseline", help="baseline metrics file (default: gate.baseline)")
     which.add_argument("--rev", help="git revision or DVC experiment whose metrics are the baseline")
     parser.add_argument("--json", action="store_true", help="print the verdict as JSON (stdout)")
-    parser.add_argument("--current", help="metrics under test (default: paths.metrics)")
+    parser.add_argument("--current", help=f"evaluation under test (default: <paths.reports>/{EVALUATION_FILE})")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. gate.max_accuracy_drop=0.01")
     args = parser.parse_args(argv)
 
-    from l2sweep.base.config import compose_config
+    from l2sweep.base.config import compose_config, validate
 
     try:
-        cfg = compose_config(args.overrides)  # the gate reads gate.* and paths.metrics only
+        cfg = compose_config(args.overrides)  # the gate reads gate.* and paths.reports only
+        validate(cfg)
         return run_gate(cfg, baseline_path=args.baseline, rev=args.rev, current_path=args.current,
                         as_json=args.json)
     except (GateError, ValueError) as exc:  # ValueError: a bad tolerance

@@ -23,9 +23,11 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
-from l2sweep.base import cli, files, signals
+from l2sweep.base import cli, files, outputs, signals
+from l2sweep.base.cli import QUIET_LOGGERS, VERBOSE_ENV
 from l2sweep.base.config import (ConfigError, compose_config, format_override_value, override_key,
-                                 project_overrides, training_loop, validate, validate_strengths)
+                                 params_file, project_overrides, training_loop, validate,
+                                 validate_strengths)
 from l2sweep.base.data import load_meta, load_split
 from l2sweep.tracking import store
 
@@ -101,7 +103,9 @@ def launch_argv(args: list[str]) -> list[str]:
         DataError, OutputError, StoreError: see :func:`preflight`.
     """
     flags, cli = split_args(args)
-    overrides = project_overrides(cli)
+    helping = any(a in ("--help", "-h", "--hydra-help") for a in flags)
+    # Help answers anywhere: without a params file, on conf/ defaults.
+    overrides = list(cli) if helping and params_file() is None else project_overrides(cli)
     multirun = bool(_MULTIRUN_FLAGS & set(flags)) or "hydra.mode=MULTIRUN" in overrides
     keys = {override_key(o) for o in cli}
     swept = _sweep_values(overrides)
@@ -121,6 +125,12 @@ def launch_argv(args: list[str]) -> list[str]:
         _validate_interval(STRENGTH, searched[STRENGTH])
     if cfg.train.fused:
         overrides = _fused_overrides(cfg, overrides, swept, multirun)
+    adhoc = outputs.adhoc_train_folder(cfg.paths.models, keys, multirun, cfg.paths.outputs)
+    if adhoc is not None:  # not `dvc repro`: never into the models/ that dvc.lock records
+        overrides += outputs.train_overrides(adhoc, keys, multirun)
+        OmegaConf.update(cfg, "paths.models", (adhoc / "models").as_posix())
+    if os.environ.get(VERBOSE_ENV):  # --verbose: MLflow's (and its store's) INFO lines too
+        overrides += [f"hydra.job_logging.loggers.{name}.level=INFO" for name in QUIET_LOGGERS]
     if STRENGTH in swept:
         validate_strengths([_number(STRENGTH, v) for v in swept[STRENGTH]], key=STRENGTH)
     elif multirun and STRENGTH not in keys and not custom_sweeper and not cfg.train.fused:
@@ -137,6 +147,9 @@ def launch_argv(args: list[str]) -> list[str]:
     if not any(a.split("=", 1)[0] in PRINT_ONLY_FLAGS for a in flags):
         preflight(cfg)  # after every validation: bad input writes nothing
         configure_threads(cfg)
+        if adhoc is not None:
+            print(f"not a DVC stage: models go to {cfg.paths.models} (evaluate them with "
+                  f"`python -m l2sweep.evaluate paths.models={cfg.paths.models}`)", file=sys.stderr)
     return flags + overrides
 
 

@@ -49,17 +49,18 @@ def queued(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
     params["dataset"] = {"name": "idx_dir", "path": "data/raw/tiny"}
     params["sweep"]["strengths"] = GRID[:2]
     params["tracking"] = {"log_model": False}
+    params["train"]["epochs"] = 1
+    params["data"]["limit"] = 60  # few enough that test accuracy differs between the seeds
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(root, "git", "init", "-q")
     run(root, DVC, "init", "-q")
     shutil.copytree(REPO / ".dvc" / "plots", root / ".dvc" / "plots", dirs_exist_ok=True)
     run(root, DVC, "config", "core.site_cache_dir", str(tmp_path_factory.mktemp("dvc-site")))
-    run(root, DVC, "repro", "prepare")
+    run(root, DVC, "repro")
     run(root, "git", "add", "-A")
     run(root, "git", "commit", "-q", "-m", "project")
-    # The first experiment runs the whole pipeline; the second only trains, to keep this short.
-    for seed, *stage in ((1,), (2, "train")):
-        run(root, DVC, "exp", "run", "--queue", "-S", "train.epochs=1", "-S", f"train.seed={seed}", *stage)
+    for seed in (1, 2):
+        run(root, DVC, "exp", "run", "--queue", "-S", f"train.seed={seed}")
     run(root, DVC, "queue", "start", "-j", "2")
     deadline = time.monotonic() + 240
     while any(s in (status := run(root, DVC, "queue", "status").stdout) for s in ("Queued", "Running")):
@@ -81,20 +82,39 @@ def test_queued_experiments_log_to_the_repositorys_store(queued):
     client = MlflowClient(sqlite_uri(root))
     (experiment,) = [e for e in client.search_experiments() if e.name == "l2-sweep"]
     runs = client.search_runs([experiment.experiment_id])
-    parents = {r.data.tags["dvc.experiment"]: r for r in runs if r.data.tags.get("l2sweep.kind") == "sweep"}
-    assert sorted(parents) == sorted(names)
+    sweeps = [r for r in runs if r.data.tags.get("l2sweep.kind") == "sweep"]
+    parents = {r.data.tags["dvc.experiment"]: r for r in sweeps if "dvc.experiment" in r.data.tags}
+    assert sorted(parents) == sorted(names) and len(sweeps) == 3  # and the baseline's `dvc repro`
     for name, parent in parents.items():
         assert parent.info.status == "FINISHED"
         children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
         assert sorted(r.data.params["regularizer.strength"] for r in children) == sorted(map(str, GRID[:2]))
         assert {r.data.tags["dvc.experiment"] for r in children} == {name}
-        assert parent.info.artifact_uri.startswith((root / "mlruns").as_uri())
+        assert parent.info.artifact_uri.removeprefix("file://").startswith(str(root / "mlruns"))
     # evaluate, in the same copy, found the parent; the experiment's committed metrics name it
     evaluated = parents[names[0]]
     assert any(key.startswith("test_accuracy/") for key in evaluated.data.metrics)
-    assert {"eval.json", "report.md"} <= {a.path for a in client.list_artifacts(evaluated.info.run_id)}
-    committed = run(root, "git", "show", f"{exp_ref(root, names[0])}:metrics/eval.json").stdout
+    assert {"evaluation.json", "report.md"} <= {a.path for a in client.list_artifacts(evaluated.info.run_id)}
+    committed = run(root, "git", "show", f"{exp_ref(root, names[0])}:reports/evaluation.json").stdout
     assert evaluated.info.run_id in committed
+
+
+@pytest.mark.slow
+def test_exp_show_of_two_experiments_fits_160_columns(queued):
+    """The README's comparison, `dvc exp show --only-changed --drop 'State|Executor|models'` (as a
+    pager shows it: full width), shows the experiments' test accuracy per λ, best λ and the
+    changed param in at most 160 columns."""
+    root, names = queued
+    env = {**ENV, "COLUMNS": "1000"}  # rich draws the table at its natural width
+    proc = subprocess.run([DVC, "exp", "show", "--only-changed", "--drop", "State|Executor|models",
+                           "--no-pager"], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=120, check=True)
+    lines = proc.stdout.splitlines()
+    assert max(map(len, lines)) <= 160, proc.stdout
+    header = next(line for line in lines if "Experiment" in line).split()
+    assert {"best.test_acc", "best.val_ce", "train.seed"} <= set(header), proc.stdout
+    assert {f"test_acc.{lam:g}" for lam in GRID[:2]} <= set(header), header
+    assert sum(name in proc.stdout for name in names) == 2
 
 
 def exp_ref(root: Path, name: str) -> str:
@@ -109,7 +129,7 @@ def test_gate_takes_an_experiment_name_as_rev(queued):
     run(root, DVC, "exp", "apply", evaluated)
     proc = run(root, sys.executable, "-m", "l2sweep.gate", "--rev", evaluated, "--json")
     verdict = json.loads(proc.stdout)
-    assert verdict["baseline"] == f"metrics/eval.json@{evaluated}" and len(verdict["checks"]) == 4
+    assert verdict["baseline"] == f"reports/evaluation.json@{evaluated}" and len(verdict["checks"]) == 4
     assert verdict["passed"] is True
     proc = run(root, sys.executable, "-m", "l2sweep.gate", "--rev", "no-such-exp", check=False)
-    assert proc.returncode == 2 and "--rev no-such-exp: cannot read" in proc.stderr
+    assert proc.returncode == 2 and "--rev no-such-exp: no such git revision or DVC experiment" in proc.stderr

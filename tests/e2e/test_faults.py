@@ -103,7 +103,7 @@ def test_a_diverging_lambda_fails_alone_and_evaluate_reports_it(tmp_path):
     assert not (root / "models" / "l2-1e+38" / "model.keras").exists()
 
     run_cli(root, "l2sweep.evaluate")
-    evaluation = json.loads((root / "metrics" / "eval.json").read_text())
+    evaluation = json.loads((root / "reports" / "evaluation.json").read_text())
     assert evaluation["runs"]["l2-1e+38"]["status"] == "diverged"
     assert evaluation["runs"]["l2-1e+38"]["test_accuracy"] is None
     assert evaluation["runs"]["l2-0.001"]["status"] == "finished"
@@ -171,7 +171,7 @@ def test_ctrl_c_during_dvc_repro_kills_the_run_and_the_next_repro_completes(tmp_
     children = MlflowClient(sqlite_uri(root)).search_runs(
         [finished.info.experiment_id], f"tags.mlflow.parentRunId = '{finished.info.run_id}'")
     assert [r.info.status for r in children] == ["FINISHED"]
-    evaluation = json.loads((root / "metrics" / "eval.json").read_text())
+    evaluation = json.loads((root / "reports" / "evaluation.json").read_text())
     assert {r["status"] for r in evaluation["runs"].values()} == {"finished"}
 
     # A new grid in params.yaml (the one source of truth) makes `train` stale, not `prepare`.

@@ -396,7 +396,7 @@ def test_a_sweep_runs_as_a_slurm_job_array(cluster, server, prepared, tmp_path):
     assert sorted(p.name for p in (root / "models").iterdir() if p.is_dir()) == sorted(children)
 
     run_cli(root, "l2sweep.evaluate", env=cluster.env(MLFLOW_TRACKING_URI=server))
-    evaluation = json.loads((root / "metrics" / "eval.json").read_text())
+    evaluation = json.loads((root / "reports" / "evaluation.json").read_text())
     assert {r["status"] for r in evaluation["runs"].values()} == {"finished"}
     assert len(evaluation["runs"]) == len(GRID)
 

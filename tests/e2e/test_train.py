@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,8 @@ from mlflow import MlflowClient
 
 from conftest import write_idx_dir
 from helpers import EPOCHS, GRID, run_cli, tiny_arrays, write_project_params
+
+REPO = Path(__file__).resolve().parents[2]
 
 METRICS = ["loss", "accuracy", "val_loss", "val_accuracy", "data_loss", "val_data_loss", "penalty",
            "weight_norm/hidden", "weight_norm/output", "learning_rate", "epoch_time"]
@@ -232,19 +235,24 @@ def test_a_fused_sweep_has_the_sequential_layout(tmp_path, tiny_arrays_module):
 
 
 def test_one_run_without_multirun(tmp_path, tiny_arrays_module):
-    """The README's single run: no `-m`, so no sweep and no parent run; one tracked run."""
+    """The README's single run: no `-m`, so no sweep and no parent run; one tracked run. Not
+    run by DVC, it writes into a timestamped folder of its own, never into DVC's models/."""
     idx_dir = write_idx_dir(tmp_path / "raw_tiny", tiny_arrays_module)
-    write_project_params(tmp_path, idx_dir)
+    write_project_params(tmp_path, idx_dir, paths={"models": "models"})  # as dvc.yaml's out
+    shutil.copy(REPO / "dvc.yaml", tmp_path)
     run_cli(tmp_path, "l2sweep.prepare")
     proc = run_cli(tmp_path, "l2sweep.train", "regularizer=l1", "regularizer.strength=0.01",
                    "tracking.log_model=false")
     assert "l1-0.01: val_loss" in proc.stdout + proc.stderr
+    (models,) = (tmp_path / "outputs").glob("*-*-*/*-*-*/models")
+    assert f"not a DVC stage: models go to {models.relative_to(tmp_path).as_posix()}" in proc.stderr
+    assert (models.parent / "train.log").is_file() and not (tmp_path / "models").exists()
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("l2-sweep").experiment_id])
     assert run.info.run_name == "l1-0.01" and run.info.status == "FINISHED"
     assert "mlflow.parentRunId" not in run.data.tags
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == list(range(EPOCHS))
-    history = json.loads((tmp_path / "models" / "l1-0.01" / "history.json").read_text())
+    history = json.loads((models / "l1-0.01" / "history.json").read_text())
     assert history["status"] == "FINISHED" and history["mlflow_run_id"] == run.info.run_id
 
 
@@ -253,7 +261,7 @@ def champion(sweep) -> dict:
     """`python -m l2sweep.evaluate` after the sweep (twice: a rerun registers nothing new)."""
     for _ in range(2):
         run_cli(sweep["root"], "l2sweep.evaluate")
-    return json.loads((sweep["root"] / "metrics" / "eval.json").read_text())["best"]
+    return json.loads((sweep["root"] / "reports" / "evaluation.json").read_text())["best"]
 
 
 def test_evaluate_registers_the_best_model_as_champion(sweep, champion, monkeypatch):

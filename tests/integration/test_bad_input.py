@@ -268,7 +268,8 @@ def test_every_stage_answers_help_with_what_it_does_and_examples(stage, tmp_path
 
 
 def test_train_answers_help_with_its_keys_groups_and_examples(tmp_path):
-    proc = run_cli(tmp_path, "l2sweep.train", "--help")
+    # No params.yaml here: conf/ defaults alone, asked for as users do (a missing one is an error).
+    proc = run_cli(tmp_path, "l2sweep.train", "--help", env=cli_env(L2SWEEP_PARAMS=""))
     assert proc.stdout.startswith("The `train` stage"), proc.stdout
     for text in ("python -m l2sweep.train -m", "Main keys: regularizer.strength",
                  "regularizer: l1, l1_l2, l2, none, weight_decay"):

@@ -89,9 +89,9 @@ def histories(root: Path) -> dict[str, dict]:
     return {p.parent.name: json.loads(p.read_text()) for p in (root / "models").glob("*/history.json")}
 
 
-def test_every_lambda_is_in_eval_json(evaluated):
+def test_every_lambda_is_in_the_evaluation(evaluated):
     root = evaluated["root"]
-    on_disk = json.loads((root / "metrics/eval.json").read_text())
+    on_disk = json.loads((root / "reports/evaluation.json").read_text())
     assert on_disk == report.json_safe(evaluated["evaluation"])
     runs = on_disk["runs"]
     assert set(runs) == {f"l2-{s}" for s in GRID} | {DIVERGED}
@@ -101,6 +101,18 @@ def test_every_lambda_is_in_eval_json(evaluated):
     assert on_disk["sweep"]["config"]["train.epochs"] == EPOCHS
     assert on_disk["best"]["run_name"] in {f"l2-{s}" for s in GRID}
     assert on_disk["best"]["value"] == min(runs[f"l2-{s}"]["val_data_loss"] for s in GRID)
+
+
+def test_dvc_metrics_are_few_and_numeric(evaluated):
+    """metrics/eval.json holds what `dvc exp show` compares: the best λ and test accuracy per
+    finished λ (the diverged λ has none); the details are in reports/evaluation.json."""
+    evaluation = evaluated["evaluation"]
+    best = evaluation["runs"][evaluation["best"]["run_name"]]
+    assert json.loads((evaluated["root"] / "metrics/eval.json").read_text()) == {
+        "best": {"lambda": best["strength"], "test_acc": best["test_accuracy"],
+                 "val_ce": best["val_data_loss"]},
+        "test_acc": {report.format_strength(s): evaluation["runs"][f"l2-{s}"]["test_accuracy"]
+                     for s in GRID}}
 
 
 def test_values_are_consistent_with_histories_and_models(evaluated):
@@ -139,9 +151,9 @@ def test_values_are_consistent_with_histories_and_models(evaluated):
         assert run["test_accuracy"] == pytest.approx(float((probs.argmax(1) == y).mean()))
 
 
-def test_report_table_equals_the_metrics_file(evaluated):
+def test_report_table_equals_the_evaluation(evaluated):
     root = evaluated["root"]
-    metrics = json.loads((root / "metrics/eval.json").read_text())
+    metrics = json.loads((root / "reports/evaluation.json").read_text())
     text = (root / "reports/report.md").read_text()
     rows = table_rows(text)
     keys = ["train_accuracy", "val_accuracy", "val_loss", "val_data_loss", "test_accuracy",
@@ -194,7 +206,7 @@ def test_dvc_plots_show_and_diff_render(evaluated, tmp_path):
     assert lambdas == {"0.0001", "0.01", "10"}  # every λ on one chart
     shown_metrics = json.loads(dvc(repo, "metrics", "show", "--json").stdout)
     data = shown_metrics[""]["data"]["metrics/eval.json"]["data"]
-    assert data["runs"]["l2-0.01"]["test_accuracy"] == evaluated["evaluation"]["runs"]["l2-0.01"]["test_accuracy"]
+    assert data["test_acc"]["0.01"] == evaluated["evaluation"]["runs"]["l2-0.01"]["test_accuracy"]
 
     dvc(repo, "git", "add", "-A")
     dvc(repo, "git", "commit", "-q", "-m", "evaluated")
@@ -261,7 +273,7 @@ def test_parent_mlflow_run_gets_metrics_artifacts_and_best_tag(sweep_root, tmp_p
     assert f"test_accuracy/{DIVERGED}" not in logged.metrics
     assert logged.tags["best_lambda"] == report.format_strength(evaluation["best"]["strength"])
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"report.md", "eval.json", "figures"} <= artifacts
+    assert {"report.md", "evaluation.json", "figures"} <= artifacts
     figures = {a.path for a in client.list_artifacts(parent.info.run_id, "figures")}
     assert "figures/val_loss.png" in figures
     child_metrics = client.get_run(child.info.run_id).data.metrics
@@ -281,11 +293,12 @@ def test_cli_evaluate_then_gate(sweep_root, tmp_path):
     overrides += ["dataset=idx_dir", override("dataset.path", str(root / "idx")),
                   "tracking.enabled=false"]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "L2SWEEP_"))}
+    env["L2SWEEP_PARAMS"] = ""  # no params.yaml: conf/ and the overrides
     run = lambda *args: subprocess.run([sys.executable, "-m", *args], cwd=root, env=env,  # noqa: E731
                                        capture_output=True, text=True, timeout=300)
     proc = run("l2sweep.evaluate", *overrides)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "best λ by val_data_loss" in proc.stdout
-    shutil.copy(root / "metrics/eval.json", root / "baseline.json")
+    shutil.copy(root / "reports/evaluation.json", root / "baseline.json")
     proc = run("l2sweep.gate", "--baseline", "baseline.json", *overrides)
     assert proc.returncode == 0 and "gate: PASSED" in proc.stdout, proc.stdout + proc.stderr

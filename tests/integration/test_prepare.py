@@ -63,7 +63,7 @@ def test_prepare_npz_dataset(tiny_cfg, tiny_npz):
 
 def test_main_prints_summary(tiny_idx_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # no params.yaml here: conf/ + these overrides only
-    monkeypatch.delenv("L2SWEEP_PARAMS", raising=False)
+    monkeypatch.setenv("L2SWEEP_PARAMS", "")
     rc = main(["dataset=idx_dir", override("dataset.path", str(tiny_idx_dir)), "paths.prepared=out"])
     assert rc == 0
     printed = capsys.readouterr().out
@@ -77,6 +77,7 @@ def test_main_prints_summary(tiny_idx_dir, tmp_path, monkeypatch, capsys):
 
 def run_cli(args, cwd, extra_env=None):
     env = {k: v for k, v in os.environ.items() if k not in ("L2SWEEP_PARAMS", "HYDRA_FULL_ERROR")}
+    env["L2SWEEP_PARAMS"] = ""  # no params.yaml here: conf/ + the arguments only
     env.update(extra_env or {})
     return subprocess.run([sys.executable, "-m", "l2sweep.prepare", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=120)

@@ -58,7 +58,7 @@ def test_pull_requests_are_gated_against_the_target_branch(workflow):
     env = workflow["jobs"]["pipeline"]["env"]
     assert "github.base_ref" in env["BASE_REV"] and "origin/" in env["BASE_REV"]
     choose = named(workflow, "pipeline", "Choose the baseline")["run"]
-    assert 'gate_args=--rev $BASE_REV' in choose and "metrics/eval.json" in choose
+    assert 'gate_args=--rev $BASE_REV' in choose and "reports/evaluation.json" in choose
     assert "steps.baseline.outputs.gate_args" in named(workflow, "pipeline", "Regression gate")["run"]
     assert steps(workflow, "pipeline")[0]["with"]["fetch-depth"] == 0
 

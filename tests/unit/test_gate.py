@@ -16,7 +16,7 @@ from l2sweep.base.config import compose_config
 
 
 def metrics(accuracies: dict[float, float]) -> dict:
-    """An eval.json content: λ -> test accuracy (test loss 0.40 everywhere)."""
+    """An evaluation.json content: λ -> test accuracy (test loss 0.40 everywhere)."""
     runs = {f"l2-{strength:g}": {"strength": strength, "status": "finished", "diverged_epoch": None,
                                  "test_accuracy": acc, "test_loss": 0.40}
             for strength, acc in accuracies.items()}
@@ -121,37 +121,37 @@ def write(path: Path, data: dict) -> Path:
 
 @pytest.fixture
 def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty working directory (no params.yaml, so conf/ defaults apply)."""
+    """An empty working directory; conf/ defaults only (``L2SWEEP_PARAMS=``)."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("L2SWEEP_PARAMS", raising=False)
+    monkeypatch.setenv("L2SWEEP_PARAMS", "")  # conf/ defaults only
     return tmp_path
 
 
 def test_main_exit_status_and_table(workdir, baseline, capsys):
     write(workdir / "metrics/baseline.json", baseline)
     current = copy.deepcopy(baseline)
-    write(workdir / "metrics/eval.json", current)
+    write(workdir / "reports/evaluation.json", current)
     assert g.main([]) == g.EXIT_OK
     out = capsys.readouterr().out
     assert "| λ | metric | baseline | current | change | verdict |" in out and "gate: PASSED" in out
 
     current["runs"]["l2-0.0001"]["test_accuracy"] -= 0.01
-    write(workdir / "metrics/eval.json", current)
+    write(workdir / "reports/evaluation.json", current)
     assert g.main([]) == g.EXIT_REGRESSED
     assert "gate: FAILED (6 checks, 1 failed)" in capsys.readouterr().out
     assert g.main(["gate.max_accuracy_drop=0.011"]) == g.EXIT_OK
 
 
 def test_main_missing_file_is_a_clear_error(workdir, baseline, capsys):
-    write(workdir / "metrics/eval.json", baseline)
+    write(workdir / "reports/evaluation.json", baseline)
     assert g.main(["--baseline", "nowhere.json"]) == g.EXIT_ERROR
     err = capsys.readouterr().err
     assert "baseline metrics file nowhere.json does not exist: commit one" in err
-    (workdir / "metrics/eval.json").unlink()
+    (workdir / "reports/evaluation.json").unlink()
     assert g.main([]) == g.EXIT_ERROR
-    assert "current metrics file metrics/eval.json does not exist: run `dvc repro`" in capsys.readouterr().err
-    write(workdir / "metrics/eval.json", {"not": "metrics"})
-    assert g.main(["--baseline", "metrics/eval.json"]) == g.EXIT_ERROR
+    assert "current metrics file reports/evaluation.json does not exist: run `dvc repro`" in capsys.readouterr().err
+    write(workdir / "reports/evaluation.json", {"not": "metrics"})
+    assert g.main(["--baseline", "reports/evaluation.json"]) == g.EXIT_ERROR
     assert "has no 'runs' section" in capsys.readouterr().err
 
 
@@ -163,32 +163,46 @@ def git(cwd: Path, *args: str) -> None:
 
 def test_rev_compares_with_committed_metrics(workdir, baseline, capsys):
     git(workdir, "init", "-q", "-b", "main")
-    write(workdir / "metrics/eval.json", baseline)
-    git(workdir, "add", "metrics/eval.json")
+    write(workdir / "reports/evaluation.json", baseline)
+    git(workdir, "add", "reports/evaluation.json")
     git(workdir, "commit", "-q", "-m", "baseline")
     current = copy.deepcopy(baseline)
     current["runs"]["l2-0.001"]["test_accuracy"] -= 0.01
-    write(workdir / "metrics/eval.json", current)
+    write(workdir / "reports/evaluation.json", current)
     assert g.main(["--rev", "main"]) == g.EXIT_REGRESSED
-    assert "against metrics/eval.json@main" in capsys.readouterr().out
+    assert "against reports/evaluation.json@main" in capsys.readouterr().out
     assert g.main(["--rev", "no-such-branch"]) == g.EXIT_ERROR
-    assert "--rev no-such-branch: cannot read metrics/eval.json" in capsys.readouterr().err
+    assert "--rev no-such-branch: no such git revision or DVC experiment" in capsys.readouterr().err
+    git(workdir, "rm", "-q", "--cached", "reports/evaluation.json")
+    git(workdir, "commit", "-q", "-m", "no evaluation")
+    assert g.main(["--rev", "main"]) == g.EXIT_ERROR
+    assert "--rev main: cannot read reports/evaluation.json at that revision" in capsys.readouterr().err
+
+
+def test_rev_is_only_ever_read_as_a_revision(workdir, baseline, capsys):
+    """``--rev=--output=X`` once made ``git show`` write the file X."""
+    git(workdir, "init", "-q", "-b", "main")
+    write(workdir / "reports/evaluation.json", baseline)
+    for rev in ("--output=written", "-p"):
+        assert g.main([f"--rev={rev}"]) == g.EXIT_ERROR
+        assert f"error: --rev {rev!r} is not allowed: a git revision" in capsys.readouterr().err
+    assert not (workdir / "written").exists()
 
 
 def test_rev_takes_a_dvc_experiment_name(workdir, baseline, capsys):
     """DVC keeps an experiment as the git ref refs/exps/<baseline sha, split 2/38>/<name>."""
     git(workdir, "init", "-q", "-b", "main")
-    write(workdir / "metrics/eval.json", baseline)
-    git(workdir, "add", "metrics/eval.json")
+    write(workdir / "reports/evaluation.json", baseline)
+    git(workdir, "add", "reports/evaluation.json")
     git(workdir, "commit", "-q", "-m", "baseline")
     sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=workdir, capture_output=True,
                          text=True, check=True).stdout.strip()
     git(workdir, "update-ref", f"refs/exps/{sha[:2]}/{sha[2:]}/cream-tuba", "HEAD")
     current = copy.deepcopy(baseline)
     current["runs"]["l2-0.001"]["test_accuracy"] -= 0.01
-    write(workdir / "metrics/eval.json", current)
+    write(workdir / "reports/evaluation.json", current)
     assert g.main(["--rev", "cream-tuba"]) == g.EXIT_REGRESSED
-    assert "against metrics/eval.json@cream-tuba" in capsys.readouterr().out
+    assert "against reports/evaluation.json@cream-tuba" in capsys.readouterr().out
     git(workdir, "update-ref", f"refs/exps/{'0' * 2}/{'1' * 38}/cream-tuba", "HEAD")
     assert g.main(["--rev", "cream-tuba"]) == g.EXIT_ERROR
     assert "--rev cream-tuba: 2 DVC experiments have that name" in capsys.readouterr().err
@@ -198,7 +212,7 @@ def test_json_prints_the_verdict_and_keeps_the_exit_status(workdir, baseline, ca
     write(workdir / "metrics/baseline.json", baseline)
     current = copy.deepcopy(baseline)
     current["runs"]["l2-0.0001"]["test_accuracy"] -= 0.01
-    write(workdir / "metrics/eval.json", current)
+    write(workdir / "reports/evaluation.json", current)
     assert g.main(["--json"]) == g.EXIT_REGRESSED
     verdict = json.loads(capsys.readouterr().out)
     assert verdict["passed"] is False and verdict["baseline"] == "metrics/baseline.json"
@@ -219,7 +233,7 @@ def test_cli_in_a_subprocess(workdir, baseline):
     write(workdir / "metrics/baseline.json", baseline)
     current = copy.deepcopy(baseline)
     del current["runs"]["l2-0.01"]
-    write(workdir / "metrics/eval.json", current)
+    write(workdir / "reports/evaluation.json", current)
     out = subprocess.run([sys.executable, "-m", "l2sweep.gate"], capture_output=True, text=True)
     assert out.returncode == g.EXIT_REGRESSED, out.stderr
     assert "error: λ=0.01 is in the baseline but not in the current metrics" in out.stdout

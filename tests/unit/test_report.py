@@ -29,7 +29,7 @@ def make_history(strength: float, val_loss: list[float], *, acc: float = 0.9, va
 
 
 def entry(history: dict, status: str = summaries.FINISHED, **test) -> dict:
-    """An eval.json run entry built the way evaluate builds it."""
+    """An evaluation run entry built the way evaluate builds it."""
     e = {"strength": history["strength"], "status": status,
          "diverged_epoch": history["diverged_epoch"], "test_loss": None, "test_accuracy": None}
     e.update(summaries.summarize_history(history))

@@ -1,8 +1,10 @@
 """Typed configuration: the schema, composing it (:func:`compose_config`) and :func:`validate`.
 
 Layering, lowest first: the dataclass defaults below, ``conf/``, ``params.yaml``, then
-command-line overrides. A misspelt key or a wrong type fails at compose time with the key
-named; well-typed values out of range fail in :func:`validate`.
+command-line overrides. A misspelt key (also one added with ``+key=``) or a wrong type fails at
+compose time with the key named; well-typed values out of range fail in :func:`validate`.
+The params file must exist: ``./params.yaml``, or the file ``L2SWEEP_PARAMS`` names; set
+``L2SWEEP_PARAMS=`` (empty) to run on ``conf/`` defaults alone (:func:`params_setting`).
 """
 
 from __future__ import annotations
@@ -18,12 +20,15 @@ from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from l2sweep.base.config_errors import ConfigError, explained, override_key
+from l2sweep.base.config_errors import ConfigError, check_declared, explained, override_key
 
 #: The repository's ``conf/`` folder (the package is installed editable).
 CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
-#: Where entry points look for the DVC-tracked values; ``L2SWEEP_PARAMS`` overrides it.
+#: Where entry points look for the DVC-tracked values, in the current folder, unless
+#: :data:`PARAMS_ENV` names another file (set empty: ``conf/`` defaults alone).
 DEFAULT_PARAMS_FILE = "params.yaml"
+#: The environment variable that names the params file (:func:`params_setting`).
+PARAMS_ENV = "L2SWEEP_PARAMS"
 #: Config groups whose ``name`` key selects a file in ``conf/<group>/``.
 GROUPS = ("dataset", "model", "regularizer")
 
@@ -123,9 +128,9 @@ class PathsConfig:
     raw: str = "data/raw"  # downloaded or user-placed raw datasets
     prepared: str = "data/prepared"  # split data and meta.json written by prepare
     models: str = "models"  # one folder per run (models/<run_name>/) written by train
-    metrics: str = "metrics/eval.json"  # the DVC metrics file written by evaluate
+    metrics: str = "metrics/eval.json"  # the DVC metrics file written by evaluate (few numbers)
     plots: str = "plots"  # DVC plot data written by evaluate
-    reports: str = "reports"  # the report and its figures
+    reports: str = "reports"  # evaluation.json (what the gate reads), the report and its figures
     outputs: str = "outputs"  # Hydra's run/sweep folders (logs, resolved configs)
 
 
@@ -133,7 +138,7 @@ class PathsConfig:
 class GateConfig:
     """The CI regression gate."""
 
-    baseline: str = "metrics/baseline.json"  # metrics file to compare metrics/eval.json against
+    baseline: str = "metrics/baseline.json"  # an evaluation.json to compare reports/evaluation.json with
     max_accuracy_drop: float = 0.005  # largest allowed drop of any lambda's test accuracy
     max_loss_increase: float = 0.05  # largest allowed relative rise of any lambda's test loss
 
@@ -158,10 +163,30 @@ class Config:
 ConfigStore.instance().store(name="schema", node=Config)
 
 
+class ParamsFileError(ConfigError):
+    """The params file is missing or holds no mapping: ``<file>: <problem>; <what to do>``
+    (not ``key=value``: a file is no config key). Bad input, like any ConfigError (exit 2)."""
+
+    def __init__(self, path: str, problem: str, allowed: str) -> None:
+        super().__init__(PARAMS_ENV, path, allowed)
+        self.args = (f"{path}: {problem}; {allowed}",)
+
+
+def params_setting() -> Optional[Path]:
+    """The params file entry points layer over ``conf/``: ``$L2SWEEP_PARAMS``, else
+    ``./params.yaml``. None when ``L2SWEEP_PARAMS`` is set empty (``L2SWEEP_PARAMS= python -m
+    l2sweep.train``): the deliberate way to run on ``conf/`` defaults alone. A file that is not
+    there is an error (:func:`load_params`), never a silent fall-back to those defaults."""
+    value = os.environ.get(PARAMS_ENV)
+    if value is None:
+        return Path(DEFAULT_PARAMS_FILE)
+    return Path(value) if value.strip() else None
+
+
 def params_file() -> Optional[Path]:
-    """The params file entry points layer over ``conf/``, or None when there is none."""
-    path = Path(os.environ.get("L2SWEEP_PARAMS", DEFAULT_PARAMS_FILE))
-    return path if path.is_file() else None
+    """The params file if it exists, else None (for naming it in error messages)."""
+    path = params_setting()
+    return path if path is not None and path.is_file() else None
 
 
 def format_override_value(value: Any) -> str:
@@ -214,12 +239,39 @@ def merge_overrides(base: list[str], top: list[str]) -> list[str]:
 
 
 def load_params(path: Optional[Path] = None) -> dict[str, Any]:
-    """Reads params.yaml (``path``, else :func:`params_file`); {} when there is none."""
-    path = path or params_file()
+    """Reads the params file: ``path``, else :func:`params_setting`'s; {} for an empty file, or
+    when ``L2SWEEP_PARAMS=`` (empty) asks for ``conf/`` defaults alone.
+
+    Raises:
+        ParamsFileError: the file does not exist, or holds something other than a mapping.
+        yaml.YAMLError: it is not valid YAML.
+    """
+    from_env = path is None and os.environ.get(PARAMS_ENV) is not None
+    path = path if path is not None else params_setting()
     if path is None:
         return {}
+    if not path.is_file():
+        raise missing_params(path, from_env)
     with open(path, encoding="utf-8") as f:
-        return yaml.safe_load(f) or {}
+        params = yaml.safe_load(f)
+    if params is not None and not isinstance(params, dict):
+        raise ParamsFileError(str(path), f"holds a {type(params).__name__} ({str(params)[:40]}), "
+                              "not a mapping", "expected sections such as `train: {epochs: 10}`")
+    return params or {}
+
+
+def missing_params(path: Path, from_env: bool) -> ParamsFileError:
+    """The error for the params file ``path`` that is not there (or is a folder), saying how to
+    name another one or to run on ``conf/`` defaults alone; ``from_env``: L2SWEEP_PARAMS named it."""
+    where = "is a folder" if path.is_dir() else f"no such file (in {Path.cwd()})"
+    if from_env:
+        return ParamsFileError(f"{PARAMS_ENV}={path}", where, f"point {PARAMS_ENV} at a params "
+                               f"file, or set it empty ({PARAMS_ENV}=) to run on conf/ defaults alone")
+    if path == Path(DEFAULT_PARAMS_FILE):
+        return ParamsFileError(str(path), where, "run from the repository root (where params.yaml "
+                               f"is), point {PARAMS_ENV} at a params file, or set {PARAMS_ENV}= "
+                               "(empty) to run on conf/ defaults alone")
+    return ParamsFileError(str(path), where, "a params file")
 
 
 def project_overrides(cli: list[str], params_path: Optional[Path] = None) -> list[str]:
@@ -237,6 +289,7 @@ def compose_config(overrides: list[str] | None = None, *, with_params: bool = Tr
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"), \
             explained(overrides, Config):
         cfg = compose(config_name="config", overrides=overrides)
+    check_declared(cfg, Config)  # a ``+key=...`` the schema lacks
     OmegaConf.resolve(cfg)
     return cfg
 
@@ -253,6 +306,11 @@ def _finite_number(key: str, value: Any, *, minimum: float, inclusive: bool = Tr
 def _positive_int(key: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ConfigError(key, value, "a positive integer")
+
+
+def _non_empty(key: str, value: Any, allowed: str) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(key, value, allowed)
 
 
 def validate_strengths(strengths: Any, key: str = "sweep.strengths") -> list[float]:
@@ -308,6 +366,12 @@ def validate(cfg: DictConfig | Config) -> None:
         raise ConfigError("model.name", cfg.model.name,
                           f"{' or '.join(FUSABLE_MODELS)} with train.fused=true (the fused sweep "
                           "trains only the MLP at once); run this model with train.fused=false")
+    # An empty URI would track into a stray ./mlflow.db, an empty name fail after training.
+    _non_empty("tracking.uri", cfg.tracking.uri, "a tracking URI such as sqlite:///mlruns/mlflow.db,"
+               " a folder or http://host:5000 (MLFLOW_TRACKING_URI wins over it)")
+    _non_empty("tracking.experiment", cfg.tracking.experiment, "a non-empty experiment name")
+    _finite_number("gate.max_accuracy_drop", cfg.gate.max_accuracy_drop, minimum=0.0)
+    _finite_number("gate.max_loss_increase", cfg.gate.max_loss_increase, minimum=0.0)
 
 
 def training_loop(cfg: DictConfig | Config) -> str:

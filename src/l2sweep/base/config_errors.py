@@ -14,6 +14,7 @@ from typing import Any, Iterator, Optional
 
 import yaml
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 
@@ -79,6 +80,36 @@ def _unknown_key(schema: type, key: str) -> Optional[str]:
         known.append(part)
         tp = typing.get_type_hints(tp)[part]
     return None
+
+
+def _undeclared(node: Any, schema: Any, prefix: str = "") -> Optional[tuple[str, Any]]:
+    """The first key (and its value) of the plain mapping ``node`` that ``schema`` does not
+    declare; below a field typed ``dict`` anything goes (dataset.sha256)."""
+    if not dataclasses.is_dataclass(schema) or not isinstance(node, dict):
+        return None
+    hints = typing.get_type_hints(schema)
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        if key not in hints:
+            return name, value
+        found = _undeclared(value, hints[key], f"{name}.")
+        if found:
+            return found
+    return None
+
+
+def check_declared(cfg: Any, schema: type) -> None:
+    """Refuses a composed config with a key ``schema`` does not declare. Hydra's ``+key=value``
+    (and ``++``) adds a key even to a typed config, so a ``+train.epoch=3`` would be silently
+    ignored; here it fails like a misspelt ``train.epoch=3``, with the nearest declared key.
+
+    Raises:
+        ConfigError: naming the first unknown key, its value and what is allowed.
+    """
+    found = _undeclared(OmegaConf.to_container(cfg, resolve=False), schema)
+    if found:
+        key, value = found
+        raise ConfigError(key, value, _unknown_key(schema, key) or "a key the schema declares")
 
 
 def _override_value(overrides: list[str], key: str) -> Any:

@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from l2sweep.base import progress
 from l2sweep.base.config import ConfigError
 from l2sweep.base.files import replace_folder
 from l2sweep.base.idx import (NUM_CLASSES, ROLES, DataError, check_images, check_labels, find_idx,
@@ -67,8 +68,10 @@ def _fetch(url: str, dest: Path, role: str, expected: Optional[str], decompress:
     tmp = Path(name)
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
-            shutil.copyfileobj(response, out, 1 << 20)
-        actual = sha256_bytes(read_bytes(tmp)) if decompress else sha256_file(tmp)
+            size = int(response.headers.get("Content-Length") or 0) or None
+            with progress.byte_writer(out, size, dest.name) as writer:  # a bar on a terminal
+                shutil.copyfileobj(response, writer, 1 << 20)
+        actual = sha256_bytes(read_bytes(tmp, f"{url} (downloaded)")) if decompress else sha256_file(tmp)
         verify_sha256(f"{url} (downloaded)", role, actual, expected)
         os.replace(tmp, dest)
     finally:

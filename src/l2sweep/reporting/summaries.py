@@ -1,5 +1,11 @@
-"""The numbers of a sweep from its histories: eval.json's summaries, the DVC plot data, the best-λ
-rule. Epochs count from 0; ``loss`` includes the penalty, ``data_loss`` is the cross-entropy alone.
+"""The numbers of a sweep from its histories: the evaluation's summaries, the DVC metrics and plot
+data, the best-λ rule. Epochs count from 0; ``loss`` includes the penalty, ``data_loss`` is the
+cross-entropy alone.
+
+Two files hold the numbers: the evaluation (``<paths.reports>/evaluation.json``: every run's
+status, summaries, test metrics and the sweep's settings; what the report and the gate read) and
+the DVC metrics file (``paths.metrics``: the few numbers ``dvc exp show`` compares, see
+:func:`dvc_metrics`).
 """
 
 from __future__ import annotations
@@ -7,7 +13,9 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Optional, Sequence
 
-#: Run status in ``metrics/eval.json``.
+#: The evaluation's file name, in ``paths.reports``.
+EVALUATION_FILE = "evaluation.json"
+#: Run status in the evaluation.
 FINISHED, DIVERGED, FAILED = "finished", "diverged", "failed"
 #: Metrics preferred, in order, to pick the best λ: the validation cross-entropy, else val_loss.
 BEST_BY = ("val_data_loss", "val_loss")
@@ -157,8 +165,28 @@ def fmt_points(value: Optional[float]) -> str:
 
 
 def runs_by_strength(evaluation: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """``(run name, entry)`` of an eval.json content's runs, sorted by λ."""
+    """``(run name, entry)`` of an evaluation's runs, sorted by λ."""
     return sorted(evaluation["runs"].items(), key=lambda item: item[1]["strength"])
+
+
+# --- DVC metrics -------------------------------------------------------------------------
+
+
+def dvc_metrics(evaluation: Mapping[str, Any]) -> dict[str, Any]:
+    """The DVC metrics file: numbers only, few enough that ``dvc exp show --only-changed`` of two
+    experiments fits a 160-column terminal. ``best.lambda``, ``best.test_acc`` and ``best.val_ce``
+    (the validation cross-entropy that chose it), which every grid shares, and ``test_acc.<λ>`` per
+    finished λ. Everything else is in the evaluation file."""
+    runs = dict(runs_by_strength(evaluation))
+    metrics: dict[str, Any] = {}
+    best = evaluation.get("best")
+    if best:
+        metrics["best"] = {"lambda": float(best["strength"]),
+                           "test_acc": finite(runs[best["run_name"]].get("test_accuracy")),
+                           "val_ce" if best["by"] == "val_data_loss" else "val_loss": best["value"]}
+    metrics["test_acc"] = {format_strength(run["strength"]): finite(run.get("test_accuracy"))
+                           for run in runs.values() if run.get("status") == FINISHED}
+    return metrics
 
 
 # --- DVC plot data -----------------------------------------------------------------------

@@ -7,15 +7,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import shutil
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from l2sweep.base import compat
+from l2sweep.base import compat, files
 from l2sweep.base.config import flatten
+from l2sweep.tracking import store
 from l2sweep.tracking.runs import ChildRun
 
 #: MLflow's limit on a param value's length.
@@ -66,27 +68,45 @@ def content_digest(meta: dict[str, Any], split: str = "") -> Optional[str]:
 
 def log_outputs(run: ChildRun, model: Any, history: dict[str, Any], histograms: dict[str, Any],
                 example: Any, hydra_dir: Optional[Path], job_config: Optional[DictConfig]) -> None:
-    """Logs the Hydra config, the MLflow model (unless None), the result, histograms and history.
+    """Logs the Hydra config (credentials redacted), the MLflow model (unless None), the result,
+    histograms and history.
 
     Args:
         hydra_dir: the Hydra job's output folder; its ``.hydra/`` is logged as ``hydra/``.
         job_config: logged as ``hydra/config.yaml`` instead (a fused sweep's λ).
     """
-    if hydra_dir is not None and (hydra_dir / ".hydra").is_dir():
-        run.client.log_artifacts(run.run_id, str(hydra_dir / ".hydra"), "hydra")
-    if job_config is not None:
-        run.client.log_text(run.run_id, OmegaConf.to_yaml(job_config, resolve=True), "hydra/config.yaml")
+    with scratch_folder(run.out_dir.with_name(f"{run.out_dir.name}.artifacts")) as tmp:
+        (tmp / "hydra").mkdir()
+        if hydra_dir is not None and (hydra_dir / ".hydra").is_dir():
+            for source in sorted((hydra_dir / ".hydra").glob("*.yaml")):
+                (tmp / "hydra" / source.name).write_text(store.redact(source.read_text()))
+        if job_config is not None:
+            text = OmegaConf.to_yaml(job_config, resolve=True)
+            (tmp / "hydra" / "config.yaml").write_text(store.redact(text))
+        (tmp / "histograms").mkdir()
+        for layer, data in histograms.items():
+            (tmp / "histograms" / f"{layer}.json").write_text(json.dumps(data))
+        (tmp / "history.json").write_text(json.dumps(history, indent=2))
+        run.client.log_artifacts(run.run_id, str(tmp))
     if model is not None:
         log_mlflow_model(run, model, example, max(len(history["epochs"]) - 1, 0))
     final = ", ".join(f"{k} {history['metrics'][k][-1]:.4f}" for k in ("val_accuracy", "val_loss")
                       if history["metrics"].get(k))
     run.client.set_tag(run.run_id, "mlflow.note.content", f"{run.note} Result ({history['status']}): {final}.")
-    with tempfile.TemporaryDirectory(prefix="l2sweep-artifacts-") as tmp:
-        (Path(tmp) / "histograms").mkdir()
-        for layer, data in histograms.items():
-            (Path(tmp) / "histograms" / f"{layer}.json").write_text(json.dumps(data))
-        (Path(tmp) / "history.json").write_text(json.dumps(history, indent=2))
-        run.client.log_artifacts(run.run_id, tmp)
+
+
+@contextmanager
+def scratch_folder(place: Path) -> Iterator[Path]:
+    """A fresh folder beside ``place`` (:func:`l2sweep.base.files.temp_name`: it names this process)
+    for files on their way to MLflow, removed afterwards; the ones of processes that died (SIGKILL
+    skips every ``finally``) are removed first, here and by the next sweep's preflight."""
+    files.remove_stale_temp(place.parent)
+    folder = files.temp_name(place)
+    folder.mkdir(parents=True)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def log_mlflow_model(run: ChildRun, model: Any, example: Any, step: int) -> None:

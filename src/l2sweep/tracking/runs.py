@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import socket
 import subprocess
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,6 +35,11 @@ SWEEP_ENV = "L2SWEEP_SWEEP_ID"
 REASON_TAG = "l2sweep.failure_reason"
 #: What a run's creation is called in "not logged" messages.
 THE_RUN = "the run"
+#: Tags of where a run runs: host, process id and the process's start (Linux: boot id and start
+#: time, so that a reused pid is not taken for the run's process). See :func:`close_orphans`.
+HOST_TAG, PID_TAG, START_TAG = "l2sweep.host", "l2sweep.pid", "l2sweep.process_start"
+#: The start of the reason :func:`close_orphans` tags.
+DIED = "process died"
 
 
 class TrackingError(RuntimeError):
@@ -77,6 +83,7 @@ class Tracker:
         while not self._go.wait(0.5):
             if not threading.main_thread().is_alive():
                 return
+        store.hide_credentials(uri)
         self.experiments[uri] = store.ensure_store(cfg)
         # ~0.5M long-lived objects (TensorFlow, MLflow ...): frozen, full collections skip them.
         gc.freeze()
@@ -144,7 +151,8 @@ class ChildRun:
         except Exception as exc:  # the outputs are on disk; the error says what is missing
             self.error = self.error or exc
             self.unlogged.append(what)
-            log.warning("MLflow run %s: %s not logged (%s)", self.name, _describe([what]), exc)
+            log.warning("MLflow run %s: %s not logged (%s)", self.name, _describe([what]),
+                        store.redact(str(exc)))
 
     def wait(self) -> None:
         """Waits until everything queued for this run has been tried."""
@@ -212,7 +220,7 @@ def _create(run: ChildRun, cfg: DictConfig, tags: dict[str, str], start: Future)
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
     client = store.get_client(cfg)
-    all_tags = {**git_tags(), **tags, MLFLOW_RUN_NAME: cfg.run_name}
+    all_tags = {**git_tags(), **process_tags(), **tags, MLFLOW_RUN_NAME: cfg.run_name}
     if os.environ.get(PARENT_ENV):
         all_tags[MLFLOW_PARENT_RUN_ID] = os.environ[PARENT_ENV]
     created = client.create_run(run.tracker.experiments[run.uri], run_name=cfg.run_name,
@@ -230,10 +238,66 @@ def _end(run: ChildRun) -> None:
         if run.monitor is not None:
             run.monitor.finish()
         if run.reason:
-            run.client.set_tag(run.run_id, REASON_TAG, run.reason[:5000])
+            run.client.set_tag(run.run_id, REASON_TAG, store.redact(run.reason)[:5000])
         run.client.set_terminated(run.run_id, run.status)
 
     with signals.deferred():
         status = run.status
         run.log(f"the run's end (status {status})", end, always=True)
         run.wait()
+
+
+def process_tags() -> dict[str, str]:
+    """Where this process runs (:data:`HOST_TAG`, :data:`PID_TAG`, :data:`START_TAG`), for its runs."""
+    tags = {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+    start = process_start(os.getpid())
+    if start:
+        tags[START_TAG] = start
+    return tags
+
+
+def process_start(pid: int) -> Optional[str]:
+    """When process ``pid`` started: ``<boot id>/<clock ticks since boot>`` (Linux ``/proc``), else None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+    return f"{boot}/{stat.rsplit(')', 1)[1].split()[19]}"  # field 22; the name before ")" may hold spaces
+
+
+def process_gone(pid: int, start: Optional[str]) -> bool:
+    """Process ``pid`` of this host has ended, or its pid now names a process started at another
+    time than ``start`` (where both are known: without ``/proc`` a reused pid looks alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's process
+        pass
+    now = process_start(pid)
+    return bool(start) and now is not None and now != start
+
+
+def close_orphans(client: Any, experiment_id: str) -> list[str]:
+    """Ends FAILED (reason :data:`DIED`) the runs of ``experiment_id`` left RUNNING by a process of
+    this host that is gone (killed with SIGKILL, or the machine went down); returns their names.
+
+    Runs of other hosts, of live processes, and runs without :data:`PID_TAG` are left alone.
+    """
+    host = socket.gethostname()
+    closed = []
+    for run in client.search_runs([experiment_id], f"attributes.status = 'RUNNING' and "
+                                  f"tags.`{HOST_TAG}` = '{host}'", max_results=1000):
+        pid = run.data.tags.get(PID_TAG, "")
+        if not pid.isdigit() or int(pid) <= 0:  # os.kill(0, ...) would signal our own group
+            continue
+        if not process_gone(int(pid), run.data.tags.get(START_TAG)):
+            continue
+        client.set_tag(run.info.run_id, REASON_TAG,
+                       f"{DIED}: pid {pid} on {host} ended without closing the run")
+        client.set_terminated(run.info.run_id, "FAILED")
+        closed.append(run.info.run_name)
+    if closed:
+        log.warning("MLflow runs left RUNNING by a process that died, now FAILED: %s", ", ".join(closed))
+    return closed

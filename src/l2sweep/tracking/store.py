@@ -17,6 +17,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig
 
 from l2sweep.base import files
+from l2sweep.base.config_errors import ConfigError
 
 #: MLflow's HTTP defaults (7 retries, 120 s timeout) let a dead server hang a run for minutes;
 #: these give up in seconds. Exported to the environment, so launcher workers get them too.
@@ -42,12 +43,50 @@ def apply_http_defaults() -> None:
 
 def tracking_uri(cfg: DictConfig, recorded: Optional[str] = None) -> str:
     """The store: ``MLFLOW_TRACKING_URI``, else ``recorded`` (the one a sweep logged to, for
-    ``evaluate``), else ``tracking.uri``; a relative local one in :func:`origin`, if any."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or recorded or cfg.tracking.uri
+    ``evaluate``; if redacted, see :func:`unmasked`), else ``tracking.uri``; a relative local one
+    in :func:`origin`, if any."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or unmasked(recorded, cfg.tracking.uri) or cfg.tracking.uri
     folder, root = local_folder(uri), origin()
     if root is None or folder is None or folder.is_absolute():
         return uri
     return f"sqlite:///{root / sqlite_path(uri)}" if sqlite_path(uri) else str(root / folder)
+
+
+#: What stands for a credential in a URI that is written or logged (:func:`redact`).
+MASK = "***"
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^\s/?#'\"]*@")
+_SECRET_PARAM = re.compile(r"(?i)(?<![\w.-])([\w.-]*(?:password|passwd|pwd|secret|token|api_?key))"
+                           r"=[^\s&;#'\"]*")
+
+
+def redact(text: str) -> str:
+    """``text`` with the credentials of every URI in it masked: the user info
+    (``http://user:token@host`` -> ``http://***@host``) and password-like parameters
+    (``postgresql://host/db?password=pw`` -> ``...?password=***``). Applied to every URI, error
+    and config text that goes to an output, a log line, a tag or an artifact."""
+    return _SECRET_PARAM.sub(rf"\1={MASK}", _USERINFO.sub(rf"\1{MASK}@", text))
+
+
+def unmasked(recorded: Optional[str], configured: str) -> Optional[str]:
+    """A recorded store URI that can be connected to: as recorded, or ``configured`` where the
+    recorded one is its :func:`redact`-ed form.
+
+    Raises:
+        StoreError: ``recorded`` was redacted and ``configured`` is another store.
+    """
+    if not recorded or MASK not in recorded:
+        return recorded
+    if redact(configured) == recorded:
+        return configured
+    raise StoreError(f"the sweep logged to the MLflow store {recorded}, recorded without its credentials; "
+                     "set MLFLOW_TRACKING_URI (or tracking.uri) to that store, credentials included")
+
+
+def hide_credentials(uri: str) -> None:
+    """Keeps MLflow from printing ``uri`` ("View run ... at: <uri>") as a run ends, where it holds
+    credentials (MLflow prints the URI verbatim)."""
+    if redact(uri) != uri:
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 def origin() -> Optional[Path]:
@@ -85,7 +124,7 @@ def local_folder(uri: str) -> Optional[Path]:
 
 def store_error(uri: str, error: BaseException) -> str:
     """One line on why the store at ``uri`` failed (for a silent server: the settings that bound the wait)."""
-    text = " ".join(str(error).split()) or type(error).__name__
+    uri, text = redact(uri), redact(" ".join(str(error).split()) or type(error).__name__)
     if not uri.startswith(("http://", "https://")) or "failed with exception" not in text:
         return f"MLflow store {uri}: {text}"  # not a connection failure (the server answered)
     match = re.search(r"\[Errno -?\d+\] ([^'\")]+)|(Read timed out|timed out|Connection aborted"
@@ -107,8 +146,10 @@ def check_store(cfg: DictConfig) -> None:
     Raises:
         StoreError: naming the store and the reason.
         l2sweep.base.files.OutputError: its folder cannot be written or the disk is full.
+        l2sweep.base.config_errors.ConfigError: a sqlite URI names a folder, not a database file.
     """
     uri = tracking_uri(cfg)
+    check_sqlite_file(cfg, uri)
     folder = local_folder(uri)
     if folder is not None:
         files.check_writable(folder, f"the MLflow store ({uri})")
@@ -126,16 +167,33 @@ def check_store(cfg: DictConfig) -> None:
         raise StoreError(store_error(uri, exc)) from exc
 
 
+def check_sqlite_file(cfg: DictConfig, uri: str) -> None:
+    """A sqlite store ``uri`` does not name an existing folder (sqlite could only say "unable to
+    open database file", and only once the first λ has trained).
+
+    Raises:
+        ConfigError: naming the setting that gave ``uri`` (MLFLOW_TRACKING_URI or tracking.uri).
+    """
+    db = sqlite_path(uri)
+    if db is None or not db.is_dir():
+        return
+    key = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "tracking.uri"
+    given = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri
+    raise ConfigError(key, given, f"a sqlite database file, but {db} is a folder "
+                                  f"(e.g. sqlite:///{sqlite_path(given) or db}/mlflow.db)")
+
+
 def check_server(uri: str, timeout: float = 10.0) -> None:
     """A tracking server answers on ``uri`` (any HTTP answer will do)."""
     try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+        # Without the user info: urllib takes it for part of the host name; /health needs no login.
+        urllib.request.urlopen(_USERINFO.sub(r"\1", uri).rstrip("/") + "/health", timeout=timeout).close()
     except urllib.error.HTTPError:
         return
     except (OSError, ValueError) as exc:
         reason = getattr(exc, "reason", None) or exc
         reason = getattr(reason, "strerror", None) or reason  # "Connection refused", not "[Errno 111] ..."
-        raise StoreError(f"MLflow tracking server {uri} does not answer ({reason}); start it, "
+        raise StoreError(f"MLflow tracking server {redact(uri)} does not answer ({reason}); start it, "
                          "or set tracking.uri / MLFLOW_TRACKING_URI to a store that works") from exc
 
 

@@ -3,7 +3,9 @@ the best-λ tags.
 
 Jobs in other processes get the parent's id in the pickled callback (``on_job_start`` sets it).
 ``on_multirun_end`` writes the manifest and ends the parent (FAILED if a child did not finish);
-if the multirun dies instead, :func:`finish` (the entry point's ``finally``) ends it.
+if the multirun dies instead, :func:`finish` (the entry point's ``finally``) ends it. A process
+killed with SIGKILL ends nothing: the next sweep on its host ends its runs FAILED
+(:func:`l2sweep.tracking.runs.close_orphans`) before it opens its own parent run.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from omegaconf import DictConfig, OmegaConf
 from l2sweep.base import files
 from l2sweep.reporting import summaries
 from l2sweep.tracking import store
-from l2sweep.tracking.runs import PARENT_ENV, REASON_TAG, SWEEP_ENV, git_tags, tracker
+from l2sweep.tracking.runs import (PARENT_ENV, REASON_TAG, SWEEP_ENV, close_orphans, git_tags,
+                                   process_tags, tracker)
 
 log = logging.getLogger(__name__)
 
@@ -94,14 +97,15 @@ def _create_parent(config: DictConfig, start: Future, started: str) -> str:
 
 def _parent_run(config: DictConfig, uri: str, started: str) -> str:
     client = store.get_client(config)
-    tags = {**git_tags(), "l2sweep.kind": "sweep", "l2sweep.sweep_id": os.environ[SWEEP_ENV],
-            "dataset": config.dataset.name, "model": config.model.name,
-            "regularizer": config.regularizer.name}
+    tags = {**git_tags(), **process_tags(), "l2sweep.kind": "sweep",
+            "l2sweep.sweep_id": os.environ[SWEEP_ENV], "dataset": config.dataset.name,
+            "model": config.model.name, "regularizer": config.regularizer.name}
     if os.environ.get("DVC_STAGE"):  # set by `dvc repro` for the stage's command
         tags["dvc.stage"] = os.environ["DVC_STAGE"]
     if os.environ.get("DVC_EXP_NAME"):  # set by `dvc exp run` (workspace, --queue, --temp)
         tags["dvc.experiment"] = os.environ["DVC_EXP_NAME"]
     name = f"sweep-{config.regularizer.name}-{started}"
+    _try("close the runs of processes that died", close_orphans, client, tracker().experiments[uri])
     run = client.create_run(tracker().experiments[uri], run_name=name, tags=tags)
     choices = OmegaConf.select(config, "hydra.runtime.choices", default=None) or {}
     client.log_batch(run.info.run_id, params=_params({
@@ -110,7 +114,7 @@ def _parent_run(config: DictConfig, uri: str, started: str) -> str:
         "regularizer.name": config.regularizer.name, "train.epochs": config.train.epochs,
         **{k.replace("/", "."): choices[k] for k in ("hydra/launcher", "hydra/sweeper") if k in choices}}))
     os.environ[PARENT_ENV] = run.info.run_id
-    log.info("MLflow sweep run %s (%s) in %s", name, run.info.run_id, uri)
+    log.info("MLflow sweep run %s (%s) in %s", name, run.info.run_id, store.redact(uri))
     return run.info.run_id
 
 
@@ -118,7 +122,7 @@ def _try(what: str, task: Any, *args: Any) -> None:
     try:
         task(*args)
     except Exception as exc:  # the results are in sweep.json; the parent still gets ended
-        log.warning("could not %s on the sweep's MLflow run: %s", what, exc)
+        log.warning("could not %s in the MLflow store: %s", what, store.redact(str(exc)))
 
 
 def finish(status: str, reason: Optional[str] = None) -> None:
@@ -139,10 +143,10 @@ def _end_parent(uri: str, parent: str, status: str, reason: Optional[str]) -> No
         if client.get_run(parent).info.status != "RUNNING":
             return
         if reason:
-            client.set_tag(parent, REASON_TAG, reason)
+            client.set_tag(parent, REASON_TAG, store.redact(reason))
         client.set_terminated(parent, status)
     except Exception as exc:  # the store may be the thing that failed; say so, don't mask
-        log.error("could not close the sweep's MLflow run %s: %s", parent, exc)
+        log.error("could not close the sweep's MLflow run %s: %s", parent, store.redact(str(exc)))
 
 
 def _params(values: dict[str, Any]) -> list:
@@ -219,7 +223,7 @@ def write_manifest(cfg: DictConfig, parent_run_id: Optional[str]) -> dict[str, A
     manifest = {
         "sweep_id": sweep_id, "parent_run_id": parent_run_id,
         "experiment": cfg.tracking.experiment,
-        "tracking_uri": store.tracking_uri(cfg) if cfg.tracking.enabled else None,
+        "tracking_uri": store.redact(store.tracking_uri(cfg)) if cfg.tracking.enabled else None,
         "dataset": cfg.dataset.name, "model": cfg.model.name, "regularizer": cfg.regularizer.name,
         "strengths": [r["strength"] for r in runs], "runs": runs, "best": best_run(histories),
     }
