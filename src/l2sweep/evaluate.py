@@ -87,6 +87,29 @@ def load_sweep(models_dir: str | os.PathLike) -> tuple[dict[str, Any], list[Swee
     return manifest, sorted(runs, key=lambda r: r.strength)
 
 
+def read_histories(manifest: dict[str, Any], runs: list[SweepRun]) -> list[dict[str, Any]]:
+    """Each run's history, checked to be one sweep's: the manifest's (or, without one, the same
+    for every run). A sweep interrupted after some λ leaves their new folders beside the last
+    complete sweep's manifest; scoring that mix would report one sweep's numbers as another's."""
+    histories = []
+    for run in runs:
+        path = run.dir / HISTORY
+        try:
+            histories.append(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise EvaluateError(f"{path}: not a readable history ({exc}); run `dvc repro train` "
+                                "(or `dvc checkout`) to restore it") from None
+    expected = manifest.get("sweep_id") or (histories[0].get("sweep_id") if histories else None)
+    other = [run.dir.name for run, h in zip(runs, histories)
+             if expected and h.get("sweep_id") not in (expected, None)]
+    if other:
+        raise EvaluateError(
+            f"{', '.join(other)} in {runs[0].dir.parent} belong to another sweep than "
+            f"{manifest and MANIFEST or runs[0].dir.name} (sweep {expected}): the last sweep did "
+            "not finish; run it again (`dvc repro`), or `dvc checkout` for the last complete one")
+    return histories
+
+
 def load_test_split(prepared_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """The test split as float32 images in [0, 1] and int64 labels."""
     from l2sweep.base.data import load_split, to_float
@@ -101,7 +124,12 @@ def score_model(model_path: Path, x: np.ndarray, y: np.ndarray, class_names: lis
     import_tensorflow()  # before Keras loads it: no start-up notices
     import keras
 
-    model = keras.saving.load_model(model_path, compile=False)
+    try:
+        model = keras.saving.load_model(model_path, compile=False)
+    except Exception as exc:  # a truncated or foreign file: Keras' own words vary by the damage
+        raise EvaluateError(f"{model_path}: not a readable Keras model ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''}); run `dvc repro "
+                            "train` (or `dvc checkout`) to restore it") from None
     probs = np.asarray(model.predict(x, batch_size=batch_size, verbose=0), dtype=np.float64)
     n_classes = probs.shape[1]
     # Clipped like Keras' crossentropy, so a confident mistake costs a finite amount.
@@ -121,7 +149,8 @@ def score_model(model_path: Path, x: np.ndarray, y: np.ndarray, class_names: lis
 def evaluate_run(run: SweepRun, history: dict[str, Any], x: np.ndarray, y: np.ndarray,
                  class_names: list[str]) -> dict[str, Any]:
     """The evaluation's entry of one run: status, summary figures and (if it has a model) test metrics."""
-    entry: dict[str, Any] = {"strength": run.strength, "status": summaries.FINISHED,
+    entry: dict[str, Any] = {"strength": run.strength, "seed": history.get("seed"),
+                             "status": summaries.FINISHED,
                              "diverged_epoch": history.get("diverged_epoch"),
                              "mlflow_run_id": run.mlflow_run_id}
     entry.update(summaries.summarize_history(history))
@@ -148,30 +177,50 @@ def write_json(path: Path, data: Any) -> None:
 
 def write_figures(evaluation: dict[str, Any], histories: list[dict[str, Any]],
                   fig_dir: Path) -> list[tuple[str, Path]]:
-    """The comparison PNGs; returns ``(caption, path)`` of each."""
+    """The comparison PNGs, from the means over seeds (bands and error bars: 95% t-intervals of
+    the mean, none with one seed); returns ``(caption, path)`` of each."""
     from l2sweep.reporting import plots
 
-    runs = sorted(evaluation["runs"].values(), key=lambda r: r["strength"])
-    lams = [r["strength"] for r in runs]
-    norm_series = {"all layers": [r["weight_norm"].get("total") for r in runs]}
-    for layer in sorted({k for r in runs for k in r["weight_norm"] if k != "total"}):
-        norm_series[layer] = [r["weight_norm"].get(layer) for r in runs]
+    by_lambda = summaries.with_statistics(evaluation)["by_lambda"]
+    stats = list(by_lambda.values())
+    lams = [s["strength"] for s in stats]
+
+    def line(get: Any) -> tuple[list[Any], list[tuple[Any, Any]]]:
+        values = [get(s) for s in stats]
+        return [v["mean"] for v in values], [(v["low"], v["high"]) for v in values]
+
+    lines = {"all layers": line(lambda s: s["metrics"]["weight_norm_total"])}
+    for layer in sorted({k for s in stats for k in s["weight_norm_layers"]}):
+        lines[layer] = line(lambda s, layer=layer: s["weight_norm_layers"].get(
+            layer, summaries.mean_ci([])))
+    accuracy = {"test": line(lambda s: s["metrics"]["test_accuracy"]),
+                "validation (final epoch)": line(lambda s: s["metrics"]["val_accuracy"])}
+    band = "mean over seeds, band = 95% CI of the mean"
+    bars = "mean over seeds ± 95% CI of the mean"
     figures = [
-        ("Validation loss per epoch, by λ", "val_loss.png",
+        (f"Validation loss per epoch, by λ ({band})", "val_loss.png",
          plots.plot_val_loss_by_lambda(histories)),
-        ("Train vs validation accuracy per λ", "accuracy.png",
+        (f"Train vs validation accuracy per λ ({band})", "accuracy.png",
          plots.plot_accuracy_by_lambda(histories)),
-        ("Final weight norm vs λ", "weight_norm_vs_lambda.png",
-         plots.plot_vs_lambda(lams, norm_series, "final weight norm", "Final weight norm vs λ")),
-        ("Test accuracy vs λ", "test_accuracy_vs_lambda.png",
-         plots.plot_vs_lambda(lams, {"test": [r["test_accuracy"] for r in runs],
-                                     "validation (final epoch)": [r["val_accuracy"] for r in runs]},
-                              "accuracy", "Test accuracy vs λ", percent=True)),
+        (f"Final weight norm vs λ ({bars})", "weight_norm_vs_lambda.png",
+         plots.plot_vs_lambda(lams, {k: v[0] for k, v in lines.items()}, "final weight norm",
+                              "Final weight norm vs λ", intervals={k: v[1] for k, v in lines.items()})),
+        (f"Test accuracy vs λ ({bars})", "test_accuracy_vs_lambda.png",
+         plots.plot_vs_lambda(lams, {k: v[0] for k, v in accuracy.items()}, "accuracy",
+                              "Test accuracy vs λ", percent=True,
+                              intervals={k: v[1] for k, v in accuracy.items()})),
     ]
-    matrices = [(r["strength"], r["confusion_matrix"]) for r in runs if r.get("confusion_matrix")]
-    if matrices:
-        figures.append(("Test confusion matrices", "confusion_matrices.png",
-                        plots.plot_confusion_matrices(matrices, evaluation["sweep"]["class_names"])))
+    pooled: dict[float, np.ndarray] = {}  # counts summed over seeds: rates pool every seed
+    for run in evaluation["runs"].values():
+        if run.get("confusion_matrix"):
+            counts = np.asarray(run["confusion_matrix"], dtype=np.int64)
+            strength = float(run["strength"])
+            pooled[strength] = pooled[strength] + counts if strength in pooled else counts
+    if pooled:
+        figures.append(("Test confusion matrices (counts pooled over seeds)",
+                        "confusion_matrices.png",
+                        plots.plot_confusion_matrices(list(pooled.items()),
+                                                      evaluation["sweep"]["class_names"])))
     return [(caption, plots.save_figure(fig, fig_dir / name)) for caption, name, fig in figures]
 
 
@@ -240,8 +289,8 @@ def log_child(client: Any, run: SweepRun, entry: dict[str, Any], history: dict[s
 
 
 def describe_sweep(cfg: DictConfig, manifest: dict[str, Any], runs: list[SweepRun],
-                   y: np.ndarray) -> dict[str, Any]:
-    """The ``sweep`` section of the evaluation: dataset, model, grid, class names and settings."""
+                   histories: list[dict[str, Any]], y: np.ndarray) -> dict[str, Any]:
+    """The ``sweep`` section of the evaluation: dataset, model, grid, seeds, class names and settings."""
     from l2sweep.base.data import DataError, load_meta
 
     try:
@@ -253,7 +302,9 @@ def describe_sweep(cfg: DictConfig, manifest: dict[str, Any], runs: list[SweepRu
     sizes = {split: info.get("size") for split, info in meta.get("splits", {}).items()}
     return {"dataset": dataset, "model": manifest.get("model", cfg.model.name),
             "regularizer": manifest.get("regularizer", cfg.regularizer.name),
-            "strengths": [r.strength for r in runs], "test_examples": int(len(y)),
+            "strengths": sorted({r.strength for r in runs}),
+            "seeds": sorted({h["seed"] for h in histories if h.get("seed") is not None}),
+            "test_examples": int(len(y)),
             "split_sizes": sizes,
             "class_names": summaries.class_names(str(dataset), int(y.max()) + 1 if len(y) else 10),
             "parent_run_id": manifest.get("parent_run_id"),
@@ -264,15 +315,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Scores the sweep, writes metrics, plots and report, logs them; returns the evaluation."""
     validate(cfg)
     manifest, runs = load_sweep(cfg.paths.models)
+    histories = read_histories(manifest, runs)
     x, y = load_test_split(cfg.paths.prepared)
-    sweep = describe_sweep(cfg, manifest, runs, y)
+    sweep = describe_sweep(cfg, manifest, runs, histories, y)
 
-    histories, entries = [], {}
-    for run in progress.bar(runs, "scoring", "model"):
-        history = json.loads((run.dir / HISTORY).read_text(encoding="utf-8"))
-        histories.append(history)
+    entries = {}
+    for run, history in progress.bar(list(zip(runs, histories)), "scoring", "model"):
         entries[run.run_name] = evaluate_run(run, history, x, y, sweep["class_names"])
-    evaluation = {"sweep": sweep, "best": summaries.pick_best(entries), "runs": entries}
+    evaluation = {"sweep": sweep, "runs": entries, **summaries.summarize(entries)}
 
     reports = Path(cfg.paths.reports)
     write_json(reports / summaries.EVALUATION_FILE, evaluation)
@@ -301,8 +351,11 @@ def main(overrides: list[str]) -> int:
     with logging_redirect_tqdm():  # log lines above a progress bar, not through it
         evaluation = evaluate(cfg)
     best = evaluation["best"]
-    print(f"wrote {len(evaluation['runs'])} runs; best λ by {best['by'] if best else '-'}: "
-          f"{summaries.format_strength(best['strength']) if best else 'none'}")
+    verdict = ("decided beyond seed noise" if best["decided"] else "not decided: "
+               + ("one seed per λ" if best["n"] < 2 else "others within seed noise")) if best else ""
+    print(f"wrote {len(evaluation['runs'])} runs; lowest mean {best['by'] if best else '-'}: "
+          f"λ={summaries.format_strength(best['strength']) if best else 'none'}"
+          + (f" ({verdict})" if verdict else ""))
     return 0
 
 

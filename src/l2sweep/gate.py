@@ -1,5 +1,7 @@
 """The regression gate: compares the evaluation (``reports/evaluation.json``, written by
-``evaluate``) with a baseline, λ by λ.
+``evaluate``) with a baseline, λ by λ: the means over each λ's finished seeds, with the 95%
+interval of the current mean beside each change (an evaluation from before replicates reads as
+one seed per λ).
 
 Run it after ``dvc repro`` (or ``python -m l2sweep.evaluate``)::
 
@@ -10,7 +12,8 @@ Run it after ``dvc repro`` (or ``python -m l2sweep.evaluate``)::
     python -m l2sweep.gate gate.max_accuracy_drop=0.01  # Hydra overrides (tolerances, paths)
 
 Test accuracy may drop by ``gate.max_accuracy_drop`` (absolute), test loss rise by
-``gate.max_loss_increase`` (relative); a baseline λ now missing or newly diverged fails.
+``gate.max_loss_increase`` (relative), both in the mean over seeds; a baseline λ now missing,
+newly diverged, or with more diverged or failed seeds than in the baseline fails.
 Prints a Markdown table, or with ``--json`` one JSON object (``passed``, ``checks``, ``error``).
 Exit status: 0 passed; 1 a regression, a missing or diverged λ; 2 unreadable metrics.
 """
@@ -23,14 +26,14 @@ import math
 import os
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from l2sweep.base.cli import entry_point
 from l2sweep.reporting.report import markdown_table
-from l2sweep.reporting.summaries import (EVALUATION_FILE, FINISHED, finite, fmt_loss, fmt_pct,
-                                         format_strength)
+from l2sweep.reporting.summaries import (DIVERGED, EVALUATION_FILE, FAILED, FINISHED, finite,
+                                         fmt_loss, fmt_pct, format_strength, summarize)
 
 EXIT_OK, EXIT_REGRESSED, EXIT_ERROR = 0, 1, 2
 #: Changes within this of the limit count as equal to it (float noise, not a regression).
@@ -70,8 +73,10 @@ class Tolerance:
 
 @dataclass(frozen=True)
 class Verdict:
-    """The outcome of one check: one λ and metric, or (``metric`` ``-``) one λ as a whole;
-    ``status``: ``ok``, ``regressed``, ``missing``, ``diverged``, ``new`` or ``skipped``."""
+    """The outcome of one check: one λ and metric (``baseline`` and ``current``: means over
+    seeds; ``interval``: the current mean's 95% interval and n), or (``metric`` ``-``) one λ as a
+    whole; ``status``: ``ok``, ``regressed``, ``missing``, ``diverged``, ``failed``, ``new`` or
+    ``skipped``."""
 
     strength: float
     metric: str
@@ -81,6 +86,7 @@ class Verdict:
     status: str
     passed: bool
     note: str = ""
+    interval: str = ""
 
 
 def tolerances_from_config(gate_cfg: Any) -> list[Tolerance]:
@@ -93,8 +99,24 @@ def tolerances_from_config(gate_cfg: Any) -> list[Tolerance]:
     ]
 
 
-def _by_strength(metrics: Mapping[str, Any]) -> dict[float, dict[str, Any]]:
-    return {float(run["strength"]): run for run in metrics.get("runs", {}).values()}
+def _by_strength(evaluation: Mapping[str, Any]) -> dict[float, dict[str, Any]]:
+    """Per λ its statistics over seeds (:func:`l2sweep.reporting.summaries.summarize`'s
+    ``by_lambda``), always recomputed from ``runs``: the same numbers evaluate stored, one code
+    path for files written before replicates (each run one seed), and the runs are the record."""
+    return {s["strength"]: s for s in summarize(evaluation.get("runs", {}))["by_lambda"].values()}
+
+
+def _status(stats: Mapping[str, Any]) -> str:
+    """A λ's status: finished when a seed finished, else diverged when one diverged, else failed."""
+    return FINISHED if stats["n"] else DIVERGED if stats["diverged"] else FAILED
+
+
+def interval_text(metric: str, stat: Mapping[str, Any]) -> str:
+    """A mean's 95% interval as the table shows it: ``95% CI 85.10% to 86.20%, n=3``."""
+    if stat["low"] is None:
+        return f"n={stat['n']}: no interval"
+    return (f"95% CI {_fmt_value(metric, stat['low'])} to {_fmt_value(metric, stat['high'])}, "
+            f"n={stat['n']}")
 
 
 def _fmt_value(metric: str, value: Optional[float]) -> str:
@@ -130,7 +152,8 @@ def check(tolerance: Tolerance, strength: float, baseline: Optional[float],
 
 def gate(current: Mapping[str, Any], baseline: Mapping[str, Any],
          tolerances: Sequence[Tolerance]) -> list[Verdict]:
-    """Compares two evaluations: one verdict per λ and metric (per λ if not comparable)."""
+    """Compares two evaluations: one verdict per λ and metric on the means over seeds (per λ if
+    not comparable; one more per λ with more diverged or failed seeds than the baseline)."""
     cur, base = _by_strength(current), _by_strength(baseline)
     verdicts: list[Verdict] = []
     for strength in sorted(set(cur) | set(base)):
@@ -144,20 +167,26 @@ def gate(current: Mapping[str, Any], baseline: Mapping[str, Any],
         elif b is None:
             verdicts.append(Verdict(strength, "-", None, None, "-", "new", True,
                                     f"λ={lam} has no baseline"))
-        elif b.get("status") != FINISHED:
+        elif not b["n"]:
             verdicts.append(Verdict(strength, "-", None, None, "-", "skipped", True,
                                     f"λ={lam} did not finish in the baseline "
-                                    f"(status {b.get('status')})"))
-        elif c.get("status") != FINISHED:
-            at = c.get("diverged_epoch")
-            verdicts.append(Verdict(strength, "-", None, None, "-", str(c.get("status")), False,
-                                    f"λ={lam} finished in the baseline but is now "
-                                    f"{c.get('status')}"
-                                    + (f" (epoch {at})" if at is not None else "")))
+                                    f"(status {_status(b)})"))
+        elif not c["n"]:
+            at = c["diverged_epochs"]
+            verdicts.append(Verdict(strength, "-", None, None, "-", _status(c), False,
+                                    f"λ={lam} finished in the baseline but is now {_status(c)}"
+                                    + (f" (epoch {', '.join(map(str, at))})" if at else "")))
         else:
+            lost, was = c["diverged"] + c["failed"], b["diverged"] + b["failed"]
+            if lost > was:
+                verdicts.append(Verdict(strength, "-", None, None, "-", _status({**c, "n": 0}),
+                                        False, f"λ={lam}: {lost} of {c['runs']} seeds diverged "
+                                        f"or failed (baseline: {was} of {b['runs']})"))
             for tol in tolerances:
-                verdicts.append(check(tol, strength, finite(b.get(tol.metric)),
-                                      finite(c.get(tol.metric))))
+                verdict = check(tol, strength, b["metrics"][tol.metric]["mean"],
+                                c["metrics"][tol.metric]["mean"])
+                verdicts.append(replace(verdict, interval=interval_text(
+                    tol.metric, c["metrics"][tol.metric])))
     return verdicts
 
 
@@ -170,12 +199,14 @@ def config_differences(current: Mapping[str, Any], baseline: Mapping[str, Any]) 
 
 
 def format_verdicts(verdicts: Sequence[Verdict]) -> str:
-    """The gate's table (Markdown)."""
+    """The gate's table (Markdown): means over seeds; beside each change, the 95% interval of
+    the current mean over its seeds."""
     rows = []
     for v in verdicts:
         shown = v.status.upper() if not v.passed else v.status
+        change = f"{v.change} (current {v.interval})" if v.interval else v.change
         rows.append([format_strength(v.strength), v.metric, _fmt_value(v.metric, v.baseline),
-                     _fmt_value(v.metric, v.current), v.change, f"{shown}: {v.note}"])
+                     _fmt_value(v.metric, v.current), change, f"{shown}: {v.note}"])
     return markdown_table(["λ", "metric", "baseline", "current", "change", "verdict"], rows)
 
 
@@ -277,6 +308,8 @@ def run_gate(cfg: Any, baseline_path: Optional[str] = None, rev: Optional[str] =
                           "checks": [asdict(v) for v in verdicts]}), file=out)
         return EXIT_OK if passed(verdicts) else EXIT_REGRESSED
     print(f"Regression gate: {current_path} against {source}\n", file=out)
+    print("Values are means over each λ's finished seeds; the interval is the 95% t-interval "
+          "of the current mean.\n", file=out)
     if diffs:
         print(f"Note: {CONFIG_NOTE}: " + "; ".join(diffs) + "\n", file=out)
     print(format_verdicts(verdicts), file=out)

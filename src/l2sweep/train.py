@@ -31,7 +31,7 @@ from omegaconf import DictConfig
 from l2sweep import train_cli
 from l2sweep.base import cli, files, signals
 from l2sweep.base.cache import CACHE
-from l2sweep.base.config import CONF_DIR, ConfigError, validate, validate_strengths
+from l2sweep.base.config import CONF_DIR, ConfigError, validate, validate_seeds, validate_strengths
 from l2sweep.base.data import load_meta, load_split
 from l2sweep.reporting.summaries import BEST_BY
 from l2sweep.tracking import artifacts, runs, sweep
@@ -62,6 +62,7 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
     cfgs = lambda_configs(cfg)
     (x_train, y_train), (x_val, y_val) = load_training_data(cfg)
     meta = load_meta(cfg.paths.prepared)
+    train_cli.check_prepared(cfg, meta)  # each job: a sweeper's trial may set data keys too
     example = x_val[:5]  # the MLflow model's input example (uint8 pixels, as users have them)
     label = train_cli.job_label(cfg)
     log.info("%s: %s x %d λ, %d epochs on %d images (%d validation)", label, cfg.model.name,
@@ -73,32 +74,39 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
         callbacks = [[StopOnSignal(), MlflowLogger(run)] for run in tracked]
         with signals.deferred():
             trained = fit(cfgs, x_train, y_train, x_val, y_val, callbacks, label)
-        return {c.run_name: finish_run(c, run, t, example, label, c if cfg.train.fused else None)
+        return {c.run_name: finish_run(c, run, t, example, label, c if len(cfgs) > 1 else None)
                 for c, run, t in zip(cfgs, tracked, trained)}
 
 
 def lambda_configs(cfg: DictConfig) -> list[DictConfig]:
-    """The configs this job trains: ``[cfg]``, or with ``train.fused=true`` one per λ of
-    ``sweep.strengths`` (``regularizer.strength`` set, ``run_name`` resolved for it).
+    """The configs this job trains: ``cfg``'s λ (with ``train.fused=true`` every λ of
+    ``sweep.strengths``), once per seed of ``sweep.seeds`` (null: ``train.seed`` alone), with
+    ``regularizer.strength``, ``train.seed`` and ``run_name`` set for each. Replicates are named
+    ``<regularizer>-<λ>-s<seed>``; a single seed keeps ``<regularizer>-<λ>``.
 
     Raises:
-        ConfigError: the grid is invalid, or ``run_name`` does not tell the λ apart.
+        ConfigError: the grid or the seeds are invalid, or ``run_name`` does not tell them apart.
     """
-    if not cfg.train.fused:
+    strengths = (validate_strengths(list(cfg.sweep.strengths)) if cfg.train.fused
+                 else [cfg.regularizer.strength])
+    seeds = validate_seeds(None if cfg.sweep.seeds is None else list(cfg.sweep.seeds))
+    if len(strengths) == 1 and (seeds is None or seeds == [cfg.train.seed]):
         return [cfg]
     default_name = cfg.run_name == f"{cfg.regularizer.name}-{cfg.regularizer.strength}"
     configs = []
-    for strength in validate_strengths(list(cfg.sweep.strengths)):
-        sub = cfg.copy()
-        sub.regularizer.strength = strength
-        if default_name:  # a composed config has its name resolved already
-            sub.run_name = f"{cfg.regularizer.name}-{strength}"
-        configs.append(sub)
+    for strength in strengths:
+        for seed in seeds or [cfg.train.seed]:
+            sub = cfg.copy()
+            sub.regularizer.strength, sub.train.seed = strength, seed
+            if default_name:  # a composed config has its name resolved already
+                sub.run_name = f"{cfg.regularizer.name}-{strength}" + (
+                    f"-s{seed}" if seeds and len(seeds) > 1 else "")
+            configs.append(sub)
     names = [c.run_name for c in configs]
     if len(set(names)) != len(names):
         raise ConfigError("run_name", cfg.run_name, "a name that depends on regularizer.strength "
-                          "(the default ${regularizer.name}-${regularizer.strength}), so that every "
-                          f"λ of a fused sweep gets its own run (got {names})")
+                          "and train.seed (the default ${regularizer.name}-${regularizer.strength}, "
+                          f"with -s<seed> for replicates), so that every run is its own (got {names})")
     return configs
 
 
@@ -126,6 +134,9 @@ def load_training_data(cfg: DictConfig) -> tuple:
 def run_tags(cfg: DictConfig) -> dict[str, str]:
     """The tags of a λ's child run (empty values left out)."""
     tags = {"dataset": cfg.dataset.name, "regularizer": cfg.regularizer.name, "l2sweep.kind": "run",
+            # the replicates of one λ share this tag: the runs table groups by it
+            "l2sweep.lambda": f"{cfg.regularizer.name}-{float(cfg.regularizer.strength):g}",
+            "l2sweep.seed": str(cfg.train.seed),
             "l2sweep.fused": "true" if cfg.train.fused else "", "dvc.stage": os.environ.get("DVC_STAGE", ""),
             "dvc.experiment": os.environ.get("DVC_EXP_NAME", "")}
     return {k: v for k, v in tags.items() if v}
@@ -159,7 +170,7 @@ def history_record(cfg: DictConfig, trained: Trained, run_id: Optional[str]) -> 
     metrics = {k: [float(v) for v in values] for k, values in trained.history.items()}
     return {
         "run_name": cfg.run_name, "regularizer": cfg.regularizer.name,
-        "strength": float(cfg.regularizer.strength), "model": cfg.model.name,
+        "strength": float(cfg.regularizer.strength), "seed": int(cfg.train.seed), "model": cfg.model.name,
         "status": "FAILED" if trained.diverged_epoch is not None else "FINISHED",
         "diverged_epoch": trained.diverged_epoch, "mlflow_run_id": run_id,
         "sweep_id": os.environ.get(runs.SWEEP_ENV),

@@ -165,7 +165,7 @@ def preflight(cfg: DictConfig) -> None:
     """
     for split in ("train", "val"):
         load_split(cfg.paths.prepared, split)
-    load_meta(cfg.paths.prepared)
+    check_prepared(cfg, load_meta(cfg.paths.prepared))
     models = Path(cfg.paths.models)
     files.check_writable(models, "the trained models (paths.models)")
     files.check_free_space(models, "the trained models (paths.models)")
@@ -176,6 +176,31 @@ def preflight(cfg: DictConfig) -> None:
         store.check_store(cfg)
 
 
+#: ``dataset.*``/``data.*`` keys -> the ``meta.json`` field that records what was prepared.
+PREPARED_AS = {"dataset.name": "dataset", "data.val_fraction": "val_fraction", "data.seed": "seed",
+               "data.limit": "limit"}
+
+
+def check_prepared(cfg: DictConfig, meta: dict[str, Any]) -> None:
+    """Refuses a config whose data settings differ from what ``paths.prepared`` holds (its
+    ``meta.json``): the run would train on other data than its record says.
+
+    Raises:
+        ConfigError: naming the key, its value and the prepared one.
+    """
+    for key, field in PREPARED_AS.items():
+        value, prepared = OmegaConf.select(cfg, key), meta.get(field)
+        if field in meta and value != prepared:
+            raise ConfigError(key, value, f"{format_override_value(prepared)}, what "
+                              f"{cfg.paths.prepared}/meta.json says was prepared; prepare again "
+                              "first (`dvc repro prepare`, or `python -m l2sweep.prepare` with "
+                              "the same overrides)")
+    path = cfg.dataset.path
+    if path and meta.get("source") and Path(str(path)).resolve() != Path(meta["source"]).resolve():
+        raise ConfigError("dataset.path", path, f"{meta['source']}, what {cfg.paths.prepared}/"
+                          "meta.json says was prepared from; prepare again first (`dvc repro prepare`)")
+
+
 def configure_threads(cfg: DictConfig) -> None:
     """Sets TensorFlow's intra-op threads for this process and its launcher's workers, before
     TensorFlow starts: ``train.threads``, or when null 1 for the compiled loop of one model (its
@@ -184,7 +209,8 @@ def configure_threads(cfg: DictConfig) -> None:
     threads = cfg.train.threads
     if threads is not None:
         os.environ["TF_NUM_INTRAOP_THREADS"] = str(int(threads))
-    elif not cfg.train.fused and training_loop(cfg) == "compiled":
+    elif (not cfg.train.fused and len(cfg.sweep.seeds or [cfg.train.seed]) == 1
+          and training_loop(cfg) == "compiled"):
         os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
 
 

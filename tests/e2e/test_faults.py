@@ -48,6 +48,12 @@ def digest(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
+def tree_digest(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` (relative path) -> its sha256."""
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def run_dirs(models: Path) -> list[str]:
     """Everything in ``models/`` but the manifest: run folders and (hidden) temp folders."""
     return sorted(p.name for p in models.iterdir() if p.name != "sweep.json") if models.is_dir() else []
@@ -181,6 +187,25 @@ def test_ctrl_c_during_dvc_repro_kills_the_run_and_the_next_repro_completes(tmp_
     stale = json.loads(dvc(root, "status", "--json"))
     assert "prepare" not in stale and "evaluate" not in stale, stale
     assert stale["train"] == [{"changed deps": {"params.yaml": {"sweep": "modified"}}}], stale
+
+    # Rejected input through `dvc repro` itself: DVC leaves the outputs (persist), the stage
+    # refuses before it replaces them, so the last good models and data are still there.
+    models = tree_digest(root / "models")
+    for section, bad, named in (("train", {"batch_size": "big"}, "train.batch_size"),
+                                ("dataset", {"path": "data/raw/nowhere"}, "data/raw/nowhere")):
+        broken = {**params, section: {**params[section], **bad}}
+        (root / "params.yaml").write_text(yaml.safe_dump(broken, sort_keys=False))
+        proc = subprocess.run(["dvc", "repro"], cwd=root, env=dvc_env(), capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode != 0 and named in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+        assert tree_digest(root / "models") == models and digest(root / "data" / "prepared") == prepared
+
+    # A new grid: models/ then holds that sweep's runs alone (the stage removes the earlier λ).
+    params["sweep"]["strengths"], params["train"]["epochs"] = GRID[1:], 2
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    dvc(root, "repro")
+    assert run_dirs(root / "models") == [f"l2-{s}" for s in GRID[1:]]
+    assert json.loads(dvc(root, "status", "--json") or "{}") == {}
 
 
 def test_sigterm_kills_the_run_and_keeps_the_data(tmp_path):

@@ -298,7 +298,40 @@ def test_cli_evaluate_then_gate(sweep_root, tmp_path):
                                        capture_output=True, text=True, timeout=300)
     proc = run("l2sweep.evaluate", *overrides)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "best λ by val_data_loss" in proc.stdout
+    assert "lowest mean val_data_loss: λ=" in proc.stdout and "(not decided: one seed per λ)" in proc.stdout
     shutil.copy(root / "reports/evaluation.json", root / "baseline.json")
     proc = run("l2sweep.gate", "--baseline", "baseline.json", *overrides)
     assert proc.returncode == 0 and "gate: PASSED" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_evaluate_scores_one_sweep_and_names_damaged_files(sweep_root, tmp_path):
+    """An interrupted sweep leaves its first λ's new folder beside the last complete sweep's
+    manifest: evaluate refuses the mix (before writing anything), and names a damaged file."""
+    from l2sweep.evaluate import EvaluateError, evaluate
+
+    root = copy_project(sweep_root, tmp_path / "p")
+    for written in ("reports", "metrics", "plots"):
+        shutil.rmtree(root / written, ignore_errors=True)
+    models = root / "models"
+
+    def edit(path: Path, **changes) -> None:
+        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+    edit(models / "sweep.json", sweep_id="complete")
+    edit(models / "l2-0.0001" / "history.json", sweep_id="complete")
+    edit(models / "l2-0.01" / "history.json", sweep_id="interrupted")
+    with pytest.raises(EvaluateError, match=r"^l2-0.01 in .*models belong to another sweep than "
+                                            r"sweep.json \(sweep complete\): the last sweep did not finish"):
+        evaluate(project_cfg(root))
+    assert not any((root / written).exists() for written in ("reports", "metrics", "plots"))
+
+    history = (models / "l2-0.01" / "history.json").read_text()
+    (models / "l2-0.01" / "history.json").write_text(history[:40])
+    with pytest.raises(EvaluateError, match=r"l2-0.01/history.json: not a readable history"):
+        evaluate(project_cfg(root))
+    (models / "l2-0.01" / "history.json").write_text(history)
+    edit(models / "l2-0.01" / "history.json", sweep_id="complete")
+    model = models / "l2-0.0001" / "model.keras"
+    model.write_bytes(model.read_bytes()[:200])
+    with pytest.raises(EvaluateError, match=r"l2-0.0001/model.keras: not a readable Keras model"):
+        evaluate(project_cfg(root))

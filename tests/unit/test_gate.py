@@ -53,7 +53,7 @@ def test_one_point_accuracy_drop_fails(baseline):
     (bad,) = [v for v in verdicts if not v.passed]
     assert (bad.strength, bad.metric, bad.status, bad.change) == (0.001, "test_accuracy", "regressed", "-1.00 pt")
     table = g.format_verdicts(verdicts)
-    assert "| 0.001 | test_accuracy | 86.50% | 85.50% | -1.00 pt | REGRESSED" in table
+    assert "| 0.001 | test_accuracy | 86.50% | 85.50% | -1.00 pt (current n=1: no interval) | REGRESSED" in table
 
 
 def test_small_changes_and_improvements_pass(baseline):
@@ -104,6 +104,46 @@ def test_diverged_and_new_lambdas(baseline):
     assert verdicts[0.1].status == "new" and verdicts[0.1].passed
 
 
+def replicated(accuracies: dict[float, list[float]]) -> dict:
+    """An evaluation.json content with seeds: λ -> test accuracy per seed (42, 43, ...)."""
+    runs = {f"l2-{strength:g}-s{42 + i}": {"strength": strength, "seed": 42 + i,
+                                           "status": "finished", "diverged_epoch": None,
+                                           "test_accuracy": acc, "test_loss": 0.40}
+            for strength, accs in accuracies.items() for i, acc in enumerate(accs)}
+    return {"sweep": {"config": {"train.epochs": 10}}, "best": None, "runs": runs}
+
+
+def test_replicates_compare_means_and_show_the_interval():
+    baseline = replicated({0.001: [0.86, 0.87, 0.88]})
+    current = replicated({0.001: [0.84, 0.87, 0.88]})  # one seed 2 pt down: the mean 0.67 pt
+    (acc, loss) = g.gate(current, baseline, tolerances())
+    assert acc.baseline == pytest.approx(0.87) and acc.current == pytest.approx((0.84 + 0.87 + 0.88) / 3)
+    assert acc.status == "regressed" and acc.change == "-0.67 pt"
+    # mean 0.863333, sd 0.020817, t(2) 4.3027: half-width 0.051712
+    assert acc.interval == "95% CI 81.16% to 91.50%, n=3"
+    assert loss.interval == "95% CI 0.4000 to 0.4000, n=3"
+    assert ("| 0.001 | test_accuracy | 87.00% | 86.33% | -0.67 pt (current 95% CI 81.16% to "
+            "91.50%, n=3) | REGRESSED") in g.format_verdicts([acc, loss])
+    assert g.passed(g.gate(current, baseline, tolerances("gate.max_accuracy_drop=0.007")))
+
+
+def test_more_diverged_seeds_fail_and_an_old_baseline_reads_as_one_seed(baseline):
+    current = replicated({0.0001: [0.870, 0.872], 0.001: [0.865, 0.866], 0.01: [0.850, 0.851]})
+    current["runs"]["l2-0.01-s43"].update(status="diverged", diverged_epoch=2, test_accuracy=None)
+    verdicts = g.gate(current, baseline, tolerances())
+    (bad,) = [v for v in verdicts if not v.passed]
+    assert (bad.strength, bad.metric, bad.status) == (0.01, "-", "diverged")
+    assert bad.note == "λ=0.01: 1 of 2 seeds diverged or failed (baseline: 0 of 1)"
+    ok = {(v.strength, v.metric): v for v in verdicts if v.metric != "-"}
+    assert ok[(0.0001, "test_accuracy")].current == pytest.approx(0.871)
+    assert ok[(0.01, "test_accuracy")].interval == "n=1: no interval"
+    for run in current["runs"].values():
+        run.update(status="diverged", diverged_epoch=2, test_accuracy=None)
+    verdicts = g.gate(current, baseline, tolerances())
+    assert {v.status for v in verdicts} == {"diverged"} and len(verdicts) == 3
+    assert verdicts[0].note == "λ=0.0001 finished in the baseline but is now diverged (epoch 2, 2)"
+
+
 def test_config_differences_are_named(baseline):
     current = copy.deepcopy(baseline)
     current["sweep"]["config"]["train.epochs"] = 2
@@ -133,7 +173,8 @@ def test_main_exit_status_and_table(workdir, baseline, capsys):
     write(workdir / "reports/evaluation.json", current)
     assert g.main([]) == g.EXIT_OK
     out = capsys.readouterr().out
-    assert "| λ | metric | baseline | current | change | verdict |" in out and "gate: PASSED" in out
+    assert "| λ | metric | baseline | current | change | verdict |" in out
+    assert "Values are means over each λ's finished seeds" in out and "gate: PASSED" in out
 
     current["runs"]["l2-0.0001"]["test_accuracy"] -= 0.01
     write(workdir / "reports/evaluation.json", current)

@@ -87,7 +87,7 @@ class TrainConfig:
     epochs: int = 10  # passes over the training split
     batch_size: int = 32  # examples per gradient step
     learning_rate: float = 0.001  # Adam's (or AdamW's)
-    seed: int = 42  # seeds weights, shuffling and TF ops; every lambda of a sweep shares it
+    seed: int = 42  # seeds weights, shuffling and TF ops of a run (sweep.seeds, if set, gives each its own)
     steps_per_execution: int = 32  # keras loop: batches per compiled call (speed only)
     # keras loop: examples per validation step (speed only); null: batch_size
     validation_batch_size: Optional[int] = 1000
@@ -106,6 +106,9 @@ class SweepConfig:
 
     # the values of regularizer.strength one sweep trains
     strengths: list[float] = field(default_factory=lambda: [0.0001, 0.001, 0.01])
+    # the seeds every lambda trains with, one run each (replicates: the report's intervals come
+    # from them); null: train.seed alone, the seeds' single-run experiment
+    seeds: Optional[list[int]] = None
 
 
 @dataclass
@@ -326,6 +329,19 @@ def validate_strengths(strengths: Any, key: str = "sweep.strengths") -> list[flo
     return floats
 
 
+def validate_seeds(seeds: Any, key: str = "sweep.seeds") -> Optional[list[int]]:
+    """Checks the replicate seeds: null, or a non-empty list of distinct integers >= 0."""
+    if seeds is None:
+        return None
+    allowed = "null or a non-empty list of distinct integers >= 0, e.g. [42, 43, 44]"
+    if not isinstance(seeds, (list, tuple)) or not seeds or any(
+            isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
+        raise ConfigError(key, seeds, allowed)
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(key, list(seeds), f"{allowed} (each seed once)")
+    return [int(s) for s in seeds]
+
+
 def validate(cfg: DictConfig | Config) -> None:
     """Checks value ranges the schema's types cannot express.
 
@@ -357,6 +373,8 @@ def validate(cfg: DictConfig | Config) -> None:
     if cfg.train.threads is not None:
         _positive_int("train.threads", cfg.train.threads)
     validate_strengths(list(cfg.sweep.strengths))
+    seeds = cfg.sweep.seeds
+    validate_seeds(None if seeds is None else list(seeds))
     _positive_int("model.hidden_units", cfg.model.hidden_units)
     if cfg.train.loop == "compiled" and cfg.model.name not in FUSABLE_MODELS:
         raise ConfigError("train.loop", cfg.train.loop,

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import Callable
@@ -46,32 +47,46 @@ def write_text(path: Path, text: str | bytes) -> None:
 
 def replace_folder(out_dir: Path, fill: Callable[[Path], None]) -> None:
     """Fills a fresh temp folder next to ``out_dir`` with ``fill(tmp)``, then swaps it into
-    ``out_dir``'s place: a failing ``fill`` leaves the previous folder. The last writer wins."""
+    ``out_dir``'s place: a failing ``fill`` leaves the previous folder; a swap that fails keeps
+    the new content as ``<out_dir>.new-<time>`` and raises :class:`OutputError` naming both.
+    The last writer wins."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp, old = temp_name(out_dir), temp_name(out_dir)
     tmp.mkdir()  # not mkdtemp: the folder gets the umask's permissions, not 0700
     try:
         fill(tmp)
-        for _ in range(5):
+        try:
+            _swap(tmp, out_dir, old)
+        except OSError as exc:  # the new outputs are complete: keep them where the error says
+            kept = out_dir.with_name(f"{out_dir.name}.new-{time.strftime('%Y%m%d-%H%M%S')}")
             try:
-                out_dir.rename(old)  # out of the way; removed below
-            except FileNotFoundError:
-                pass
-            try:
-                tmp.rename(out_dir)
-                break
-            except OSError as exc:  # another writer put its folder there in between
-                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                    if old.exists() and not out_dir.exists():
-                        old.rename(out_dir)  # put the previous folder back
-                    raise
-                shutil.rmtree(old, ignore_errors=True)
-        else:
-            raise OSError(errno.EEXIST, f"{out_dir}: another process keeps replacing it")
+                tmp.rename(kept)
+            except OSError:
+                kept = tmp
+            raise OutputError(f"{out_dir}: could not replace it ({exc.strerror or exc}); the new "
+                              f"outputs are kept in {kept}, the previous ones are in place") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _swap(tmp: Path, out_dir: Path, old: Path) -> None:
+    for _ in range(5):
+        try:
+            out_dir.rename(old)  # out of the way; removed by the caller
+        except FileNotFoundError:
+            pass
+        try:
+            tmp.rename(out_dir)
+            return
+        except OSError as exc:  # another writer put its folder there in between
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                if old.exists() and not out_dir.exists():
+                    old.rename(out_dir)  # put the previous folder back
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+    raise OSError(errno.EEXIST, f"{out_dir}: another process keeps replacing it")
 
 
 def remove_stale_temp(folder: Path) -> list[Path]:

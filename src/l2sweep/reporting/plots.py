@@ -21,6 +21,8 @@ from matplotlib import cm, colors  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from l2sweep.reporting import summaries  # noqa: E402
+
 #: Fixed margins of the per-run figures (12 x 4.6 in, two panels), so they are saved without a
 #: second layout pass (``save_figure(..., tight=False)``).
 RUN_FIGURE_MARGINS = {"left": 0.07, "right": 0.98, "bottom": 0.12, "top": 0.86, "wspace": 0.25}
@@ -168,8 +170,26 @@ def _finite_array(values: Sequence[Any]) -> np.ndarray:
     return out
 
 
+def _mean_line(ax: Any, epochs: Sequence[int], curve: Mapping[str, Sequence[Any]], color: str,
+               style: str = "-", label: Optional[str] = None) -> np.ndarray:
+    """The mean curve with its 95% band (none where one seed gives no interval); returns the mean."""
+    x = np.asarray(epochs)
+    mean = _finite_array(curve["mean"])
+    ax.plot(x, mean, style, marker="o", markersize=3, color=color, label=label)
+    low, high = _finite_array(curve["low"]), _finite_array(curve["high"])
+    if np.isfinite(low).any():
+        ax.fill_between(x, low, high, color=color, alpha=0.18, linewidth=0)
+    return mean
+
+
+def _seeds_label(curve: Mapping[str, Any]) -> str:
+    label = _lam_label(curve["strength"], curve.get("diverged_epoch"))
+    return label + (f", n={curve['n']}" if curve["n"] > 1 else "")
+
+
 def plot_val_loss_by_lambda(histories: Sequence[Mapping[str, Any]]) -> Figure:
-    """Validation loss per epoch, one line per λ, each minimum starred.
+    """Validation loss per epoch, one line per λ: the mean over its seeds with a 95% confidence
+    band (:func:`l2sweep.reporting.summaries.curves_by_lambda`), each mean's minimum starred.
 
     Left: ``val_loss`` (with the penalty); right, when the histories have it, ``val_data_loss``
     (the cross-entropy alone, which compares across λ).
@@ -177,48 +197,49 @@ def plot_val_loss_by_lambda(histories: Sequence[Mapping[str, Any]]) -> Figure:
     keys = [("val_loss", "val_loss (with penalty)")]
     if any(h["metrics"].get("val_data_loss") for h in histories):
         keys.append(("val_data_loss", "validation cross-entropy (no penalty)"))
+    curves = summaries.curves_by_lambda(histories, [key for key, _ in keys])
     fig = Figure(figsize=(6.2 * len(keys), 4.6))
     axes = np.atleast_1d(fig.subplots(1, len(keys)))
     for ax, (key, title) in zip(axes, keys):
-        for i, h in enumerate(_by_strength(histories)):
-            values = _finite_array(h["metrics"].get(key, []))
-            if not len(values) or np.isnan(values).all():
+        for i, curve in enumerate(curves):
+            if all(v is None for v in curve["metrics"][key]["mean"]):
                 continue
-            epochs = np.asarray(h["epochs"][:len(values)])
             color = f"C{i % 10}"
-            ax.plot(epochs, values, marker="o", markersize=3, color=color,
-                    label=_lam_label(h["strength"], h.get("diverged_epoch")))
-            best = int(np.nanargmin(values))
-            ax.plot(epochs[best], values[best], marker="*", markersize=12, color=color,
+            mean = _mean_line(ax, curve["epochs"], curve["metrics"][key], color,
+                              label=_seeds_label(curve))
+            best = int(np.nanargmin(mean))
+            ax.plot(curve["epochs"][best], mean[best], marker="*", markersize=12, color=color,
                     markeredgecolor="black", linestyle="none")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        _finish(ax, "epoch", "loss", title, legend={"title": "★ = minimum"})
-    fig.suptitle("Validation loss per epoch, by λ")
+        _finish(ax, "epoch", "loss", title, legend={"title": "★ = minimum of the mean"})
+    fig.suptitle("Validation loss per epoch, by λ: mean over seeds, band = 95% CI of the mean")
     return fig
 
 
 def plot_accuracy_by_lambda(histories: Sequence[Mapping[str, Any]]) -> Figure:
-    """Train vs validation accuracy per epoch, one panel per λ (shared y axis)."""
-    ordered = _by_strength(histories)
-    fig = Figure(figsize=(4.2 * max(len(ordered), 1), 4.2))
-    axes = np.atleast_1d(fig.subplots(1, max(len(ordered), 1), sharey=True))
-    for ax, h in zip(axes, ordered):
-        for key, label, style in (("accuracy", "train", "-"), ("val_accuracy", "validation", "--")):
-            values = _finite_array(h["metrics"].get(key, []))
-            if len(values):
-                ax.plot(np.asarray(h["epochs"][:len(values)]), values, style, marker="o",
-                        markersize=3, label=label)
+    """Train vs validation accuracy per epoch, one panel per λ (shared y axis): the mean over
+    seeds with a 95% confidence band."""
+    curves = summaries.curves_by_lambda(histories, ["accuracy", "val_accuracy"])
+    fig = Figure(figsize=(4.2 * max(len(curves), 1), 4.2))
+    axes = np.atleast_1d(fig.subplots(1, max(len(curves), 1), sharey=True))
+    for ax, curve in zip(axes, curves):
+        for key, label, style, color in (("accuracy", "train", "-", "C0"),
+                                         ("val_accuracy", "validation", "--", "C1")):
+            if any(v is not None for v in curve["metrics"][key]["mean"]):
+                _mean_line(ax, curve["epochs"], curve["metrics"][key], color, style, label)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        _finish(ax, "epoch", None, _lam_label(h["strength"], h.get("diverged_epoch")), legend={})
+        _finish(ax, "epoch", None, _seeds_label(curve), legend={})
     axes[0].set_ylabel("accuracy")
-    fig.suptitle("Train vs validation accuracy per epoch, by λ")
+    fig.suptitle("Train vs validation accuracy per epoch, by λ: mean over seeds, band = 95% CI")
     return fig
 
 
 def plot_vs_lambda(strengths: Sequence[float], series: Mapping[str, Sequence[Any]],
-                   ylabel: str, title: str, percent: bool = False) -> Figure:
+                   ylabel: str, title: str, percent: bool = False,
+                   intervals: Optional[Mapping[str, Sequence[tuple[Any, Any]]]] = None) -> Figure:
     """Final values against λ: one marked line per ``series`` entry (label -> one value per λ,
-    None where a run has none); ``percent`` shows fractions as percentages."""
+    None where a run has none); ``percent`` shows fractions as percentages. ``intervals``
+    (label -> ``(low, high)`` per λ, None where there is none) draws error bars."""
     order = np.argsort(np.asarray(strengths, dtype=float))
     xs = np.asarray(strengths, dtype=float)[order]
     fig = Figure(figsize=(6.4, 4.6))
@@ -226,6 +247,13 @@ def plot_vs_lambda(strengths: Sequence[float], series: Mapping[str, Sequence[Any
     for i, (label, values) in enumerate(series.items()):
         ys = _finite_array(values)[order] * (100.0 if percent else 1.0)
         ax.plot(xs, ys, marker="o", color=f"C{i % 10}", label=label)
+        bounds = (intervals or {}).get(label)
+        if bounds is not None:
+            scale = 100.0 if percent else 1.0
+            low = _finite_array([b[0] for b in bounds])[order] * scale
+            high = _finite_array([b[1] for b in bounds])[order] * scale
+            ax.errorbar(xs, ys, yerr=np.vstack([ys - low, high - ys]), fmt="none",
+                        ecolor=f"C{i % 10}", capsize=4)
         for x, y in zip(xs, ys):
             if np.isfinite(y):
                 ax.annotate(f"{y:.2f}" if percent else f"{y:.4g}", (x, y),

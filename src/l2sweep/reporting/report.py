@@ -1,173 +1,327 @@
 """The Markdown report of a sweep, from the numbers of :mod:`l2sweep.reporting.summaries`.
 
 Pure functions (:mod:`l2sweep.evaluate` writes the text). Every sentence is computed from the
-numbers given; nothing about the outcome is written in advance.
+numbers given by a rule over the seeds of each λ (the functions under "the rules"); nothing
+about the outcome is written in advance.
 """
 
 from __future__ import annotations
 
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
-from l2sweep.reporting.summaries import (DIVERGED, FINISHED, MISSING_CELL, finite, fmt_loss, fmt_norm,
-                                         fmt_pct, fmt_points, format_strength, runs_by_strength)
+from l2sweep.reporting.summaries import (DIVERGED, FINISHED, MISSING_CELL, comparison, fmt_pct,
+                                         fmt_points, runs_by_lambda, with_statistics)
 
 #: A penalty share above this "dominates" the training loss.
 DOMINANT_SHARE = 0.5
-Runs = Sequence[tuple[str, Mapping[str, Any]]]
+Stat = Mapping[str, Any]  # summaries.mean_ci's dict: mean, sd, n, low, high, half
+Evaluation = Mapping[str, Any]  # an evaluation with summaries.summarize's sections
+
+# Every sentence below comes from a rule over the seeds of each λ: a claim ("rises with λ",
+# "best", "turns up") is written only when the 95% interval of the paired differences (or of
+# the mean) excludes zero. With one seed per λ there is no interval: the rules then quote the
+# values and say that no claim is made, rather than claim with a caveat.
+
+# --- numbers in words --------------------------------------------------------------------
+
+#: How each metric is written: accuracies as %, their differences in percentage points.
+UNITS = {"test_accuracy": "pct", "val_accuracy": "pct", "train_accuracy": "pct", "gap": "pt",
+         "weight_norm": "norm", "weight_norm_total": "norm", "penalty_share": "share",
+         "best_epoch": "epoch"}
 
 
-# --- observations ------------------------------------------------------------------------
+def fmt_value(metric: str, value: Optional[float], signed: bool = False) -> str:
+    """A value of ``metric`` in its unit (``signed``: a difference, with its sign)."""
+    if value is None:
+        return MISSING_CELL
+    unit = UNITS.get(metric, "loss")
+    if unit in ("pct", "pt"):
+        return fmt_points(value) if signed or unit == "pt" else fmt_pct(value)
+    if unit == "share":
+        return f"{100 * value:+.1f} pt" if signed else f"{100 * value:.1f}%"
+    digits = {"norm": 3, "epoch": 1}.get(unit, 4)
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
 
 
-def _lam(run: Mapping[str, Any]) -> str:
-    return f"λ={format_strength(run['strength'])}"
+def fmt_half(metric: str, half: float) -> str:
+    """An interval's half-width in ``metric``'s unit (percentage points for accuracies)."""
+    unit = UNITS.get(metric, "loss")
+    if unit in ("pct", "pt"):
+        return f"{100 * half:.2f}"
+    if unit == "share":
+        return f"{100 * half:.1f}"
+    return f"{half:.{ {'norm': 3, 'epoch': 1}.get(unit, 4) }f}"
 
 
-def _diverged(run: Mapping[str, Any]) -> str:
-    at = run.get("diverged_epoch")
-    return "diverged" + (f" at epoch {at}" if at is not None else "")
+def fmt_mean(metric: str, stat: Stat) -> str:
+    """``mean ± half-width`` of the 95% interval (the mean alone with one seed)."""
+    if stat["mean"] is None:
+        return MISSING_CELL
+    if stat["half"] is None:
+        if UNITS.get(metric) == "epoch":
+            return f"{stat['mean']:g}"
+        return fmt_value(metric, stat["mean"])
+    return f"{fmt_value(metric, stat['mean'])} ± {fmt_half(metric, stat['half'])}"
 
 
-def _status_notes(runs: Runs) -> list[str]:
-    """Which runs diverged or did not finish."""
+def with_interval(metric: str, stat: Stat, signed: bool = False) -> str:
+    """``value (95% CI low to high, n=N)``, or ``value (n=1: no interval)``."""
+    value = fmt_value(metric, stat["mean"], signed)
+    if stat["low"] is None:
+        return f"{value} (n={stat['n']}: no interval)"
+    return (f"{value} (95% CI {fmt_value(metric, stat['low'], signed)} to "
+            f"{fmt_value(metric, stat['high'], signed)}, n={stat['n']})")
+
+
+def _lams(labels: Sequence[str]) -> str:
+    return ", ".join(f"λ={label}" for label in labels)
+
+
+def _is(labels: Sequence[str]) -> str:
+    return "is" if len(labels) == 1 else "are"
+
+
+def _finished(ev: Evaluation, metric: str) -> list[str]:
+    """The λ labels (ascending) with a finished seed and a mean of ``metric``."""
+    return [label for label, s in ev["by_lambda"].items()
+            if s["n"] and s["metrics"][metric]["mean"] is not None]
+
+
+def _one_seed(ev: Evaluation, labels: Sequence[str]) -> bool:
+    return all(ev["by_lambda"][label]["n"] < 2 for label in labels)
+
+
+def _excludes_zero(stat: Optional[Stat]) -> int:
+    """+1: the interval lies above zero; -1: below; 0: it holds zero or there is none."""
+    if stat is None or stat["low"] is None:
+        return 0
+    return 1 if stat["low"] > 0 else -1 if stat["high"] < 0 else 0
+
+
+# --- the rules ---------------------------------------------------------------------------
+
+
+def status_notes(ev: Evaluation) -> list[str]:
+    """Which runs diverged or did not finish (naming the seed when a λ has several)."""
     notes = []
-    for _, run in runs:
-        if run["status"] != FINISHED:
-            what = (_diverged(run) if run["status"] == DIVERGED
-                    else f"did not finish (status {run['status']})")
-            notes.append(f"{_lam(run)} {what}; it is left out of the comparisons below.")
+    for label, runs in runs_by_lambda(ev["runs"]).items():
+        for _, run in runs:
+            if run["status"] == FINISHED:
+                continue
+            who = f"λ={label}" + (f" seed {run.get('seed')}" if len(runs) > 1 else "")
+            at = run.get("diverged_epoch")
+            what = (("diverged" + (f" at epoch {at}" if at is not None else ""))
+                    if run["status"] == DIVERGED else f"did not finish (status {run['status']})")
+            notes.append(f"{who} {what}; it is left out of the "
+                         f"{'means and ' if len(runs) > 1 else ''}comparisons below.")
     return notes
 
 
-def _best_notes(best: Optional[Mapping[str, Any]], finished: Runs) -> list[str]:
-    """The λ picked by validation, against the others."""
+def best_notes(ev: Evaluation) -> list[str]:
+    """The λ lowest in mean validation cross-entropy: decided best only when its paired margin
+    to every other λ excludes zero; otherwise which λ are indistinguishable from it."""
+    best = ev.get("best")
     if not best:
         return []
-    what = "validation cross-entropy" if best["by"] == "val_data_loss" else "validation loss"
-    text = (f"λ={format_strength(best['strength'])} generalises best by {what}: "
-            f"{best['value']:.4f} at the last epoch")
-    others = [f"{_lam(r)}: {finite(r.get(best['by'])):.4f}" for n, r in finished
-              if n != best["run_name"] and finite(r.get(best["by"])) is not None]
-    return [text + (f" ({', '.join(others)})." if others else ".")]
-
-
-def _test_notes(evaluation: Mapping[str, Any], finished: Runs) -> list[str]:
-    """The highest test accuracy, and what the λ picked by validation scores."""
-    tested = [(n, r) for n, r in finished if finite(r.get("test_accuracy")) is not None]
-    if not tested:
-        return []
-    top_value = max(r["test_accuracy"] for _, r in tested)
-    top = [(n, r) for n, r in tested if r["test_accuracy"] == top_value]
-    text = f"The highest test accuracy is {fmt_pct(top_value)}, at " + ", ".join(_lam(r) for _, r in top)
-    best = evaluation.get("best")
-    if best and best["run_name"] not in {n for n, _ in top}:
-        text += (f"; the λ picked by validation ({format_strength(best['strength'])}) "
-                 f"scores {fmt_pct(evaluation['runs'][best['run_name']]['test_accuracy'])}")
+    metric, label = best["by"], best["lambda"]
+    what = "validation cross-entropy" if metric == "val_data_loss" else "validation loss"
+    by = ev["by_lambda"]
+    others = [o for o in _finished(ev, metric) if o != label]
+    if not others:
+        return [f"Only λ={label} has a finished seed: there is no other λ to compare it with."]
+    if _one_seed(ev, [label, *others]):
+        values = ", ".join(f"{fmt_value(metric, by[o]['metrics'][metric]['mean'])} at λ={o}"
+                           for o in others)
+        return [f"λ={label} has the lowest {what}: {fmt_value(metric, best['value'])} at the "
+                f"last epoch ({values}); with one seed per λ there is no interval, so which λ "
+                "generalises best is not decided."]
+    margin = lambda o: (f"λ={o} minus λ={label}: "  # noqa: E731
+                        f"{with_interval(metric, best['margins'][o], signed=True)}")
+    mean = fmt_mean(metric, by[label]["metrics"][metric])
+    if best["decided"]:
+        return [f"λ={label} generalises best by {what}: mean {mean} (n={best['n']}); its paired "
+                f"margin to every other λ excludes zero: {'; '.join(margin(o) for o in others)}."]
+    close = [o for o in others if o in best["indistinguishable"]]
+    clear = [o for o in others if o not in close]
+    text = (f"No λ is decided best by {what} at n={best['n']}: λ={label} has the lowest mean "
+            f"({mean}), but {_lams(close)} {_is(close)} indistinguishable from it (paired "
+            f"margin {'; '.join(margin(o) for o in close)})")
+    if clear:
+        text += (f"; {_lams(clear)} {_is(clear)} worse beyond seed noise "
+                 f"({'; '.join(margin(o) for o in clear)})")
     return [text + "."]
 
 
-def _penalty_notes(finished: Runs) -> list[str]:
-    """The penalty's share of the final training loss (none without a penalty term)."""
-    shares = [(n, r) for n, r in finished if finite(r.get("penalty_share")) is not None]
-    if not any(r["penalty_share"] > 0 for _, r in shares):  # weight decay has no penalty term
+def test_notes(ev: Evaluation) -> list[str]:
+    """The λ highest in mean test accuracy, whether the others are within seed noise of it
+    (paired by seed), and what the λ picked by validation scores."""
+    metric, by = "test_accuracy", ev["by_lambda"]
+    tested = _finished(ev, metric)
+    if not tested:
         return []
-    parts = [f"{100 * r['penalty_share']:.1f}% at {_lam(r)}" for _, r in shares]
-    dominant = [_lam(r) for _, r in shares if r["penalty_share"] > DOMINANT_SHARE]
-    text = ("Share of the penalty in the final training loss (penalty / (cross-entropy "
-            f"+ penalty)): {', '.join(parts)}. ")
-    return [text + (f"The penalty dominates the loss (more than half) at {', '.join(dominant)}."
-                    if dominant else "The penalty is less than half of the loss at every λ.")]
+    top = max(tested, key=lambda label: by[label]["metrics"][metric]["mean"])
+    stat = by[top]["metrics"][metric]
+    if _one_seed(ev, tested):
+        text = (f"The highest test accuracy is {fmt_pct(stat['mean'])}, at λ={top} (one seed "
+                "per λ: no interval, so no claim that it is higher beyond seed noise)")
+    else:
+        diffs = {o: comparison(ev["comparisons"], metric, o, top) for o in tested if o != top}
+        close = [o for o, d in diffs.items() if _excludes_zero(d) != 1]
+        text = f"The highest mean test accuracy is {fmt_mean(metric, stat)}, at λ={top} (n={stat['n']})"
+        diff = lambda o: (f"λ={top} minus λ={o}: "  # noqa: E731
+                          f"{with_interval(metric, diffs[o], signed=True)}")
+        if close:
+            text += (f"; {_lams(close)} {_is(close)} within seed noise of it (paired difference "
+                     f"{'; '.join(diff(o) for o in close)})")
+        elif diffs:
+            text += (f"; it is above every other λ beyond seed noise (paired difference "
+                     f"{'; '.join(diff(o) for o in diffs)})")
+    best = ev.get("best")
+    if best and best["lambda"] != top and best["lambda"] in tested:
+        text += (f"; the λ picked by validation ({best['lambda']}) scores "
+                 f"{fmt_mean(metric, by[best['lambda']]['metrics'][metric])}")
+    return [text + "."]
 
 
-def _turn_notes(finished: Runs) -> list[str]:
-    """Per run: whether val_loss turned up after its minimum (a U-shape)."""
-    notes = []
-    for _, run in finished:
-        if run.get("best_epoch") is None:
-            continue
-        if run.get("val_loss_rose"):
-            notes.append(f"{_lam(run)}: val_loss reaches its minimum "
-                         f"({run['val_loss_min']:.4f}) at epoch {run['best_epoch']} and rises by "
-                         f"{run['val_loss_rise']:.4f} by epoch {run['epochs'] - 1} (a U-shape).")
+def trend_notes(ev: Evaluation, metric: str, subject: str, verbs: tuple[str, str, str],
+                up: bool) -> list[str]:
+    """Whether ``metric`` moves one way along the λ grid: ``verbs`` (``rises``, ``rise``,
+    ``falls``) are said of it, ``up`` the direction claimed. Claimed "at every step" only when
+    every adjacent step's paired difference interval excludes zero in that direction; else
+    each step is named: the claimed way, the other way, or within seed noise."""
+    labels = _finished(ev, metric)
+    if len(labels) < 2:
+        return []
+    by = ev["by_lambda"]
+    values = ", ".join(f"{fmt_mean(metric, by[label]['metrics'][metric])} at λ={label}"
+                       for label in labels)
+    if _one_seed(ev, labels):
+        return [f"{subject} by λ: {values} (one seed per λ: no interval, so no claim is made "
+                "about its trend with λ)."]
+    steps = [(a, b, comparison(ev["comparisons"], metric, a, b)) for a, b in zip(labels, labels[1:])]
+    sides = [_excludes_zero(c) * (1 if up else -1) for _, _, c in steps]
+    step = lambda a, b, c: f"λ={a} to λ={b}: {with_interval(metric, c, signed=True)}"  # noqa: E731
+    if all(side == 1 for side in sides):
+        return [f"{subject} {verbs[0]} with λ at every step, each beyond seed noise ({values}); "
+                f"paired differences {'; '.join(step(a, b, c) for a, b, c in steps)}."]
+    parts = []
+    for (a, b, c), side in zip(steps, sides):
+        diff = with_interval(metric, c, signed=True)
+        if side == 1:
+            parts.append(f"it {verbs[0]} from λ={a} to λ={b} ({diff})")
+        elif side == -1:
+            parts.append(f"it {verbs[2]} from λ={a} to λ={b} ({diff})")
         else:
-            notes.append(f"{_lam(run)}: val_loss is lowest at the last epoch "
-                         f"({run['best_epoch']}); it did not turn up within "
-                         f"{run['epochs']} epochs.")
+            parts.append(f"from λ={a} to λ={b} the change ({diff}) is within seed noise")
+    return [f"{subject} does not {verbs[1]} at every step beyond seed noise ({values}): "
+            + "; ".join(parts) + "."]
+
+
+def gap_side_notes(ev: Evaluation) -> list[str]:
+    """On which side of zero the generalization gap lies per λ, where its interval says so."""
+    labels = [label for label in _finished(ev, "gap") if ev["by_lambda"][label]["n"] >= 2]
+    sides = {label: _excludes_zero(ev["by_lambda"][label]["metrics"]["gap"]) for label in labels}
+    words = ((1, "Training accuracy is above validation accuracy beyond seed noise at"),
+             (-1, "Validation accuracy is above training accuracy beyond seed noise at"),
+             (0, "The gap is within seed noise of zero at"))
+    parts = [f"{text} {_lams([lab for lab in labels if sides[lab] == side])}."
+             for side, text in words if any(sides[lab] == side for lab in labels)]
+    return [" ".join(parts)] if parts else []
+
+
+def turn_notes(ev: Evaluation) -> list[str]:
+    """Per λ: whether the validation cross-entropy turns up beyond its noise
+    (:func:`l2sweep.reporting.summaries.val_ce_turn` defines it)."""
+    notes = []
+    for label, s in ev["by_lambda"].items():
+        turn = s.get("val_ce_turn")
+        if not s["n"] or not turn:
+            continue
+        low, last = turn["min_epoch"], turn["last_epoch"]
+        head = f"λ={label}: the {'mean ' if s['n'] > 1 else ''}validation cross-entropy"
+        if low == last:
+            notes.append(f"{head} is lowest at the last epoch ({last}); it does not turn up "
+                         f"within {last + 1} epochs.")
+        elif turn["turned"] is None:
+            notes.append(f"λ={label}: validation cross-entropy is lowest at epoch {low} "
+                         f"({turn['min']:.4f}) and {turn['rise']['mean']:.4f} higher at epoch "
+                         f"{last} (one seed: no interval, so no turn is claimed).")
+        elif turn["turned"]:
+            notes.append(f"λ={label}: validation cross-entropy turns up beyond its noise: its "
+                         f"mean is lowest at epoch {low} ({turn['min']:.4f}) and rises by "
+                         f"{with_interval('val_data_loss', turn['rise'], signed=True)} by epoch "
+                         f"{last}.")
+        else:
+            notes.append(f"{head} is lowest at epoch {low} ({turn['min']:.4f}), but its rise by "
+                         f"epoch {last} ({with_interval('val_data_loss', turn['rise'], True)}) "
+                         "is within seed noise: no turn is claimed.")
     return notes
 
 
-def _gap_notes(finished: Runs) -> list[str]:
-    """Final train minus validation accuracy per λ, and on which side each falls."""
-    gaps = [(n, r) for n, r in finished if finite(r.get("gap")) is not None]
-    if not gaps:
+def penalty_notes(ev: Evaluation) -> list[str]:
+    """The penalty's share of the final training loss (none without a penalty term), and
+    where it is above or below half beyond seed noise."""
+    metric = "penalty_share"
+    labels = _finished(ev, metric)
+    stats = {label: ev["by_lambda"][label]["metrics"][metric] for label in labels}
+    if not any(st["mean"] > 0 for st in stats.values()):  # weight decay has no penalty term
         return []
-    parts = [f"{fmt_points(r['gap'])} at {_lam(r)}" for _, r in gaps]
-    text = f"Generalization gap (final train minus validation accuracy): {', '.join(parts)}."
-    sides = (("Training accuracy is above validation accuracy at", lambda g: g > 0),
-             ("Validation accuracy is above training accuracy at", lambda g: g < 0),
-             ("They are equal at", lambda g: g == 0))
-    for words, side in sides:
-        lams = [_lam(r) for _, r in gaps if side(r["gap"])]
-        if lams:
-            text += f" {words} {', '.join(lams)}."
+    parts = ", ".join(f"{fmt_mean(metric, st)} at λ={label}" for label, st in stats.items())
+    text = ("Share of the penalty in the final training loss (penalty / (cross-entropy "
+            f"+ penalty)): {parts}.")
+    if _one_seed(ev, labels):
+        return [text + " One seed per λ: no interval, so no claim about where it is above half."]
+    side = {label: (0 if st["low"] is None else 1 if st["low"] > DOMINANT_SHARE
+                    else -1 if st["high"] < DOMINANT_SHARE else 0) for label, st in stats.items()}
+    for value, words in ((1, "The penalty dominates the loss (more than half, beyond seed noise) at"),
+                         (-1, "The penalty is less than half of the loss, beyond seed noise, at"),
+                         (0, "The share is within seed noise of half at")):
+        chosen = [label for label in labels if side[label] == value]
+        if chosen:
+            text += f" {words} {_lams(chosen)}."
     return [text]
 
 
-def _norm_notes(evaluation: Mapping[str, Any], finished: Runs) -> list[str]:
-    """How the final norm of the regularized weights moves along the λ grid."""
-    norms = [(n, finite(r.get("weight_norm", {}).get("regularized"))) for n, r in finished]
-    norms = [(n, v) for n, v in norms if v is not None]
-    if len(norms) < 2:
-        return []
-    values = [v for _, v in norms]
-    lams = [_lam(evaluation["runs"][n]) for n, _ in norms]
-    span = f"{values[0]:.3f} at {lams[0]} to {values[-1]:.3f} at {lams[-1]}"
-    subject = "The final norm of the regularized weights"
-    if all(b < a for a, b in zip(values, values[1:])):
-        return [f"{subject} falls at every step up the λ grid: {span}."]
-    if all(b > a for a, b in zip(values, values[1:])):
-        return [f"{subject} rises at every step up the λ grid: {span}."]
-    return [f"{subject} is not monotonic in λ: "
-            + ", ".join(f"{v:.3f} at {lam}" for lam, v in zip(lams, values)) + "."]
-
-
 def observations(evaluation: Mapping[str, Any]) -> list[str]:
-    """Statements on an evaluation, as Markdown bullet texts (without the ``-``). Each
-    quotes its numbers and is made only when they support it ("falls" only if every step falls)."""
-    runs = runs_by_strength(evaluation)
-    finished = [(n, r) for n, r in runs if r["status"] == FINISHED]
-    return (_status_notes(runs) + _best_notes(evaluation.get("best"), finished)
-            + _test_notes(evaluation, finished) + _penalty_notes(finished) + _turn_notes(finished)
-            + _gap_notes(finished) + _norm_notes(evaluation, finished))
+    """Statements on an evaluation, as Markdown bullet texts (without the ``-``): each from a
+    rule above, quoting its numbers and intervals, written only as far as the seeds support it."""
+    ev = with_statistics(evaluation)
+    return (status_notes(ev) + best_notes(ev) + test_notes(ev)
+            + trend_notes(ev, "initial_loss", "The starting loss (epoch 0's training loss, "
+                          "penalty included)", ("rises", "rise", "falls"), up=True)
+            + trend_notes(ev, "weight_norm", "The final norm of the regularized weights",
+                          ("shrinks", "shrink", "grows"), up=False)
+            + trend_notes(ev, "gap", "The generalization gap (final train minus validation "
+                          "accuracy)", ("narrows", "narrow", "widens"), up=False)
+            + gap_side_notes(ev) + turn_notes(ev) + penalty_notes(ev))
 
 
 # --- the report --------------------------------------------------------------------------
 
 REGULARIZER_TITLES = {"l2": "L2", "l1": "L1", "l1_l2": "L1+L2", "weight_decay": "Weight-decay",
                       "none": "Unregularized"}
+#: The summary table's columns and the ``by_lambda`` metric of each (after ``λ``; ``n`` last).
 TABLE_COLUMNS = ("λ", "train acc", "val acc", "val loss", "val cross-entropy", "test acc",
-                 "test loss", "weight norm", "gap (train − val)", "best epoch")
+                 "test loss", "weight norm", "gap (train − val)", "best epoch", "starting loss",
+                 "n")
+TABLE_METRICS = ("train_accuracy", "val_accuracy", "val_loss", "val_data_loss", "test_accuracy",
+                 "test_loss", "weight_norm", "gap", "best_epoch", "initial_loss")
 
 
-def table_row(run: Mapping[str, Any]) -> list[str]:
-    """The summary-table cells of one run (see :data:`TABLE_COLUMNS`)."""
-    lam = format_strength(run["strength"])
-    if run["status"] != FINISHED:
-        note = _diverged(run) if run["status"] == DIVERGED else run["status"]
-        return [lam, note] + [MISSING_CELL] * (len(TABLE_COLUMNS) - 2)
-    best_epoch = run.get("best_epoch")
-    return [
-        lam,
-        fmt_pct(run.get("train_accuracy")),
-        fmt_pct(run.get("val_accuracy")),
-        fmt_loss(run.get("val_loss")),
-        fmt_loss(run.get("val_data_loss")),
-        fmt_pct(run.get("test_accuracy")),
-        fmt_loss(run.get("test_loss")),
-        fmt_norm(run.get("weight_norm", {}).get("regularized")),
-        fmt_points(run.get("gap")),
-        MISSING_CELL if best_epoch is None else str(best_epoch),
-    ]
+def table_row(label: str, stats: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The summary-table cells of one λ (see :data:`TABLE_COLUMNS`): ``stats`` is its
+    ``by_lambda`` entry, ``runs`` its evaluation entries (for a λ with no finished seed)."""
+    if not stats["n"]:
+        at = sorted(r["diverged_epoch"] for r in runs if r.get("diverged_epoch") is not None)
+        if stats["diverged"] and len(runs) == 1:
+            note = "diverged" + (f" at epoch {at[0]}" if at else "")
+        elif stats["diverged"]:
+            note = f"diverged ({stats['diverged']} of {len(runs)} seeds)"
+        else:
+            note = str(runs[0].get("status")) if len(runs) == 1 else f"failed ({len(runs)} seeds)"
+        return [label, note] + [MISSING_CELL] * (len(TABLE_COLUMNS) - 3) + ["0"]
+    return ([label] + [fmt_mean(m, stats["metrics"][m]) for m in TABLE_METRICS]
+            + [str(stats["n"])])
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
@@ -177,11 +331,25 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def _overview(evaluation: Mapping[str, Any], runs: Runs) -> list[str]:
+def _seeds_line(ev: Evaluation) -> str:
+    """The overview's bullet on replicates: how many seeds, and what ± and the intervals are."""
+    counts = sorted({s["n"] for s in ev["by_lambda"].values() if s["n"]})
+    seeds = sorted({seed for s in ev["by_lambda"].values() for seed in s["seeds"] if seed is not None})
+    if not counts or counts[-1] < 2:
+        seed = seeds[0] if seeds else ev.get("sweep", {}).get("config", {}).get("train.seed", "?")
+        return (f"- One seed per λ (seed {seed}): no interval can be computed, so no statement "
+                "below claims to hold beyond seed noise.")
+    n = str(counts[0]) if len(counts) == 1 else f"{counts[0]} to {counts[-1]}"
+    return (f"- {n} finished seeds per λ (seeds {', '.join(str(x) for x in seeds)}): values are "
+            "means over seeds ± the half-width of their 95% t-interval; differences between λ "
+            "are paired by seed.")
+
+
+def _overview(ev: Evaluation) -> list[str]:
     """The title and the bullets saying what was trained on what."""
-    sweep = evaluation.get("sweep", {})
+    sweep = ev.get("sweep", {})
     regularizer = str(sweep.get("regularizer", "?"))
-    grid = ", ".join(format_strength(r["strength"]) for _, r in runs)
+    grid = ", ".join(ev["by_lambda"])
     config = sweep.get("config", {})
     sizes = sweep.get("split_sizes") or {}
     lines = [
@@ -198,50 +366,58 @@ def _overview(evaluation: Mapping[str, Any], runs: Runs) -> list[str]:
         + f"{sweep.get('test_examples', '?')} test images, untouched by training and model "
         "selection.",
     ]
-    counts = sorted({r["epochs"] for _, r in runs if r["status"] == FINISHED})
+    counts = sorted({e for s in ev["by_lambda"].values() for e in s["epochs"]})
     if counts:
         trained = str(counts[0]) if len(counts) == 1 else f"{counts[0]} to {counts[-1]}"
-        lines.append(f"- {trained} epochs per λ (numbered from 0); batch size "
+        lines.append(f"- {trained} epochs per run (numbered from 0); batch size "
                      f"{config.get('train.batch_size', '?')}, learning rate "
-                     f"{config.get('train.learning_rate', '?')}, seed {config.get('train.seed', '?')}.")
-    return lines
+                     f"{config.get('train.learning_rate', '?')}.")
+    return lines + [_seeds_line(ev)]
 
 
-def _per_class(runs: Runs) -> list[str]:
-    """The test accuracy of each class per λ, as a section (none without the numbers)."""
-    per_class = [r for _, r in runs if r.get("per_class_accuracy")]
+def _per_class(ev: Evaluation) -> list[str]:
+    """The mean test accuracy of each class per λ, as a section (none without the numbers)."""
+    per_class = [(label, s) for label, s in ev["by_lambda"].items() if s.get("per_class_accuracy")]
     if not per_class:
         return []
-    names = list(per_class[0]["per_class_accuracy"])
-    return ["", "## Test accuracy per class", "",
-            markdown_table(["class"] + [_lam(r) for r in per_class],
-                           ([c] + [fmt_pct(r["per_class_accuracy"].get(c)) for r in per_class]
-                            for c in names))]
+    names = list(per_class[0][1]["per_class_accuracy"])
+    several = any(s["n"] > 1 for _, s in per_class)
+    return ["", "## Test accuracy per class", ""] + (
+        ["Means over the finished seeds of each λ.", ""] if several else []) + [
+        markdown_table(["class"] + [f"λ={label}" for label, _ in per_class],
+                       ([c] + [fmt_pct(s["per_class_accuracy"].get(c)) for _, s in per_class]
+                        for c in names))]
 
 
 def render_report(evaluation: Mapping[str, Any],
                   figures: Sequence[tuple[str, str]] = ()) -> str:
     """The Markdown report of ``evaluation`` (the content of ``evaluation.json``), embedding
     ``figures``: ``(caption, path relative to the report)``."""
-    runs = runs_by_strength(evaluation)
-    lines = _overview(evaluation, runs) + [
+    ev = with_statistics(evaluation)
+    groups = runs_by_lambda(ev["runs"])
+    rows = (table_row(label, stats, [r for _, r in groups.get(label, [])])
+            for label, stats in ev["by_lambda"].items())
+    lines = _overview(ev) + [
         "",
         "## Summary",
         "",
-        markdown_table(TABLE_COLUMNS, (table_row(r) for _, r in runs)),
+        markdown_table(TABLE_COLUMNS, rows),
         "",
-        "Final-epoch values. *val loss* is Keras' `val_loss`, which includes the penalty "
+        "Final-epoch values; with several seeds per λ, the mean over its *n* finished seeds ± the "
+        "half-width of the 95% t-interval of that mean (in the column's unit: percentage points "
+        "for accuracies); with one seed the value alone, as no interval can be computed. "
+        "*val loss* is Keras' `val_loss`, which includes the penalty "
         "(λ·Σw² for L2); *val cross-entropy* leaves it out, so it compares across λ. *test "
         "loss* is the cross-entropy on the test split. *weight norm* is the final norm of the "
         "regularized kernels (every layer but `output`, combined as sqrt(Σ norm²)); "
         "`evaluation.json` has every layer's. *best epoch* is the epoch of the "
-        "lowest `val_loss`.",
+        "lowest `val_loss`; *starting loss* is epoch 0's training loss (penalty included).",
         "",
         "## Observations",
         "",
     ]
-    lines += [f"- {note}" for note in observations(evaluation)] or ["- (no finished run)"]
-    lines += _per_class(runs)
+    lines += [f"- {note}" for note in observations(ev)] or ["- (no finished run)"]
+    lines += _per_class(ev)
     if figures:
         lines += ["", "## Figures", ""]
         for caption, path in figures:

@@ -15,6 +15,7 @@ import copy
 import json
 import logging
 import os
+import shutil
 import time
 import uuid
 from concurrent.futures import Future
@@ -25,7 +26,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from l2sweep.base import files
+from l2sweep.base import files, outputs
 from l2sweep.reporting import summaries
 from l2sweep.tracking import store
 from l2sweep.tracking.runs import (PARENT_ENV, REASON_TAG, SWEEP_ENV, close_orphans, git_tags,
@@ -67,6 +68,8 @@ class SweepCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         parent = _result(self.parent)
         manifest = write_manifest(config, parent)
+        if outputs.in_dvc_stage():  # DVC keeps models/ while the stage runs (persist): its job
+            remove_other_sweeps(Path(config.paths.models), manifest)
         statuses = {r["status"] for r in manifest["runs"]}
         ok = bool(manifest["runs"]) and statuses <= {"FINISHED"}
         if parent is not None:
@@ -167,11 +170,13 @@ def _sweep_grid(config: DictConfig) -> str:
 
 
 def best_run(histories: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
-    """The best finished run by :func:`summaries.pick_best`, the rule of the report."""
+    """The best λ by the report's rule (lowest mean validation cross-entropy over its seeds,
+    :func:`summaries.summarize`), with ``run_name`` its best seed's run."""
     entries = {h["run_name"]: {**summaries.summarize_history(h), "strength": h.get("strength"),
+                               "seed": h.get("seed"),
                                "status": summaries.FINISHED if h.get("status") == "FINISHED" else "failed"}
                for h in histories if h.get("run_name")}
-    return summaries.pick_best(entries)
+    return summaries.summarize(entries)["best"] if entries else None
 
 
 def tag_best(uri: str, parent_run_id: str, best: dict[str, Any]) -> None:
@@ -180,7 +185,9 @@ def tag_best(uri: str, parent_run_id: str, best: dict[str, Any]) -> None:
     from mlflow.entities import Metric, RunTag
 
     tags = {"best_lambda": summaries.format_strength(best["strength"]),
-            "best_run_name": best["run_name"], "best_by": best["by"]}
+            "best_run_name": best["run_name"], "best_by": best["by"],
+            # beyond seed noise (every paired margin's interval excludes zero), or not
+            "best_decided": "true" if best.get("decided") else "false"}
     MlflowClient(tracking_uri=uri).log_batch(
         parent_run_id, metrics=[Metric("best_lambda", float(best["strength"]), int(time.time() * 1000), 0)],
         tags=[RunTag(k, v) for k, v in tags.items()])
@@ -229,3 +236,16 @@ def write_manifest(cfg: DictConfig, parent_run_id: Optional[str]) -> dict[str, A
     }
     files.write_text(models / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def remove_other_sweeps(models: Path, manifest: dict[str, Any]) -> list[str]:
+    """Deletes the run folders in ``models`` that the manifest does not list (λ of an earlier
+    sweep's grid), so the DVC output holds this sweep alone; returns their names."""
+    listed = {run["dir"] for run in manifest["runs"]}
+    stale = [path for path in models.glob("*/history.json") if path.parent.name not in listed]
+    for path in stale:
+        shutil.rmtree(path.parent, ignore_errors=True)
+    if stale:
+        log.info("removed the runs of an earlier sweep from %s: %s", models,
+                 ", ".join(sorted(p.parent.name for p in stale)))
+    return [p.parent.name for p in stale]
