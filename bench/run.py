@@ -11,10 +11,14 @@ Variants (each a fresh process, timed from spawn to exit, interleaved rep by rep
     b  ``python -m l2sweep.train -m`` with full MLflow tracking (what ``dvc repro`` runs)
     c  the same with ``tracking.enabled=false``
     d  the fused sweep: ``python -m l2sweep.train -m train.fused=true`` with full tracking
+    r  the train stage with the default replicates (``sweep.seeds``: 3 per λ, a job per λ
+       trains its seeds at once), full tracking
+    q  15 models: 3 λ x 5 seeds in one fused job, full tracking
 
 Targets (at full size, ``--full``): a/b >= 4.5 (the train stage with tracking against the
-seeds' code) and b/c <= 1.08 (what tracking costs); ``results.json``'s ``targets`` says
-whether each is met.
+seeds' code), b/c <= 1.08 (what tracking costs), a/r >= 3 (the replicated default against the
+seeds' single-seed sweep) and q/b <= 2.5 (15 models against the single-seed 3 λ);
+``results.json``'s ``targets`` says whether each is met.
 
 Writes ``bench/results.json`` and ``bench/scaling.png`` (``--full``: ``results-full.json``,
 ``scaling-full.png``; ``--out``/``--plot`` to choose) and prints a summary.
@@ -50,13 +54,19 @@ VARIANTS = {
     "b": "train stage (python -m l2sweep.train -m), full MLflow tracking",
     "c": "train stage, tracking.enabled=false",
     "d": "fused sweep (train.fused=true), full MLflow tracking",
+    "r": "train stage with the default replicates (sweep.seeds: 3 per lambda), full MLflow tracking",
+    "q": "15 models: 3 lambdas x 5 seeds in one fused job, full MLflow tracking",
 }
-CLI_ARGS = {"b": [], "c": ["tracking.enabled=false"], "d": ["train.fused=true"]}
+REPLICATES = {"r": [SEED, SEED + 1, SEED + 2], "q": [SEED + i for i in range(5)]}
+CLI_ARGS = {"b": [], "c": ["tracking.enabled=false"], "d": ["train.fused=true"],
+            "r": ["sweep.seeds=[%s]" % ",".join(map(str, REPLICATES["r"]))],
+            "q": ["train.fused=true", "sweep.seeds=[%s]" % ",".join(map(str, REPLICATES["q"]))]}
 #: Ratios reported (numerator / denominator, by median wall time).
-RATIOS = [("a", "b"), ("a", "c"), ("a", "d"), ("b", "c"), ("b", "d"), ("c", "d")]
+RATIOS = [("a", "b"), ("a", "c"), ("a", "d"), ("b", "c"), ("b", "d"), ("c", "d"), ("a", "r"),
+          ("r", "b"), ("q", "b")]
 #: The targets, on median wall-time ratios at full size (FULL_TRAIN images x FULL_EPOCHS):
 #: ratio -> (">=" or "<=", bound).
-TARGETS = {"a/b": (">=", 4.5), "b/c": ("<=", 1.08)}
+TARGETS = {"a/b": (">=", 4.5), "b/c": ("<=", 1.08), "a/r": (">=", 3.0), "q/b": ("<=", 2.5)}
 FULL_EPOCHS = 10
 
 
@@ -151,11 +161,14 @@ def make_project(root: Path, prepared: Path, grid: list[float], epochs: int, see
     return root
 
 
-def pipeline_results(root: Path) -> dict[str, Any]:
-    """Per-lambda final validation metrics and epoch times from ``models/*/history.json``."""
+def pipeline_results(root: Path, seed: int = SEED) -> dict[str, Any]:
+    """Per-lambda final validation metrics and epoch times from ``models/*/history.json``
+    (of the runs with ``seed``, where a sweep trained replicates)."""
     out = {}
     for path in sorted((root / "models").glob("*/history.json")):
         h = json.loads(path.read_text())
+        if h.get("seed", seed) != seed:
+            continue
         m = h["metrics"]
         out[repr(float(h["strength"]))] = {
             "status": h["status"], "val_accuracy": m["val_accuracy"][-1], "val_loss": m["val_loss"][-1],
@@ -196,14 +209,14 @@ def run_variant(variant: str, work: Path, prepared: Path, grid: list[float], epo
         result.pop(key)
     if result["rc"] != 0:
         raise RuntimeError(f"variant {variant} failed (exit {result['rc']}); see {root / 'log.txt'}")
-    # Seconds of training per lambda and epoch, validation included (d: the fused epoch / K).
-    if variant == "d":  # one fused epoch trains every lambda; all share its epoch_time
-        epoch_times = [t / len(grid) for t in next(iter(per_lambda.values()))["epoch_time"]]
-    else:
-        epoch_times = [t for r in per_lambda.values() for t in r["epoch_time"]]
-    result.update(per_lambda=per_lambda,
+    # Seconds of training per model and epoch, validation included: an epoch of a job that
+    # trains several models at once (fused: the grid; replicates: the seeds) divided among them.
+    seeds = len(REPLICATES.get(variant, [seed]))
+    together = (len(grid) if variant in ("d", "q") else 1) * seeds
+    epoch_times = [t / together for r in per_lambda.values() for t in r["epoch_time"]]
+    result.update(per_lambda=per_lambda, models=len(grid) * seeds,
                   epoch_s=statistics.median(epoch_times) if epoch_times else None,
-                  all_in_s_per_lambda_epoch=result["wall_s"] / (len(grid) * epochs))
+                  all_in_s_per_lambda_epoch=result["wall_s"] / (len(grid) * seeds * epochs))
     for r in per_lambda.values():
         r.pop("epoch_time")
     print(f"  {variant}: {result['wall_s']:7.1f} s  peak {result['peak_rss_mb']:6.0f} MB  "
@@ -476,7 +489,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--train-size", type=int, help="training images (default 10,000; --full 50,000)")
     p.add_argument("--epochs", type=int, help="epochs (default 3; --full 10)")
     p.add_argument("--reps", type=int, help="repetitions of the main comparison (default 3; --full 2)")
-    p.add_argument("--variants", default="a,b,c,d", help="which of a,b,c,d (default all)")
+    p.add_argument("--variants", default="a,b,c,d,r,q", help="which of a,b,c,d,r,q (default all)")
     p.add_argument("--scaling", default="grid,data", help="grid,data | grid | data | none")
     p.add_argument("--scaling-variants", help="variants of the scaling runs (default a,b,d; --full b,d)")
     p.add_argument("--noise-seeds", default="43",

@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import pytest
 
-from l2sweep.engine import model
+from l2sweep.engine import compiled, model
 from l2sweep.base.config import training_loop
 from l2sweep.engine.fit import Trained, fit
 
@@ -154,6 +154,34 @@ def test_a_diverging_lambda_fails_alone(tiny_cfg, data):
     (alone,) = fit(cfgs[:1], *data, [[]], "alone")
     assert good.diverged_epoch is None and len(good.history["loss"]) == 2
     assert_same(good, alone, "l2-0.001")
+
+
+class BatchEnds(keras.callbacks.Callback):
+    """Records each train batch end: (epoch, batch, loss)."""
+
+    def on_train_begin(self, logs=None):
+        self.ends, self.epoch = [], None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.ends.append((self.epoch, batch, logs["loss"]))
+
+
+def test_epochs_in_calls_of_a_few_steps_equal_keras_fit(tiny_cfg, data, monkeypatch):
+    """Calls of 5 steps (16 batches an epoch: 4 calls, the last of one batch) train as Keras fit
+    does; after each call the callbacks see a batch end with the epoch's running mean so far."""
+    monkeypatch.setattr(compiled, "STEPS_PER_CALL", 5)
+    cfgs = grid(tiny_cfg, "l2", (0.001, 0.1), "train.epochs=2")
+    ends = [BatchEnds(), BatchEnds()]
+    got = fit(cfgs, *data, [[e] for e in ends], "grid")
+    refs = fit_each(grid(tiny_cfg, "l2", (0.001, 0.1), "train.epochs=2", "train.loop=keras"), data)
+    for s, a, ref, seen in zip((0.001, 0.1), got, refs, ends):
+        assert_same(a, ref, f"l2-{s}")
+        assert [(e, b) for e, b, _ in seen.ends] == [(e, b) for e in (0, 1) for b in (4, 9, 14, 15)]
+        last = [loss for e, b, loss in seen.ends if b == 15]
+        np.testing.assert_allclose(last, ref.history["loss"], rtol=RTOL, atol=ATOL)
 
 
 class StopAfterFirstEpoch(keras.callbacks.Callback):

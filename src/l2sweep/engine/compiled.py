@@ -1,5 +1,6 @@
 """The compiled loop: K copies of a Keras MLP, one per lambda, trained as one set of variables
-by one XLA call per epoch (run by l2sweep.engine.fit; K=1 is an MLP run's default loop).
+by XLA calls of :data:`STEPS_PER_CALL` steps each (run by l2sweep.engine.fit; K=1 is an MLP run's
+default loop).
 
 It reads layers, penalties and Adam/AdamW settings from the models that
 :func:`l2sweep.engine.model.build_model` makes, one per lambda (the "views"), and refuses
@@ -12,7 +13,7 @@ is the sum of theirs, so each gets exactly its own gradient and a NaN in one aff
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple, Optional
 
 import keras
 import numpy as np
@@ -24,6 +25,11 @@ from l2sweep.base.data import to_float
 
 #: Validation examples per compiled call (memory: chunk * K * units floats).
 VAL_CHUNK = 2000
+#: Optimizer steps per compiled call. Between calls the loop's callbacks see a batch end (as
+#: Keras ``fit``'s with ``steps_per_execution``), so Ctrl-C stops training within one call
+#: (~75 ms for one MLP of the default config on a CPU core) instead of an epoch (~0.45 s).
+#: Measured per epoch against one call: 128 steps +5 %, 256 and 512 +1-2 % (calls cost ~2 ms).
+STEPS_PER_CALL = 256
 #: Optimizer options the engine cannot run when set (off in Keras' defaults).
 UNSUPPORTED_OPTIMIZER_OPTIONS = ("amsgrad", "clipnorm", "clipvalue", "global_clipnorm", "use_ema",
                                  "gradient_accumulation_steps", "loss_scale_factor")
@@ -154,7 +160,7 @@ class Param(NamedTuple):
 
 
 class CompiledMLP:
-    """K copies of an MLP as one set of variables, trained by one compiled call per epoch;
+    """K copies of an MLP as one set of variables, trained by compiled calls of many steps;
     build it with :meth:`for_views`."""
 
     def __init__(self, spec: Spec) -> None:
@@ -285,16 +291,20 @@ class CompiledMLP:
         w = weight[:, None]
         return tf.reduce_sum(ce * w, axis=0), tf.reduce_sum(correct * w, axis=0)
 
-    # --- one compiled call per epoch ---------------------------------------------------
+    # --- compiled calls of STEPS_PER_CALL steps ----------------------------------------
 
-    def _train_steps(self, x, y, batches, sizes):
-        """One optimizer step per row of ``batches`` (``sizes[i]`` indices into x/y, then padding).
+    def _train_steps(self, x, y, batches, sizes, count):
+        """One optimizer step per row of ``batches[:count]`` (``sizes[i]`` indices into x/y, then
+        padding; the rows after ``count`` too, so that every call has one shape and one compilation).
         Returns per-slice sums of loss * batch size (Keras' loss tracker), cross-entropy and hits."""
         positions = tf.range(tf.shape(batches)[1])
         sums = (tf.zeros(self.k, tf.float32),) * 3
         # The penalty at the next step's weights, computed once after each update (not differentiated).
         penalty = self._penalty()
-        for i in tf.range(tf.shape(batches)[0]):
+        i = tf.constant(0)
+        # A while loop, not ``for i in tf.range(count)``: that bounds the loop's iterations by
+        # ``count``, which XLA then needs as a constant: one compilation (~0.5 s) per count.
+        while i < count:
             idx = batches[i]
             weight = tf.cast(positions < sizes[i], tf.float32)
             size = tf.cast(sizes[i], tf.float32)
@@ -308,6 +318,7 @@ class CompiledMLP:
             self._apply_adam(grads)
             penalty = self._penalty()
             sums = tuple(a + b for a, b in zip(sums, (loss * size, ce_sum, correct)))
+            i += 1
         return sums
 
     def _apply_adam(self, grads):
@@ -335,19 +346,34 @@ class CompiledMLP:
 
     # --- host side ---------------------------------------------------------------------
 
-    def train_epoch(self, x, y, batches: list[np.ndarray]) -> dict[str, np.ndarray]:
-        """One epoch over ``batches`` (index arrays of at most the first one's size), in one call.
+    def train_epoch(self, x, y, batches: list[np.ndarray],
+                    batch_end: Optional[Callable[[int, dict[str, np.ndarray]], None]] = None
+                    ) -> dict[str, np.ndarray]:
+        """One epoch over ``batches`` (index arrays of at most the first one's size), in calls of
+        :data:`STEPS_PER_CALL` steps.
+
+        Args:
+            batch_end: called after each call with the index of its last batch and the running
+                means so far (as the return value); it may raise to stop the epoch.
 
         Returns:
             Per-slice ``loss``, ``data_loss`` and ``accuracy`` (shape (K,)): Keras' running means.
         """
-        padded = np.zeros((len(batches), len(batches[0])), np.int64)
-        sizes = np.asarray([len(b) for b in batches], np.int32)
-        for i, b in enumerate(batches):
-            padded[i, :len(b)] = b
-        sums = self._train(x, y, padded, sizes)
-        loss, ce, correct = (np.asarray(s.numpy(), np.float64) / float(sizes.sum()) for s in sums)
-        return {"loss": loss, "data_loss": ce, "accuracy": correct}
+        totals, seen = np.zeros((3, self.k), np.float64), 0
+        for start in range(0, len(batches), STEPS_PER_CALL):
+            chunk = batches[start:start + STEPS_PER_CALL]
+            padded = np.zeros((STEPS_PER_CALL, len(batches[0])), np.int64)
+            sizes = np.zeros(STEPS_PER_CALL, np.int32)
+            for i, b in enumerate(chunk):
+                padded[i, :len(b)], sizes[i] = b, len(b)
+            sums = self._train(x, y, padded, sizes, tf.constant(len(chunk), tf.int32))
+            totals += np.asarray([s.numpy() for s in sums], np.float64)
+            seen += int(sizes.sum())
+            loss, ce, correct = totals / seen
+            logs = {"loss": loss, "data_loss": ce, "accuracy": correct}
+            if batch_end is not None:
+                batch_end(start + len(chunk) - 1, logs)
+        return logs
 
     def evaluate(self, x, y) -> dict[str, np.ndarray]:
         """Per-slice ``loss`` (cross-entropy + penalty), ``data_loss`` and ``accuracy`` on (x, y)."""

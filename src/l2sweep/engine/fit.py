@@ -82,6 +82,8 @@ def _fit_keras(cfg: DictConfig, x_train, y_train, x_val, y_val, callbacks: list)
         epochs=cfg.train.epochs, batch_size=cfg.train.batch_size,
         validation_batch_size=cfg.train.validation_batch_size, shuffle=True,
         callbacks=[EpochStats(), *progress, histograms, divergence, *callbacks], verbose=verbose).history
+    if divergence.diverged:
+        log.warning("%s diverged in epoch %d (%s)", cfg.run_name, divergence.diverged_epoch, divergence.reason)
     return Trained(model, {k: [float(v) for v in values] for k, values in history.items()},
                    divergence.diverged_epoch, histograms.data)
 
@@ -149,7 +151,8 @@ def _slices(cfgs: list, callbacks: list[list], steps: int) -> list[_Slice]:
 
 def _fit_compiled(cfgs: list, x_train, y_train, x_val, y_val, callbacks: list[list],
                   label: str) -> list[Trained]:
-    """Each epoch of all K models in one call; each model's callbacks see its view as ``model``."""
+    """Each epoch of all K models in compiled calls of ``STEPS_PER_CALL`` steps, a batch end after
+    each; each model's callbacks see its view as ``model``."""
     base, epochs = cfgs[0], int(cfgs[0].train.epochs)
     slices = _slices(cfgs, callbacks, steps=math.ceil(len(x_train) / int(base.train.batch_size)))
     set_seeds(base.train.seed, base.train.deterministic)  # as before fit: its shuffling
@@ -180,7 +183,13 @@ def _epoch(engine: CompiledMLP, data: tuple, batches: list[np.ndarray], slices: 
     x, y, xv, yv = data
     for k in running:
         slices[k].callbacks.on_epoch_begin(epoch)
-    train_logs, val_logs = engine.train_epoch(x, y, batches), engine.evaluate(xv, yv)
+
+    def batch_end(batch: int, logs: dict[str, np.ndarray]) -> None:  # StopOnSignal raises here
+        for k in running:
+            slices[k].callbacks.on_train_batch_end(batch, {name: float(v[k]) for name, v in logs.items()})
+
+    train_logs = engine.train_epoch(x, y, batches, batch_end)
+    val_logs = engine.evaluate(xv, yv)
     views = [s.view for s in slices]
     engine.copy_to(views, running)
     for k in running:
@@ -189,9 +198,9 @@ def _epoch(engine: CompiledMLP, data: tuple, batches: list[np.ndarray], slices: 
         slices[k].callbacks.on_epoch_end(epoch, logs)
         if slices[k].view.stop_training:  # its weights and optimizer state stay this epoch's
             engine.copy_to(views, [k], optimizer_state=True)
-        if slices[k].divergence.diverged:  # Keras' running mean of the loss: any bad step shows
-            log.warning("%s: %s diverged in epoch %d (loss %s)%s", label, slices[k].cfg.run_name, epoch,
-                        logs["loss"], "; the other lambdas go on" if len(slices) > 1 else "")
+        if slices[k].divergence.diverged:
+            log.warning("%s: %s diverged in epoch %d (%s)%s", label, slices[k].cfg.run_name, epoch,
+                        slices[k].divergence.reason, "; the other lambdas go on" if len(slices) > 1 else "")
 
 
 def _log_epoch(label: str, epoch: int, epochs: int, running: list[_Slice]) -> None:

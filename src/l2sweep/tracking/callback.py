@@ -39,6 +39,12 @@ class MlflowLogger(keras.callbacks.Callback):
             raise TypeError(f"run={run!r} is not allowed: an l2sweep.tracking.runs.ChildRun")
         self.run = run
 
+    def on_train_begin(self, logs: Optional[dict] = None) -> None:
+        # MLflow's start (~2 s on the tracking thread) overlaps XLA's compilation: a Ctrl-C after
+        # the first epoch then ends the runs KILLED without waiting for it.
+        if self.run.tracker is not None:
+            self.run.tracker.release()
+
     def on_epoch_end(self, epoch: int, logs: Optional[dict] = None) -> None:
         if self.run.tracker is None:
             return

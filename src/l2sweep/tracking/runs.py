@@ -52,6 +52,7 @@ class Tracker:
     def __init__(self) -> None:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="l2sweep-tracking")
         self._go = threading.Event()
+        self._abandoned = False
         self._started: dict[str, Future] = {}
         #: The experiment id of each store started (a task's result, read on the thread).
         self.experiments: dict[str, str] = {}
@@ -65,6 +66,16 @@ class Tracker:
     def release(self) -> None:
         """Lets the queue run: training is under way, or something waits for it."""
         self._go.set()
+
+    def abandon(self) -> bool:
+        """Drops everything queued if MLflow's start has not begun: no run exists, so none can be
+        left RUNNING, and an interrupted process need not start MLflow to end its runs KILLED.
+        Returns whether the queue is (now) abandoned; nothing can be queued after."""
+        if not self._abandoned and not self._go.is_set():
+            self._abandoned = True
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._go.set()
+        return self._abandoned
 
     def wait(self, future: Optional[Future] = None) -> Any:
         """Waits for ``future`` (default: everything queued so far); returns its result."""
@@ -83,6 +94,8 @@ class Tracker:
         while not self._go.wait(0.5):
             if not threading.main_thread().is_alive():
                 return
+        if self._abandoned:
+            return
         store.hide_credentials(uri)
         self.experiments[uri] = store.ensure_store(cfg)
         # ~0.5M long-lived objects (TensorFlow, MLflow ...): frozen, full collections skip them.
@@ -206,7 +219,8 @@ def child_run(cfg: DictConfig, tags: dict[str, str]) -> Iterator[ChildRun]:
         interrupted = isinstance(exc, (KeyboardInterrupt, signals.Terminated))
         run.status = "KILLED" if interrupted else "FAILED"
         run.reason = f"interrupted: {exc or type(exc).__name__}" if interrupted else f"{type(exc).__name__}: {exc}"
-        _end(run)
+        if not (interrupted and tracks.abandon()):  # abandoned: MLflow never started, no run exists
+            _end(run)
         raise
     _end(run)
     if run.unlogged:

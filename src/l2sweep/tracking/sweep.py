@@ -131,6 +131,9 @@ def _try(what: str, task: Any, *args: Any) -> None:
 def finish(status: str, reason: Optional[str] = None) -> None:
     """Ends the parent runs this process opened that are still RUNNING (the entry point's ``finally``)."""
     parents = tracker().parents
+    if status == "KILLED" and tracker().abandon():  # interrupted before MLflow started: no run exists
+        parents.clear()
+        return
     while parents:
         uri, parent = parents.pop()
         os.environ.pop(PARENT_ENV, None)
