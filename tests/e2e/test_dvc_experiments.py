@@ -47,7 +47,7 @@ def queued(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
     write_idx_dir(root / "data" / "raw" / "tiny", tiny_arrays())
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["dataset"] = {"name": "idx_dir", "path": "data/raw/tiny"}
-    params["sweep"]["strengths"] = GRID[:2]
+    params["sweep"]["strengths"], params["sweep"]["seeds"] = GRID[:2], None
     params["tracking"] = {"log_model": False}
     params["train"]["epochs"] = 1
     params["data"]["limit"] = 60  # few enough that test accuracy differs between the seeds

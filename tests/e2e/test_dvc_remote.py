@@ -58,6 +58,7 @@ def origin(tmp_path_factory: pytest.TempPathFactory) -> Path:
     params["dataset"] = {"name": "idx_dir", "path": "data/raw/tiny"}
     params["train"]["epochs"] = 1
     params["sweep"]["strengths"] = GRID[:2]
+    params["sweep"]["seeds"] = [1, 2]  # replicates, through dvc repro and dvc push/pull
     params["tracking"] = {"log_model": False}
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     dvc(root, "init", "--no-scm", "--quiet")
@@ -70,7 +71,9 @@ def origin(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.slow
 def test_a_teammate_pulls_the_results_instead_of_retraining(origin, tmp_path):
     produced = digests(origin)
-    assert any(p.endswith("model.keras") for p in produced) and "data/prepared/train.npz" in produced
+    assert {p.split("/")[1] for p in produced if p.endswith("/model.keras")} == {
+        f"l2-{s}-s{seed}" for s in GRID[:2] for seed in (1, 2)}  # a run per λ and seed
+    assert "data/prepared/train.npz" in produced
 
     remote = tmp_path / "remote"
     dvc(origin, "remote", "add", "--default", "shared", str(remote))

@@ -130,7 +130,7 @@ def dvc_repo(root: Path, epochs: int = 2) -> Path:
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["dataset"] = {"name": "idx_dir", "path": "data/raw/tiny"}
     params["train"]["epochs"] = epochs
-    params["sweep"]["strengths"] = GRID[:1]
+    params["sweep"]["strengths"], params["sweep"]["seeds"] = GRID[:1], None
     params["tracking"] = NO_MLFLOW_MODEL
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"]):

@@ -535,7 +535,7 @@ def test_dvc_repro_runs_the_fused_sweep_as_one_slurm_job(cluster, server, tmp_pa
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["dataset"] = {"name": "idx_dir", "path": "data/raw/tiny"}
     params["train"].update(epochs=EPOCHS, fused=True)
-    params["sweep"]["strengths"] = GRID
+    params["sweep"]["strengths"], params["sweep"]["seeds"] = GRID, None
     params["tracking"] = {"log_model": False}
     params["hydra/launcher"] = "slurm"
     params["hydra"] = {"launcher": {"partition": PARTITION, "cpus_per_task": 1, "mem_gb": 1}}

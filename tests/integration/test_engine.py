@@ -29,10 +29,12 @@ def data(tiny_arrays):
     return arrays
 
 
-def grid(tiny_cfg, regularizer: str, strengths, *extra: str) -> list:
-    """One config per lambda, otherwise equal (as the train stage makes them)."""
+def grid(tiny_cfg, regularizer: str, strengths, *extra: str, seeds=None) -> list:
+    """One config per lambda (with ``seeds``: lambda i gets seed i), otherwise equal (as the
+    train stage makes them)."""
+    seeds = seeds or [None] * len(strengths)
     return [tiny_cfg(f"regularizer={regularizer}", f"regularizer.strength={s}", "tracking.enabled=false",
-                     *extra) for s in strengths]
+                     *extra, *([f"train.seed={seed}"] if seed is not None else [])) for s, seed in zip(strengths, seeds)]
 
 
 def assert_same(got: Trained, ref: Trained, what: str) -> None:
@@ -58,12 +60,14 @@ def fit_each(cfgs, data) -> list[Trained]:
 
 @pytest.mark.parametrize("regularizer", ["l2", "l1_l2", "weight_decay"])
 def test_compiled_loop_equals_keras_fit(tiny_cfg, data, regularizer):
-    """A 3-lambda grid for 2 epochs: all at once in the compiled loop, one by one in it, and one
-    by one in Keras' own fit give the same metrics, weights and Adam state."""
-    strengths = (0.001, 0.01, 0.1)
-    together = fit(grid(tiny_cfg, regularizer, strengths, "train.epochs=2"), *data, [[]] * 3, "grid")
-    alone = fit_each(grid(tiny_cfg, regularizer, strengths, "train.epochs=2"), data)
-    keras_fit = fit_each(grid(tiny_cfg, regularizer, strengths, "train.epochs=2", "train.loop=keras"), data)
+    """3 runs differing in lambda and seed (so in initial weights and batch order, reshuffled
+    each epoch) for 2 epochs: all at once in the compiled loop, one by one in it, and one by
+    one in Keras' own fit (fed the same batches) give the same metrics, weights and Adam state."""
+    strengths, seeds = (0.001, 0.01, 0.1), (1, 2, 3)
+    together = fit(grid(tiny_cfg, regularizer, strengths, "train.epochs=2", seeds=seeds), *data, [[]] * 3, "grid")
+    alone = fit_each(grid(tiny_cfg, regularizer, strengths, "train.epochs=2", seeds=seeds), data)
+    keras_fit = fit_each(grid(tiny_cfg, regularizer, strengths, "train.epochs=2", "train.loop=keras",
+                              seeds=seeds), data)
     for s, a, b, ref in zip(strengths, together, alone, keras_fit):
         assert len(ref.history["loss"]) == 2 and ref.diverged_epoch is None
         assert_same(a, ref, f"together {regularizer}-{s}")
@@ -140,8 +144,10 @@ def test_the_cnn_runs_only_in_keras_fit(tiny_cfg, data):
         validate(tiny_cfg("model=cnn", "train.loop=compiled"))
     with pytest.raises(ValueError, match=r"cannot run layer 'channels' \(Reshape\).*train.loop=keras"):
         fit([tiny_cfg("model=cnn", "train.loop=compiled")], *data, [[]], "cnn")
-    with pytest.raises(ValueError, match="one model at a time: got 2 configs"):
-        fit(grid(tiny_cfg, "l2", (0.1, 1.0), "model=cnn"), *data, [[], []], "cnn")
+    # Replicates of a CNN: Keras fit trains them one after another, each on its own seed.
+    first, second = fit(grid(tiny_cfg, "l2", (0.1, 0.1), "model=cnn", seeds=(1, 2)), *data, [[], []], "cnn")
+    assert len(first.history["loss"]) == len(second.history["loss"]) == 1
+    assert first.history["loss"] != second.history["loss"]
 
 
 def test_a_diverging_lambda_fails_alone(tiny_cfg, data):
@@ -202,11 +208,12 @@ def test_a_callback_stops_its_model_as_in_fit(tiny_cfg, data):
     assert_same(going, ref_going, "going on")
 
 
-def test_batches_come_in_fits_order():
-    """keras_batch_order is what fit(shuffle=True) feeds, batch for batch, epoch after epoch."""
+def test_every_epoch_reshuffles_and_fit_is_fed_that_order():
+    """epoch_batches draws each epoch's order from (seed, epoch); EpochBatches feeds Keras fit
+    exactly those batches, epoch after epoch (what the compiled loop trains on too)."""
     import tensorflow as tf
 
-    from l2sweep.engine.fit import keras_batch_order
+    from l2sweep.engine.fit import EpochBatches, epoch_batches
 
     n, epochs, steps = 100, 3, 4   # 3 batches of 32, then one of 4
 
@@ -228,17 +235,18 @@ def test_batches_come_in_fits_order():
             self.step.assign_add(1)
             return {"step": self.step}
 
-    model.set_seeds(42)
     recorder = Recorder()
-    recorder(np.zeros((1, 1)))
+    recorder(np.zeros((1, 28, 28)))
     recorder.compile(steps_per_execution=2)
-    recorder.fit(np.zeros((n, 1)), np.arange(n), batch_size=32, epochs=epochs, shuffle=True, verbose=0)
-    model.set_seeds(42)
-    order = keras_batch_order(n, 32, epochs)
+    recorder.fit(EpochBatches(np.zeros((n, 28, 28), np.uint8), np.arange(n), seed=7, batch_size=32),
+                 epochs=epochs, shuffle=False, verbose=0)
+    order = [epoch_batches(7, epoch, n, 32) for epoch in range(epochs)]
     assert [[len(b) for b in epoch] for epoch in order] == [[32, 32, 32, 4]] * epochs
     mine = np.asarray([[b[0], b[-1]] for epoch in order for b in epoch])
     np.testing.assert_array_equal(mine, recorder.seen.numpy())
-    assert sorted(np.concatenate(order[0]).tolist()) == list(range(n))
+    assert all(sorted(np.concatenate(epoch).tolist()) == list(range(n)) for epoch in order)
+    assert not np.array_equal(np.concatenate(order[0]), np.concatenate(order[1]))  # reshuffled
+    assert [b.tolist() for b in epoch_batches(8, 0, n, 32)] != [b.tolist() for b in order[0]]
 
 
 def test_uint8_images_train_exactly_as_their_float_copy(tiny_cfg, data):
@@ -274,19 +282,14 @@ def test_the_compiled_loop_compiles_once_per_process(tiny_cfg, data):
     assert other is not engine
 
 
-def test_the_jobs_of_a_process_share_the_batch_order_and_data_tensors(tiny_cfg, data, monkeypatch):
-    """The second job reuses the first one's batch order (the same seed gives the same order)
-    and its tensors of the read-only shared arrays; other arrays, or another seed, do not."""
+def test_the_jobs_of_a_process_share_the_data_tensors(tiny_cfg, data):
+    """The second job reuses the first one's tensors of the read-only shared arrays; other
+    (writeable) arrays are converted anew."""
     from l2sweep.engine import fit as fit_module
 
-    calls = []
-    order = fit_module.keras_batch_order
-    monkeypatch.setattr(fit_module, "keras_batch_order", lambda *a: calls.append(a) or order(*a))
-    first, second = grid(tiny_cfg, "l2", (0.001, 0.1), "train.seed=1234")  # a seed no test used before
+    first, second = grid(tiny_cfg, "l2", (0.001, 0.1))
     fit([first], *data, [[]], "first")
     tensors = fit_module.data_tensors(*data)
     fit([second], *data, [[]], "second")
-    assert len(calls) == 1 and fit_module.data_tensors(*data) is tensors
+    assert fit_module.data_tensors(*data) is tensors
     assert fit_module.data_tensors(data[0].copy(), *data[1:]) is not tensors  # writeable: not kept
-    fit(grid(tiny_cfg, "l2", (0.001,), "train.seed=7"), *data, [[]], "seed 7")
-    assert len(calls) == 2

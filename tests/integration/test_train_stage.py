@@ -161,3 +161,29 @@ def test_a_fused_multirun_is_one_job_of_the_whole_grid(prepared_project, monkeyp
     assert "train.fused=true" in argv and "sweep.strengths=[0.1,1.0]" in argv
     assert not any(a.startswith("regularizer.strength=") for a in argv)
     assert os.environ[JOBS_ENV] == "1"
+
+
+def test_replicates_are_runs_of_their_own_and_evaluate_gives_their_intervals(prepared_tiny, tiny_cfg):
+    """sweep.seeds: one job trains a λ once per seed, at once; each (λ, seed) is a tracked run
+    with its own initial weights and batches, tagged for grouping; evaluate then reports the
+    λ's mean and 95% interval over them (n stated), and each seed equals its run alone."""
+    from l2sweep.evaluate import evaluate
+
+    cfg = tiny_cfg("train.epochs=2", "regularizer.strength=0.01", "sweep.seeds=[1,2,3]")
+    finals = train(cfg)
+    assert sorted(finals) == ["l2-0.01-s1", "l2-0.01-s2", "l2-0.01-s3"]
+    assert len({f["val_loss"] for f in finals.values()}) == 3  # three different models
+    runs = {r.info.run_name: r for r in _runs(cfg)}
+    assert {n: (r.data.tags["l2sweep.lambda"], r.data.tags["l2sweep.seed"], r.data.params["train.seed"])
+            for n, r in runs.items()} == {f"l2-0.01-s{s}": ("l2-0.01", str(s), str(s)) for s in (1, 2, 3)}
+    evaluation = evaluate(cfg)
+    lam = evaluation["by_lambda"]["0.01"]
+    assert lam["n"] == 3 and lam["seeds"] == [1, 2, 3]
+    values = [evaluation["runs"][f"l2-0.01-s{s}"]["val_data_loss"] for s in (1, 2, 3)]
+    ce = lam["metrics"]["val_data_loss"]
+    assert ce["mean"] == pytest.approx(sum(values) / 3) and ce["low"] < ce["mean"] < ce["high"]
+    assert "n=3" in (Path(cfg.paths.reports) / "report.md").read_text()
+
+    (alone,) = train(tiny_cfg("train.epochs=2", "regularizer.strength=0.01", "train.seed=2",
+                              "tracking.enabled=false")).values()
+    assert alone["val_loss"] == pytest.approx(finals["l2-0.01-s2"]["val_loss"], rel=1e-5)

@@ -15,15 +15,6 @@ import pytest
 from l2sweep.base import compat
 
 
-def test_fit_batch_dataset_is_a_shuffled_epoch_of_index_batches():
-    """keras.src.trainers.data_adapters.get_data_adapter (keras)."""
-    dataset, steps = compat.fit_batch_dataset(10, 4)
-    batches = [b.numpy() for b in dataset]
-    assert steps == 3, f"keras' data adapter: {steps} batches of 4 for 10 examples"
-    assert [len(b) for b in batches] == [4, 4, 2] and all(b.dtype == np.int64 for b in batches)
-    assert sorted(np.concatenate(batches).tolist()) == list(range(10))
-
-
 def test_op_determinism_enabled_answers():
     """tensorflow.python.framework.config.is_op_determinism_enabled (tensorflow)."""
     import tensorflow as tf

@@ -9,17 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 
-def fit_batch_dataset(n: int, batch_size: int) -> tuple[Any, int]:
-    """The index batches ``Model.fit(..., shuffle=True)`` feeds for ``n`` examples: (a dataset,
-    reshuffled per iteration; batches per epoch). Private: ``get_data_adapter``, as ``fit`` uses;
-    nothing public gives ``fit``'s shuffle order, which the compiled loop must match."""
-    import numpy as np
-    from keras.src.trainers.data_adapters import get_data_adapter
-
-    adapter = get_data_adapter(np.arange(n, dtype=np.int64), batch_size=batch_size, shuffle=True)
-    return adapter.get_tf_dataset().map(lambda *x: x[0]), int(adapter.num_batches)
-
-
 def op_determinism_enabled() -> bool:
     """Whether op determinism is on. Private: ``is_op_determinism_enabled`` (as Keras asks);
     TensorFlow exports the switch but not the question."""

@@ -1,11 +1,11 @@
-"""The compiled loop: K copies of a Keras MLP, one per lambda, trained as one set of variables
-by XLA calls of :data:`STEPS_PER_CALL` steps each (run by l2sweep.engine.fit; K=1 is an MLP run's
-default loop).
+"""The compiled loop: K copies of a Keras MLP, one per run (λ and seed), trained as one set of
+variables by XLA calls of :data:`STEPS_PER_CALL` steps each (run by l2sweep.engine.fit; K=1 is
+an MLP run's default loop).
 
 It reads layers, penalties and Adam/AdamW settings from the models that
-:func:`l2sweep.engine.model.build_model` makes, one per lambda (the "views"), and refuses
+:func:`l2sweep.engine.model.build_model` makes, one per run (the "views"), and refuses
 anything else by name (train that with ``train.loop=keras``). Each slice starts from its view's
-weights, sees ``fit``'s batches in ``fit``'s order and is updated as Keras does
+weights, sees its own batches (its own order: replicates differ in it) and is updated as Keras does
 (tests/integration/test_engine.py). The slices share no parameter and the loss differentiated
 is the sum of theirs, so each gets exactly its own gradient and a NaN in one affects no other.
 """
@@ -224,12 +224,17 @@ class CompiledMLP:
         return tf.reshape(values, (self.k,) + (1,) * (2 if part.kernel else 1))
 
     def _logits(self, x):
-        """(B, K, classes): each Dense layer's own activation, applied per slice."""
+        """(B, K, classes) of ``x``: (B, inputs) shared by the slices, or (K, B, inputs) a batch
+        per slice; each Dense layer's own activation, applied per slice."""
         params = iter(self.params)
         h = None
         for i, layer in enumerate(self.layers):
             kernel = next(params)
-            if i == 0:  # one GEMM for all slices
+            if i == 0 and len(x.shape) == 3:  # each slice its own batch: a batched GEMM
+                z = tf.einsum("kbi,iko->bko", x, tf.reshape(kernel, (-1, self.k, layer.units)))
+                if layer.use_bias:
+                    z = z + tf.reshape(next(params), (self.k, layer.units))
+            elif i == 0:  # one GEMM for all slices
                 z = tf.reshape(tf.matmul(x, kernel), (-1, self.k, layer.units))
                 if layer.use_bias:
                     z = z + tf.reshape(next(params), (self.k, layer.units))
@@ -281,9 +286,10 @@ class CompiledMLP:
 
     def _batch_stats(self, x, y, weight):
         """Per-slice sums over a batch of cross-entropy and of correct predictions (shape (K,));
-        ``weight`` (B,) is 1 for real examples and 0 for the padding of a partial batch."""
+        ``x``, ``y``: shared (B, ...) or per slice (K, B, ...); ``weight`` (B,) is 1 for real
+        examples and 0 for the padding of a partial batch."""
         logits = self._logits(x)
-        labels = tf.broadcast_to(y[:, None], tf.shape(logits)[:2])
+        labels = tf.transpose(y) if len(y.shape) == 2 else tf.broadcast_to(y[:, None], tf.shape(logits)[:2])
         # Keras computes sparse_categorical_crossentropy of a softmax output from its logits.
         ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
         pred = tf.argmax(tf.nn.softmax(logits), axis=-1, output_type=labels.dtype)
@@ -294,10 +300,11 @@ class CompiledMLP:
     # --- compiled calls of STEPS_PER_CALL steps ----------------------------------------
 
     def _train_steps(self, x, y, batches, sizes, count):
-        """One optimizer step per row of ``batches[:count]`` (``sizes[i]`` indices into x/y, then
-        padding; the rows after ``count`` too, so that every call has one shape and one compilation).
+        """One optimizer step per row of ``batches[:count]`` (shape (steps, B), shared by the
+        slices, or (steps, K, B), a batch per slice: ``sizes[i]`` indices into x/y, then padding;
+        the rows after ``count`` too, so that every call has one shape and one compilation).
         Returns per-slice sums of loss * batch size (Keras' loss tracker), cross-entropy and hits."""
-        positions = tf.range(tf.shape(batches)[1])
+        positions = tf.range(tf.shape(batches)[-1])
         sums = (tf.zeros(self.k, tf.float32),) * 3
         # The penalty at the next step's weights, computed once after each update (not differentiated).
         penalty = self._penalty()
@@ -346,33 +353,43 @@ class CompiledMLP:
 
     # --- host side ---------------------------------------------------------------------
 
-    def train_epoch(self, x, y, batches: list[np.ndarray],
+    def train_epoch(self, x, y, orders: list[list[np.ndarray]],
                     batch_end: Optional[Callable[[int, dict[str, np.ndarray]], None]] = None
                     ) -> dict[str, np.ndarray]:
-        """One epoch over ``batches`` (index arrays of at most the first one's size), in calls of
-        :data:`STEPS_PER_CALL` steps.
+        """One epoch, slice k over ``orders[k]``'s batches (index arrays of at most the first
+        one's size; every slice the same number and sizes), in calls of :data:`STEPS_PER_CALL` steps.
 
         Args:
+            orders: one list of batches shared by every slice (one GEMM per layer for all), or
+                one list per slice (replicates: each its own order; a batched GEMM).
             batch_end: called after each call with the index of its last batch and the running
                 means so far (as the return value); it may raise to stop the epoch.
 
         Returns:
             Per-slice ``loss``, ``data_loss`` and ``accuracy`` (shape (K,)): Keras' running means.
         """
-        totals, seen = np.zeros((3, self.k), np.float64), 0
-        for start in range(0, len(batches), STEPS_PER_CALL):
-            chunk = batches[start:start + STEPS_PER_CALL]
-            padded = np.zeros((STEPS_PER_CALL, len(batches[0])), np.int64)
+        shared = isinstance(orders[0], np.ndarray)  # one order for every slice: one GEMM
+        per_slice = [orders] if shared else orders
+        if (not shared and len(orders) != self.k) or len({len(o) for o in per_slice}) != 1:
+            raise ValueError(f"one order, or one per slice all as long: got "
+                             f"{[len(o) for o in per_slice]} for {self.k} slices")
+        steps, totals, seen = len(per_slice[0]), np.zeros((3, self.k), np.float64), 0
+        for start in range(0, steps, STEPS_PER_CALL):
+            count = min(STEPS_PER_CALL, steps - start)
+            padded = np.zeros((STEPS_PER_CALL, len(per_slice), len(per_slice[0][0])), np.int64)
             sizes = np.zeros(STEPS_PER_CALL, np.int32)
-            for i, b in enumerate(chunk):
-                padded[i, :len(b)], sizes[i] = b, len(b)
-            sums = self._train(x, y, padded, sizes, tf.constant(len(chunk), tf.int32))
+            for k, order in enumerate(per_slice):
+                for i, b in enumerate(order[start:start + count]):
+                    padded[i, k, :len(b)], sizes[i] = b, len(b)
+            if shared:
+                padded = padded[:, 0]
+            sums = self._train(x, y, padded, sizes, tf.constant(count, tf.int32))
             totals += np.asarray([s.numpy() for s in sums], np.float64)
             seen += int(sizes.sum())
             loss, ce, correct = totals / seen
             logs = {"loss": loss, "data_loss": ce, "accuracy": correct}
             if batch_end is not None:
-                batch_end(start + len(chunk) - 1, logs)
+                batch_end(start + count - 1, logs)
         return logs
 
     def evaluate(self, x, y) -> dict[str, np.ndarray]:

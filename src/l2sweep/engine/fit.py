@@ -14,7 +14,6 @@ import numpy as np
 import tensorflow as tf
 from omegaconf import DictConfig
 
-from l2sweep.base import compat
 from l2sweep.base.cache import CACHE
 from l2sweep.base.config import training_loop
 from l2sweep.base.data import to_float
@@ -40,11 +39,12 @@ class Trained:
 
 
 def fit(cfgs: list, x_train, y_train, x_val, y_val, callbacks: list[list], label: str) -> list[Trained]:
-    """Trains one model per config (the configs differ only in ``regularizer.strength``), each
-    with ``EpochStats``, ``WeightHistograms``, ``StopOnDivergence``, progress and ``callbacks[k]``.
+    """Trains one model per config (the configs differ only in ``regularizer.strength`` and
+    ``train.seed``: initial weights and batch order), each with ``EpochStats``,
+    ``WeightHistograms``, ``StopOnDivergence``, progress and ``callbacks[k]``.
 
     Args:
-        cfgs: one config per model; only one for the ``keras`` loop.
+        cfgs: one config per model; the compiled loop trains them at once, ``keras`` in turn.
         x_train, y_train, x_val, y_val: images (N, 28, 28), uint8 or float32 in [0, 1], int labels.
         label: prefix of the log lines.
 
@@ -56,10 +56,8 @@ def fit(cfgs: list, x_train, y_train, x_val, y_val, callbacks: list[list], label
         raise ValueError(f"one callback list per config: got {len(callbacks)} for {len(cfgs)} configs")
     if training_loop(cfgs[0]) == "compiled":
         return _fit_compiled(cfgs, x_train, y_train, x_val, y_val, callbacks, label)
-    if len(cfgs) != 1:
-        raise ValueError(f"train.loop={cfgs[0].train.loop} trains {cfgs[0].model.name} one model at a "
-                         f"time: got {len(cfgs)} configs (the compiled loop trains several at once)")
-    return [_fit_keras(cfgs[0], x_train, y_train, x_val, y_val, callbacks[0])]
+    # Keras fit trains one model at a time: the configs one after another.
+    return [_fit_keras(c, x_train, y_train, x_val, y_val, cbs) for c, cbs in zip(cfgs, callbacks)]
 
 
 def _progress(cfg: DictConfig) -> tuple[int, list]:
@@ -78,9 +76,9 @@ def _fit_keras(cfg: DictConfig, x_train, y_train, x_val, y_val, callbacks: list)
     histograms, divergence = WeightHistograms(cfg.tracking.histogram_bins), StopOnDivergence()
     verbose, progress = _progress(cfg)
     history = model.fit(
-        _as_float(x_train), y_train, validation_data=(_as_float(x_val), y_val),
-        epochs=cfg.train.epochs, batch_size=cfg.train.batch_size,
-        validation_batch_size=cfg.train.validation_batch_size, shuffle=True,
+        EpochBatches(x_train, y_train, int(cfg.train.seed), int(cfg.train.batch_size)),
+        validation_data=(_as_float(x_val), y_val), epochs=cfg.train.epochs, shuffle=False,
+        validation_batch_size=cfg.train.validation_batch_size,
         callbacks=[EpochStats(), *progress, histograms, divergence, *callbacks], verbose=verbose).history
     if divergence.diverged:
         log.warning("%s diverged in epoch %d (%s)", cfg.run_name, divergence.diverged_epoch, divergence.reason)
@@ -90,19 +88,37 @@ def _fit_keras(cfg: DictConfig, x_train, y_train, x_val, y_val, callbacks: list)
 
 # --- the compiled loop -------------------------------------------------------------------
 
-def keras_batch_order(n: int, batch_size: int, epochs: int) -> list[list[np.ndarray]]:
-    """The index batches ``Model.fit(..., shuffle=True)`` feeds per epoch; call it after ``set_seeds``."""
-    dataset, steps = compat.fit_batch_dataset(n, batch_size)
-    # All of an epoch's batches as one padded tensor: one iterator step instead of one per batch.
-    dataset = dataset.padded_batch(steps, padded_shapes=[batch_size], padding_values=np.int64(-1))
-    return [[b[b >= 0] for b in next(iter(dataset)).numpy()] for _ in range(epochs)]
+def epoch_batches(seed: int, epoch: int, n: int, batch_size: int) -> list[np.ndarray]:
+    """Epoch ``epoch``'s training batches of a run seeded ``seed``: a permutation of ``range(n)``
+    drawn from (seed, epoch), cut into ``batch_size`` pieces (the last one shorter). Every epoch
+    reshuffles, as SGD assumes; both loops feed these, so they train on the same batches."""
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
-def batch_order(cfg: DictConfig, n: int) -> list[list[np.ndarray]]:
-    """:func:`keras_batch_order` for ``cfg``, shared by a process's jobs with the same seed and sizes."""
-    key = (int(cfg.train.seed), bool(cfg.train.deterministic), n, int(cfg.train.batch_size),
-           int(cfg.train.epochs))
-    return CACHE.get("batch order", key, lambda: keras_batch_order(*key[2:]))
+class EpochBatches(keras.utils.PyDataset):
+    """The training split in :func:`epoch_batches`' order, for Keras ``fit`` (float images).
+
+    Example:
+        >>> model.fit(EpochBatches(x_train, y_train, seed=42, batch_size=32), epochs=10)
+    """
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, seed: int, batch_size: int) -> None:
+        super().__init__()  # one worker, no processes: batches in order
+        self.x, self.y, self.seed, self.batch_size, self.epoch = x, y, seed, batch_size, -1
+        self.batches = epoch_batches(seed, 0, len(x), batch_size)  # what Keras peeks at first
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        idx = self.batches[i]
+        return _as_float(self.x[idx]), self.y[idx]
+
+    def on_epoch_begin(self) -> None:
+        # Keras calls it once as each training epoch starts (on_epoch_end also at other times).
+        self.epoch += 1
+        self.batches = epoch_batches(self.seed, self.epoch, len(self.x), self.batch_size)
 
 
 def data_tensors(*arrays: np.ndarray) -> tuple:
@@ -154,9 +170,8 @@ def _fit_compiled(cfgs: list, x_train, y_train, x_val, y_val, callbacks: list[li
     """Each epoch of all K models in compiled calls of ``STEPS_PER_CALL`` steps, a batch end after
     each; each model's callbacks see its view as ``model``."""
     base, epochs = cfgs[0], int(cfgs[0].train.epochs)
-    slices = _slices(cfgs, callbacks, steps=math.ceil(len(x_train) / int(base.train.batch_size)))
-    set_seeds(base.train.seed, base.train.deterministic)  # as before fit: its shuffling
-    order = batch_order(base, len(x_train))
+    n, batch_size = len(x_train), int(base.train.batch_size)
+    slices = _slices(cfgs, callbacks, steps=math.ceil(n / batch_size))
     views = [s.view for s in slices]
     engine = CompiledMLP.for_views(views, jit_compile=bool(base.train.jit_compile))
     data = data_tensors(x_train, y_train, x_val, y_val)
@@ -167,7 +182,11 @@ def _fit_compiled(cfgs: list, x_train, y_train, x_val, y_val, callbacks: list[li
         running = [k for k, s in enumerate(slices) if not s.view.stop_training]
         if not running:
             break
-        _epoch(engine, data, order[epoch], slices, running, epoch, label)
+        seeds = sorted({int(c.train.seed) for c in cfgs})
+        orders = {seed: epoch_batches(seed, epoch, n, batch_size) for seed in seeds}
+        # One seed (a λ grid): one order, shared; replicates: each slice its seed's order.
+        _epoch(engine, data, orders[seeds[0]] if len(seeds) == 1
+               else [orders[int(c.train.seed)] for c in cfgs], slices, running, epoch, label)
         if len(slices) > 1:
             _log_epoch(label, epoch, epochs, [slices[k] for k in running])
     engine.copy_to(views, [k for k, s in enumerate(slices) if not s.view.stop_training],
@@ -177,9 +196,10 @@ def _fit_compiled(cfgs: list, x_train, y_train, x_val, y_val, callbacks: list[li
     return [s.trained() for s in slices]
 
 
-def _epoch(engine: CompiledMLP, data: tuple, batches: list[np.ndarray], slices: list[_Slice],
+def _epoch(engine: CompiledMLP, data: tuple, orders: list, slices: list[_Slice],
            running: list[int], epoch: int, label: str) -> None:
-    """One epoch of the ``running`` slices, with their callbacks' epoch events."""
+    """One epoch of the ``running`` slices on ``orders`` (see :meth:`CompiledMLP.train_epoch`),
+    with their callbacks' epoch events."""
     x, y, xv, yv = data
     for k in running:
         slices[k].callbacks.on_epoch_begin(epoch)
@@ -188,7 +208,7 @@ def _epoch(engine: CompiledMLP, data: tuple, batches: list[np.ndarray], slices: 
         for k in running:
             slices[k].callbacks.on_train_batch_end(batch, {name: float(v[k]) for name, v in logs.items()})
 
-    train_logs = engine.train_epoch(x, y, batches, batch_end)
+    train_logs = engine.train_epoch(x, y, orders, batch_end)
     val_logs = engine.evaluate(xv, yv)
     views = [s.view for s in slices]
     engine.copy_to(views, running)
