@@ -24,7 +24,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 from l2sweep.base import cli, files, outputs, signals
-from l2sweep.base.cli import QUIET_LOGGERS, VERBOSE_ENV
+from l2sweep.base.cli import VERBOSE_ENV, VERBOSE_LOGGERS
 from l2sweep.base.config import (ConfigError, compose_config, format_override_value, override_key,
                                  params_file, project_overrides, training_loop, validate,
                                  validate_strengths)
@@ -130,7 +130,7 @@ def launch_argv(args: list[str]) -> list[str]:
         overrides += outputs.train_overrides(adhoc, keys, multirun)
         OmegaConf.update(cfg, "paths.models", (adhoc / "models").as_posix())
     if os.environ.get(VERBOSE_ENV):  # --verbose: MLflow's (and its store's) INFO lines too
-        overrides += [f"hydra.job_logging.loggers.{name}.level=INFO" for name in QUIET_LOGGERS]
+        overrides += [f"hydra.job_logging.loggers.{name}.level=INFO" for name in VERBOSE_LOGGERS]
     if STRENGTH in swept:
         validate_strengths([_number(STRENGTH, v) for v in swept[STRENGTH]], key=STRENGTH)
     elif multirun and STRENGTH not in keys and not custom_sweeper and not cfg.train.fused:

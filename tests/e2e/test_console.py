@@ -38,12 +38,20 @@ def test_sweep_output_is_short_plain_and_in_one_format(project):
     assert not [line for line in lines if "ms/step" in line or re.match(r"^Epoch \d+/\d+$", line)]
     assert not [line for line in lines if any(n in line for n in NOTICES)], "\n".join(lines)
     assert not [line for line in lines if OTHER_LOG.match(line)], "\n".join(lines)
+    quiet = re.compile(r"^\[[^\]]*\]\[(mlflow|alembic|sqlalchemy)[\w.]*\]\[INFO\]")  # (a fresh store)
+    assert not [line for line in lines if quiet.match(line)], "\n".join(lines)
     assert "\r" not in proc.stdout + proc.stderr and "\x1b[" not in proc.stdout + proc.stderr
     logged = [line for line in lines if LOG_LINE.match(line)]
     assert any("Launching 2 jobs" in line for line in logged)  # Hydra's own lines, same format
     assert any("job 2/2 l2-0.1" in line for line in logged)
 
 
-def test_verbose_brings_tensorflow_notices_back(project):
-    proc = run_cli(project, "l2sweep.train", "--verbose", "train.epochs=1", "tracking.log_model=false")
+def test_verbose_brings_tensorflow_notices_and_mlflows_info_lines_back(project):
+    """A fresh store: MLflow and its migrations log INFO lines as they create it (a store the
+    sweep above created without one of them showing)."""
+    proc = run_cli(project, "l2sweep.train", "-m", "--verbose", "train.epochs=1", "tracking.log_model=false",
+                   f"tracking.uri=sqlite:///{project / 'verbose.db'}", "regularizer.strength=0.1")
     assert "oneDNN" in proc.stdout + proc.stderr
+    output = proc.stdout + proc.stderr
+    assert re.search(r"\]\[(alembic|mlflow)[\w.]*\]\[INFO\] - ", output), output[-3000:]
+    assert "[sqlalchemy.engine" not in output  # its echo of every SQL statement stays off

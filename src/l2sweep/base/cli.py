@@ -31,6 +31,8 @@ VERBOSE_ENV = "L2SWEEP_VERBOSE"  # "1": a --verbose stage, for its worker proces
 #: Every stage's log format (conf/config.yaml repeats it); the quiet loggers: INFO only with --verbose.
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 QUIET_LOGGERS = ("mlflow", "alembic", "sqlalchemy")
+#: Those of them whose INFO lines ``--verbose`` brings back (sqlalchemy's echo every SQL statement).
+VERBOSE_LOGGERS = ("mlflow", "alembic")
 #: TensorFlow's start-up notices (absl's, oneDNN's, CPU and CUDA plugin ones), printed on load.
 TF_STARTUP_NOISE = re.compile(r"absl::InitializeLog|oneDNN custom operations|binary is optimized to use|Unable"
                               r" to register cu\w+ factory|computation placer|TF-TRT Warning|cuda drivers")
@@ -47,12 +49,13 @@ def strip_verbose(args: Sequence[str]) -> list[str]:
 
 
 def setup_logging(verbose: bool = False) -> None:
-    """INFO to stderr in :data:`LOG_FORMAT`; ``verbose``: :data:`QUIET_LOGGERS` and TensorFlow too."""
+    """INFO to stderr in :data:`LOG_FORMAT`; ``verbose``: :data:`VERBOSE_LOGGERS` and TensorFlow too."""
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     if verbose:
         os.environ[VERBOSE_ENV] = "1"
     for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+        logging.getLogger(name).setLevel(logging.INFO if verbose and name in VERBOSE_LOGGERS
+                                         else logging.WARNING)
 
 
 def import_tensorflow() -> None:
