@@ -201,7 +201,7 @@ def run_variant(variant: str, work: Path, prepared: Path, grid: list[float], epo
         if not (root / "params.yaml").exists():
             make_project(root, prepared, grid, epochs, seed)
         result = measure(python("-m", "l2sweep.train", "-m", *CLI_ARGS[variant]), root, root / "log.txt")
-        per_lambda = pipeline_results(root) if result["rc"] == 0 else {}
+        per_lambda = pipeline_results(root, seed) if result["rc"] == 0 else {}
         with open(root / "log.txt", encoding="utf-8", errors="replace") as log:
             log.seek(result["log_offset"])
             result["phases"] = phases(log.read(), result["spawned"], result["wall_s"])

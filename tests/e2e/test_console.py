@@ -55,3 +55,6 @@ def test_verbose_brings_tensorflow_notices_and_mlflows_info_lines_back(project):
     output = proc.stdout + proc.stderr
     assert re.search(r"\]\[(alembic|mlflow)[\w.]*\]\[INFO\] - ", output), output[-3000:]
     assert "[sqlalchemy.engine" not in output  # its echo of every SQL statement stays off
+    # The run's log is this sweep's alone (the sweep above wrote the same file first).
+    log = (project / "outputs" / "sweep" / "l2-0.1" / "train.log").read_text()
+    assert "job 1/1 l2-0.1" in log and "job 2/2" not in log
