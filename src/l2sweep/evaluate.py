@@ -27,7 +27,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from l2sweep.reporting import report, summaries
+from l2sweep.reporting import dvc_data, report, summaries
 from l2sweep.base.cli import entry_point, exit_fast, import_tensorflow
 from l2sweep.base import outputs, progress
 from l2sweep.base.config import compose_config, validate
@@ -172,7 +172,7 @@ def evaluate_run(run: SweepRun, history: dict[str, Any], x: np.ndarray, y: np.nd
 
 def write_json(path: Path, data: Any) -> None:
     """Writes ``data`` as indented JSON (NaN/inf as null), atomically."""
-    write_text(path, json.dumps(summaries.json_safe(data), indent=2) + "\n")
+    write_text(path, json.dumps(dvc_data.json_safe(data), indent=2) + "\n")
 
 
 def write_figures(evaluation: dict[str, Any], histories: list[dict[str, Any]],
@@ -326,8 +326,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     reports = Path(cfg.paths.reports)
     write_json(reports / summaries.EVALUATION_FILE, evaluation)
-    write_json(Path(cfg.paths.metrics), summaries.dvc_metrics(evaluation))
-    for name, rows in summaries.plot_data(evaluation, histories).items():
+    write_json(Path(cfg.paths.metrics), dvc_data.dvc_metrics(evaluation))
+    for name, rows in dvc_data.plot_data(evaluation, histories).items():
         write_json(Path(cfg.paths.plots) / name, rows)
     figures = write_figures(evaluation, histories, reports / "figures")
     links = [(caption, path.relative_to(reports).as_posix()) for caption, path in figures]

@@ -17,7 +17,7 @@ import re
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
@@ -125,12 +125,8 @@ def launch_argv(args: list[str]) -> list[str]:
         _validate_interval(STRENGTH, searched[STRENGTH])
     if cfg.train.fused:
         overrides = _fused_overrides(cfg, overrides, swept, multirun)
-    adhoc = outputs.adhoc_train_folder(cfg.paths.models, keys, multirun, cfg.paths.outputs)
-    if adhoc is not None:  # not `dvc repro`: never into the models/ that dvc.lock records
-        overrides += outputs.train_overrides(adhoc, keys, multirun)
-        OmegaConf.update(cfg, "paths.models", (adhoc / "models").as_posix())
-    if os.environ.get(VERBOSE_ENV):  # --verbose: MLflow's (and its store's) INFO lines too
-        overrides += [f"hydra.job_logging.loggers.{name}.level=INFO" for name in VERBOSE_LOGGERS]
+    placed, adhoc = _placement(cfg, keys, multirun)
+    overrides += placed
     if STRENGTH in swept:
         validate_strengths([_number(STRENGTH, v) for v in swept[STRENGTH]], key=STRENGTH)
     elif multirun and STRENGTH not in keys and not custom_sweeper and not cfg.train.fused:
@@ -151,6 +147,20 @@ def launch_argv(args: list[str]) -> list[str]:
             print(f"not a DVC stage: models go to {cfg.paths.models} (evaluate them with "
                   f"`python -m l2sweep.evaluate paths.models={cfg.paths.models}`)", file=sys.stderr)
     return flags + overrides
+
+
+def _placement(cfg: DictConfig, keys: set[str], multirun: bool) -> tuple[list[str], Optional[Path]]:
+    """Overrides for where the run writes and how loud it is: outside ``dvc repro`` a folder of
+    its own (l2sweep.base.outputs; ``cfg.paths.models`` follows), never the models/ that
+    dvc.lock records; with ``--verbose`` MLflow's INFO lines. Returns them and that folder."""
+    overrides = []
+    adhoc = outputs.adhoc_train_folder(cfg.paths.models, keys, multirun, cfg.paths.outputs)
+    if adhoc is not None:
+        overrides += outputs.train_overrides(adhoc, keys, multirun)
+        OmegaConf.update(cfg, "paths.models", (adhoc / "models").as_posix())
+    if os.environ.get(VERBOSE_ENV):
+        overrides += [f"hydra.job_logging.loggers.{name}.level=INFO" for name in VERBOSE_LOGGERS]
+    return overrides, adhoc
 
 
 def preflight(cfg: DictConfig) -> None:

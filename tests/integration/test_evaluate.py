@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from conftest import make_images, override, write_idx_dir
 from l2sweep import gate
+from l2sweep.reporting import dvc_data
 from l2sweep.reporting import summaries as report
 from l2sweep.base.config import CONF_DIR, compose_config, merge_overrides
 from helpers import parse_cell, table_rows
@@ -92,7 +93,7 @@ def histories(root: Path) -> dict[str, dict]:
 def test_every_lambda_is_in_the_evaluation(evaluated):
     root = evaluated["root"]
     on_disk = json.loads((root / "reports/evaluation.json").read_text())
-    assert on_disk == report.json_safe(evaluated["evaluation"])
+    assert on_disk == dvc_data.json_safe(evaluated["evaluation"])
     runs = on_disk["runs"]
     assert set(runs) == {f"l2-{s}" for s in GRID} | {DIVERGED}
     assert {n: r["status"] for n, r in runs.items()} == {

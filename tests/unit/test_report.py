@@ -7,7 +7,7 @@ import math
 import pytest
 
 from helpers import parse_cell, table_rows
-from l2sweep.reporting import report, summaries
+from l2sweep.reporting import dvc_data, report, summaries
 
 
 def make_history(strength: float, val_loss: list[float], *, acc: float = 0.9, val_acc: float = 0.88,
@@ -136,7 +136,7 @@ def test_report_table_equals_the_metrics(evaluation):
 
 def test_plot_data_is_long_format_with_every_lambda(evaluation):
     histories = [make_history(0.0001, [0.5, 0.4]), make_history(10.0, [2.0, float("nan")], diverged_epoch=1)]
-    files = summaries.plot_data(evaluation, histories)
+    files = dvc_data.plot_data(evaluation, histories)
     epochs = files["epochs.json"]["epochs"]
     assert [(r["lambda"], r["epoch"]) for r in epochs] == [("0.0001", 0), ("0.0001", 1), ("10", 0), ("10", 1)]
     assert epochs[-1]["val_loss"] is None and epochs[0]["weight_norm"] == pytest.approx(5.0)
@@ -144,4 +144,4 @@ def test_plot_data_is_long_format_with_every_lambda(evaluation):
     by_lambda = files["by_lambda.json"]["by_lambda"]
     assert [r["lambda"] for r in by_lambda] == ["0.0001", "0.01", "10"]
     assert by_lambda[-1]["test_accuracy"] is None
-    assert summaries.json_safe({"a": [float("inf"), 1.0]}) == {"a": [None, 1.0]}
+    assert dvc_data.json_safe({"a": [float("inf"), 1.0]}) == {"a": [None, 1.0]}

@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from l2sweep.reporting import dvc_data
 from l2sweep.reporting import summaries as s
 
 #: Two-sided 95% t quantiles from printed tables (e.g. NIST/SEMATECH e-Handbook 1.3.6.7.2).
@@ -119,7 +120,7 @@ def test_dvc_metrics_are_means_and_stay_small():
     runs = entries({0.001: [(0.39, 0.86), (0.41, 0.87), (0.38, 0.86)],
                     0.01: [(0.46, 0.83), (0.47, 0.84), (0.45, 0.82)]})
     evaluation = {"sweep": {}, "runs": runs, **s.summarize(runs)}
-    metrics = s.dvc_metrics(evaluation)
+    metrics = dvc_data.dvc_metrics(evaluation)
     assert metrics == {"best": {"lambda": 0.001, "test_acc": pytest.approx(0.8633333),
                                 "val_ce": pytest.approx(0.3933333)},
                        "test_acc": {"0.001": pytest.approx(0.8633333), "0.01": pytest.approx(0.83)}}
@@ -138,7 +139,7 @@ def test_plot_data_has_one_line_per_lambda_the_mean_over_seeds():
                  history(0.001, 3, [0.9, math.nan], status="FAILED"),  # diverged: left out
                  history(0.01, 1, [1.0, math.nan], status="FAILED")]
     runs = entries({0.001: [(0.39, 0.86), (0.41, 0.87)]})
-    files = s.plot_data({"sweep": {}, "runs": runs}, histories)
+    files = dvc_data.plot_data({"sweep": {}, "runs": runs}, histories)
     rows = files["epochs.json"]["epochs"]
     assert [(r["lambda"], r["epoch"], r["n"]) for r in rows] == [
         ("0.001", 0, 2), ("0.001", 1, 2), ("0.01", 0, 1), ("0.01", 1, 1)]
