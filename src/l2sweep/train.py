@@ -65,8 +65,8 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
     train_cli.check_prepared(cfg, meta)  # each job: a sweeper's trial may set data keys too
     example = x_val[:5]  # the MLflow model's input example (uint8 pixels, as users have them)
     label = train_cli.job_label(cfg)
-    log.info("%s: %s x %d λ, %d epochs on %d images (%d validation)", label, cfg.model.name,
-             len(cfgs), cfg.train.epochs, len(x_train), len(x_val))
+    log.info("%s: %s x %d runs (λ x seed), %d epochs on %d images (%d validation)", label,
+             cfg.model.name, len(cfgs), cfg.train.epochs, len(x_train), len(x_val))
     with contextlib.ExitStack() as stack:
         tracked = [stack.enter_context(runs.child_run(c, run_tags(c))) for c in cfgs]
         for run, c in zip(tracked, cfgs):

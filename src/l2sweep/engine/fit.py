@@ -228,6 +228,6 @@ def _log_epoch(label: str, epoch: int, epochs: int, running: list[_Slice]) -> No
     last = [{name: values[-1] for name, values in s.record.history.items()} for s in running]
     best = min(range(len(running)), key=lambda i: last[i]["val_loss"]
                if math.isfinite(last[i]["val_loss"]) else math.inf)
-    log.info("%s: epoch %d/%d, %d lambdas in %.1f s; best val_loss %.4f (%s)", label, epoch + 1,
+    log.info("%s: epoch %d/%d, %d runs in %.1f s; best val_loss %.4f (%s)", label, epoch + 1,
              epochs, len(running), last[best]["epoch_time"], last[best]["val_loss"],
              running[best].cfg.run_name)
