@@ -181,3 +181,45 @@ def table_rows(markdown: str) -> dict[str, list[str]]:
     section = markdown.split("## Summary", 1)[1].split("##", 1)[0]
     rows = [line.strip("|").split("|") for line in section.splitlines() if line.startswith("|")]
     return {r[0].strip(): [c.strip() for c in r[1:]] for r in rows[2:]}
+
+
+def pipeline_copy(root: Path, **sections: dict) -> Path:
+    """This project's pipeline (dvc.yaml, params.yaml, conf/, src/) in ``root`` on the tiny IDX
+    data under ``data/raw/tiny``; ``sections`` update params.yaml's sections. Returns ``root``."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(REPO / name, root / name)
+    for name in ("conf", "src"):
+        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    write_idx_dir(root / "data" / "raw" / "tiny", tiny_arrays())
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["dataset"] = {"name": "idx_dir", "path": "data/raw/tiny"}
+    for key, value in sections.items():
+        params[key] = {**params[key], **value} if isinstance(params.get(key), dict) else value
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return root
+
+
+@contextmanager
+def chromium(*arguments: str) -> Iterator["object"]:
+    """Headless Chromium through Debian's chromedriver (paths given: no driver download), with
+    extra command-line ``arguments``; skips the test when either is not installed."""
+    import pytest
+
+    browser, driver = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
+    if not browser or not driver:
+        pytest.skip("chromium / chromedriver not installed (Debian: apt-get install chromium "
+                    "chromium-driver; `make test` does it as root)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1600,1000", *arguments):
+        options.add_argument(arg)
+    chrome = webdriver.Chrome(service=Service(executable_path=driver), options=options)
+    try:
+        yield chrome
+    finally:
+        chrome.quit()

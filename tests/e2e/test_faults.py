@@ -18,8 +18,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from conftest import write_idx_dir
-from helpers import (cli_env, free_port, make_project, run_cli, sqlite_uri, stop_process_group,
+from helpers import (cli_env, free_port, make_project, pipeline_copy, run_cli, sqlite_uri, stop_process_group,
                      tiny_arrays, wait_until)
 from l2sweep import train
 from l2sweep.base import files
@@ -121,18 +120,8 @@ def test_a_diverging_lambda_fails_alone_and_evaluate_reports_it(tmp_path):
 
 def dvc_repo(root: Path, epochs: int = 2) -> Path:
     """A copy of this project's pipeline on the tiny data, under git and DVC."""
-    root.mkdir()
-    for name in ("dvc.yaml", "params.yaml"):
-        shutil.copy(REPO / name, root / name)
-    for name in ("conf", "src"):
-        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-    write_idx_dir(root / "data" / "raw" / "tiny", tiny_arrays())
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["dataset"] = {"name": "idx_dir", "path": "data/raw/tiny"}
-    params["train"]["epochs"] = epochs
-    params["sweep"]["strengths"], params["sweep"]["seeds"] = GRID[:1], None
-    params["tracking"] = NO_MLFLOW_MODEL
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    pipeline_copy(root, train={"epochs": epochs}, sweep={"strengths": GRID[:1], "seeds": None},
+                  tracking=NO_MLFLOW_MODEL)
     for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"]):
         subprocess.run(cmd, cwd=root, env=dvc_env(), check=True, capture_output=True)
     if (REPO / ".dvc" / "plots").is_dir():  # dvc.yaml's plot templates

@@ -13,6 +13,8 @@ from typing import Iterator
 
 import pytest
 
+from helpers import chromium
+
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = REPO / ".dvc/plots/offline.html"
 PLOT_IDS = ["val_loss_per_epoch", "val_cross_entropy_per_epoch", "accuracy_per_epoch",
@@ -83,24 +85,8 @@ def pages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def browser() -> Iterator["object"]:
     """Headless Chromium with every request sent to a dead proxy: no network."""
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    if not chromium or not driver:
-        pytest.skip("chromium / chromedriver not installed (Debian: apt-get install chromium "
-                    "chromium-driver; `make test` does it as root)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1600,1000", "--proxy-server=127.0.0.1:9", "--proxy-bypass-list=<-loopback>"):
-        options.add_argument(arg)
-    chrome = webdriver.Chrome(service=Service(executable_path=driver), options=options)
-    try:
+    with chromium("--proxy-server=127.0.0.1:9", "--proxy-bypass-list=<-loopback>") as chrome:
         yield chrome
-    finally:
-        chrome.quit()
 
 
 @pytest.mark.parametrize("page", ["show", "diff"])

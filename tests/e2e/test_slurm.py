@@ -32,14 +32,12 @@ import pytest
 import requests
 import yaml
 
-from conftest import write_idx_dir
-from helpers import (EPOCHS, GRID, cli_env, copy_project, free_port, make_project, make_server, run_cli,
-                     tiny_arrays, wait_until)
+from helpers import (EPOCHS, GRID, cli_env, copy_project, free_port, make_project, make_server,
+                     pipeline_copy, run_cli, wait_until)
 from l2sweep.tracking.runs import REASON_TAG
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[2]
 PARTITION = "cpu"
 #: What a job asks for on this one small node; `mem_gb` stays under any CI machine's memory.
 RESOURCES = (f"hydra.launcher.partition={PARTITION}", "hydra.launcher.cpus_per_task=1",
@@ -525,21 +523,10 @@ def test_an_unreachable_server_stops_the_sweep_before_any_job_is_submitted(clust
 def test_dvc_repro_runs_the_fused_sweep_as_one_slurm_job(cluster, server, tmp_path):
     """The launcher chosen in params.yaml, as README "Scaling out" says; `dvc repro` unchanged.
     With `train.fused: true` the whole grid is one job on one node."""
-    root = tmp_path / "repo"
-    root.mkdir()
-    for name in ("dvc.yaml", "params.yaml"):
-        shutil.copy(REPO / name, root / name)
-    for name in ("conf", "src"):
-        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-    write_idx_dir(root / "data" / "raw" / "tiny", tiny_arrays())
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["dataset"] = {"name": "idx_dir", "path": "data/raw/tiny"}
-    params["train"].update(epochs=EPOCHS, fused=True)
-    params["sweep"]["strengths"], params["sweep"]["seeds"] = GRID, None
-    params["tracking"] = {"log_model": False}
-    params["hydra/launcher"] = "slurm"
-    params["hydra"] = {"launcher": {"partition": PARTITION, "cpus_per_task": 1, "mem_gb": 1}}
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    root = pipeline_copy(tmp_path / "repo", train={"epochs": EPOCHS, "fused": True},
+                         sweep={"strengths": GRID, "seeds": None}, tracking={"log_model": False},
+                         **{"hydra/launcher": "slurm", "hydra": {"launcher": {
+                             "partition": PARTITION, "cpus_per_task": 1, "mem_gb": 1}}})
     env = cluster.env(MLFLOW_TRACKING_URI=server, DVC_NO_ANALYTICS="1")
 
     def dvc(*args: str) -> str:
@@ -564,6 +551,7 @@ def test_dvc_repro_runs_the_fused_sweep_as_one_slurm_job(cluster, server, tmp_pa
         assert sorted(m["step"] for m in Store(server).history(child, "val_loss")) == list(range(EPOCHS))
     assert sorted(p.name for p in (root / "models").iterdir() if p.is_dir()) == sorted(children)
     # The launcher is no param of the stage: back to the default one, nothing is stale.
+    params = yaml.safe_load((root / "params.yaml").read_text())
     del params["hydra/launcher"], params["hydra"]
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert "up to date" in dvc("status", "train")

@@ -7,14 +7,13 @@ driven by selenium. The screenshot is kept for people to look at:
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 from mlflow import MlflowClient
 
-from helpers import GRID, make_project, make_server, run_cli, sqlite_uri
+from helpers import GRID, chromium, make_project, make_server, run_cli, sqlite_uri
 
 REPO = Path(__file__).resolve().parents[2]
 SWEEP = GRID[:2]
@@ -41,25 +40,8 @@ def ui(project: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]
 
 @pytest.fixture
 def browser() -> Iterator["object"]:
-    """Headless chromium through Debian's chromedriver (no driver download: paths are given)."""
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    if not chromium or not driver:
-        pytest.skip("chromium / chromedriver not installed (Debian: apt-get install chromium "
-                    "chromium-driver; `make test` does it as root)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1600,1000"):
-        options.add_argument(arg)
-    chrome = webdriver.Chrome(service=Service(executable_path=driver), options=options)
-    try:
+    with chromium() as chrome:
         yield chrome
-    finally:
-        chrome.quit()
 
 
 def _shown(browser, text: str) -> bool:
