@@ -2,7 +2,8 @@
 
     python -m bench.engine --k 3                 # the fused 3-lambda model, TensorFlow's threads
     python -m bench.engine --k 1 --threads 1     # one model on one thread (the sequential default)
-    python -m bench.engine --k 3 --replicates    # 3 seeds of one λ: each model its own batches
+    python -m bench.engine --k 3 --orders 3      # 3 seeds of one λ: each model its own batches
+    python -m bench.engine --k 15 --orders 5     # 3 λ x 5 seeds: each seed's 3 λ share an order
     PYTHONPATH=/tmp/old/src python -m bench.engine --k 3   # another version (a git worktree)
 
 Random images (uint8, as prepared, or ``--pixels float32``) and labels (shape of the default
@@ -31,8 +32,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--n", type=int, default=50_000, help="training images, default 50,000")
     p.add_argument("--threads", type=int, help="TF_NUM_INTRAOP_THREADS (default: TensorFlow's)")
     p.add_argument("--penalty", choices=["l2", "none"], default="l2")
-    p.add_argument("--replicates", action="store_true",
-                   help="each model its own batch order (seeds' replicates), not one shared order")
+    p.add_argument("--orders", type=int, default=1,
+                   help="batch orders (seeds), each shared by k/orders consecutive models (default 1)")
     p.add_argument("--pixels", choices=["uint8", "float32"], default="uint8",
                    help="images as prepared (uint8, scaled in the step: the pipeline's) or as floats")
     args = p.parse_args(argv)
@@ -52,20 +53,20 @@ def main(argv: Optional[list[str]] = None) -> None:
     y = tf.constant(rng.integers(0, 10, args.n).astype(np.int64))
     cfg = compose_config([f"regularizer={args.penalty}", "regularizer.strength=0.001"], with_params=False)
     set_seeds(0)
-    engine = CompiledMLP.for_views([build_model(cfg) for _ in range(args.k)])
+    groups = args.orders
+    engine = CompiledMLP.for_views([build_model(cfg) for _ in range(args.k)], groups)
     def batches() -> list[np.ndarray]:
         order = rng.permutation(args.n)
         return [order[i:i + 32] for i in range(0, args.n, 32)]
 
-    epochs = [[batches() for _ in range(args.k)] if args.replicates else batches()
-              for _ in range(args.epochs + 1)]
+    epochs = [[batches() for _ in range(groups)] for _ in range(args.epochs + 1)]
 
     times = []
     for batches in epochs:
         start = time.perf_counter()
         logs = engine.train_epoch(x, y, batches)
         times.append(time.perf_counter() - start)
-    print(json.dumps({"k": args.k, "replicates": args.replicates, "threads": args.threads or "default",
+    print(json.dumps({"k": args.k, "orders": args.orders, "threads": args.threads or "default",
                       "penalty": args.penalty, "pixels": args.pixels,
                       "first_s": round(times[0], 3), "epoch_s": [round(t, 3) for t in times[1:]],
                       "loss": [float(v) for v in logs["loss"]]}))

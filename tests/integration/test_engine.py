@@ -30,7 +30,7 @@ def data(tiny_arrays):
 
 
 def grid(tiny_cfg, regularizer: str, strengths, *extra: str, seeds=None) -> list:
-    """One config per lambda (with ``seeds``: lambda i gets seed i), otherwise equal (as the
+    """One config per lambda (with ``seeds``: config i gets seed i), otherwise equal (as the
     train stage makes them)."""
     seeds = seeds or [None] * len(strengths)
     return [tiny_cfg(f"regularizer={regularizer}", f"regularizer.strength={s}", "tracking.enabled=false",
@@ -61,18 +61,19 @@ def fit_each(cfgs, data) -> list[Trained]:
 # l1_l2 and weight_decay: test_both_loops_train_what_model_py_defines compares both loops on them.
 @pytest.mark.parametrize("regularizer", ["l2"])
 def test_compiled_loop_equals_keras_fit(tiny_cfg, data, regularizer):
-    """3 runs differing in lambda and seed (so in initial weights and batch order, reshuffled
-    each epoch) for 2 epochs: all at once in the compiled loop, one by one in it, and one by
-    one in Keras' own fit (fed the same batches) give the same metrics, weights and Adam state."""
-    strengths, seeds = (0.001, 0.01, 0.1), (1, 2, 3)
-    together = fit(grid(tiny_cfg, regularizer, strengths, "train.epochs=2", seeds=seeds), *data, [[]] * 3, "grid")
+    """4 runs, 2 lambdas x 2 seeds (a seed: its initial weights and batch order, reshuffled
+    each epoch), given lambda by lambda, for 2 epochs: all at once in the compiled loop (a group
+    per seed), one by one in it, and one by one in Keras' own fit (fed the same batches) give the
+    same metrics, weights and Adam state, each in its config's place."""
+    strengths, seeds = (0.001, 0.001, 0.1, 0.1), (1, 2, 1, 2)
+    together = fit(grid(tiny_cfg, regularizer, strengths, "train.epochs=2", seeds=seeds), *data, [[]] * 4, "grid")
     alone = fit_each(grid(tiny_cfg, regularizer, strengths, "train.epochs=2", seeds=seeds), data)
     keras_fit = fit_each(grid(tiny_cfg, regularizer, strengths, "train.epochs=2", "train.loop=keras",
                               seeds=seeds), data)
-    for s, a, b, ref in zip(strengths, together, alone, keras_fit):
+    for s, seed, a, b, ref in zip(strengths, seeds, together, alone, keras_fit):
         assert len(ref.history["loss"]) == 2 and ref.diverged_epoch is None
-        assert_same(a, ref, f"together {regularizer}-{s}")
-        assert_same(b, ref, f"alone {regularizer}-{s}")
+        assert_same(a, ref, f"together {regularizer}-{s}-s{seed}")
+        assert_same(b, ref, f"alone {regularizer}-{s}-s{seed}")
         assert int(a.model.optimizer.iterations) == 2 * math.ceil(len(data[0]) / 32)
 
 

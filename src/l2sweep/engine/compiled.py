@@ -1,6 +1,7 @@
 """The compiled loop: K copies of a Keras MLP, one per run (λ and seed), trained as one set of
 variables by XLA calls of :data:`STEPS_PER_CALL` steps each (run by l2sweep.engine.fit; K=1 is
-an MLP run's default loop).
+an MLP run's default loop). The K slices form G groups of M = K/G; the slices of a group see the
+same batches (runs of one seed), so the first layer is one GEMM per group.
 
 It reads layers, penalties and Adam/AdamW settings from the models that
 :func:`l2sweep.engine.model.build_model` makes, one per run (the "views"), and refuses
@@ -123,6 +124,7 @@ class Spec:
     """Everything the compiled functions depend on: equal specs share one engine."""
 
     k: int
+    groups: int  # G: slices g*M .. g*M+M-1 see the batches of order g (M = k // groups)
     inputs: int
     layers: tuple[Layer, ...]
     decayed: tuple[bool, ...]  # per param: AdamW decays it
@@ -130,8 +132,11 @@ class Spec:
     jit_compile: bool
 
 
-def read_spec(views: list[keras.Model], jit_compile: bool = True) -> Spec:
-    """The engine's spec for ``views`` (they must differ only in penalty and decay strengths)."""
+def read_spec(views: list[keras.Model], groups: int = 1, jit_compile: bool = True) -> Spec:
+    """The engine's spec for ``views`` (they must differ only in penalty and decay strengths), in
+    ``groups`` groups of equal size (consecutive views; each group one batch order)."""
+    if groups < 1 or len(views) % groups:
+        raise ValueError(f"{len(views)} models do not form {groups} groups of equal size")
     structures = {tuple((layer.units, layer.activation, layer.use_bias) for layer in dense_layers(v))
                   for v in views}
     settings = [adam_settings(v.optimizer) for v in views]
@@ -145,14 +150,14 @@ def read_spec(views: list[keras.Model], jit_compile: bool = True) -> Spec:
     layers = tuple(Layer(int(units), activation, bool(bias), bool(l1), bool(l2)) for
                    (units, activation, bias), (l1, l2) in zip(next(iter(structures)), used.any(axis=0)))
     inputs = int(np.prod(views[0].inputs[0].shape[1:]))
-    return Spec(len(views), inputs, layers, next(iter(masks)), settings[0][0], bool(jit_compile))
+    return Spec(len(views), groups, inputs, layers, next(iter(masks)), settings[0][0], bool(jit_compile))
 
 
 # --- the engine ----------------------------------------------------------------------------
 
 class Param(NamedTuple):
-    """A fused kernel or bias: the first layer's slices side by side on the last axis (one GEMM
-    for all), a later layer's stacked on a new first axis (a batched einsum)."""
+    """A fused kernel or bias. The first layer's kernel is (G, inputs, M * units): a group's
+    slices side by side on the last axis (one GEMM per group); every other is stacked, (K, ...)."""
 
     layer: int
     kernel: bool
@@ -165,20 +170,22 @@ class CompiledMLP:
 
     def __init__(self, spec: Spec) -> None:
         self.spec, self.k, self.layers = spec, spec.k, spec.layers
+        self.g, self.m = spec.groups, spec.k // spec.groups
         self.parts, shapes, fan_in = [], [], spec.inputs
         for i, layer in enumerate(spec.layers):
             self.parts.append(Param(i, True, i == 0))
-            shapes.append((fan_in, spec.k * layer.units) if i == 0 else (spec.k, fan_in, layer.units))
+            shapes.append((self.g, fan_in, self.m * layer.units) if i == 0 else (spec.k, fan_in, layer.units))
             if layer.use_bias:
-                self.parts.append(Param(i, False, i == 0))
-                shapes.append((spec.k * layer.units,) if i == 0 else (spec.k, layer.units))
+                self.parts.append(Param(i, False, False))
+                shapes.append((spec.k, layer.units))
             fan_in = layer.units
-        self.params, self.m, self.v = ([tf.Variable(tf.zeros(s)) for s in shapes] for _ in range(3))
+        self.params, self.moment_1, self.moment_2 = ([tf.Variable(tf.zeros(s)) for s in shapes] for _ in range(3))
         self.iterations = tf.Variable(0, dtype=tf.int64)
         # Variables, not constants: a reused engine trains another grid without retracing.
         self.l1 = [tf.Variable(tf.zeros(spec.k)) for _ in spec.layers]
         self.l2 = [tf.Variable(tf.zeros(spec.k)) for _ in spec.layers]
         self.decay = tf.Variable(tf.zeros(spec.k))
+        self.ones = tf.Variable(tf.ones((8, max(spec.inputs, *(layer.units for layer in spec.layers)))))
         # Pixel value -> model input: to_float's own values, looked up (XLA's x / 255 rounds
         # 126 of the 256 values differently from numpy's).
         self.pixel_values = tf.constant(to_float(np.arange(256, dtype=np.uint8)))
@@ -186,10 +193,11 @@ class CompiledMLP:
         self._eval = tf.function(self._eval_chunk, jit_compile=spec.jit_compile, reduce_retracing=True)
 
     @classmethod
-    def for_views(cls, views: list[keras.Model], jit_compile: bool = True) -> "CompiledMLP":
-        """The engine for ``views`` (one compiled model per slice), loaded from them. The process
-        keeps the last engine (l2sweep.base.cache), compiled functions and all, for the same :class:`Spec`."""
-        spec = read_spec(views, jit_compile)
+    def for_views(cls, views: list[keras.Model], groups: int = 1, jit_compile: bool = True) -> "CompiledMLP":
+        """The engine for ``views`` (one compiled model per slice; ``groups`` groups of consecutive
+        views, each trained on one batch order), loaded from them. The process keeps the last
+        engine (l2sweep.base.cache), compiled functions and all, for the same :class:`Spec`."""
+        spec = read_spec(views, groups, jit_compile)
         engine = CACHE.get("compiled engine", spec, lambda: cls(spec))
         engine.load(views)
         return engine
@@ -201,9 +209,11 @@ class CompiledMLP:
     def load(self, views: list[keras.Model]) -> None:
         """Starts afresh: slice k = ``views[k]``'s weights and penalties, zero Adam state."""
         variables = [model_variables(v) for v in views]
-        for j, (part, p, m, v) in enumerate(zip(self.parts, self.params, self.m, self.v)):
-            values = [keras.ops.convert_to_numpy(w[j]) for w in variables]
-            value = np.concatenate(values, axis=-1) if part.first else np.stack(values)
+        for j, (part, p, m, v) in enumerate(zip(self.parts, self.params, self.moment_1, self.moment_2)):
+            value = np.stack([keras.ops.convert_to_numpy(w[j]) for w in variables])
+            if part.first:  # (K, inputs, units) -> (G, inputs, M * units)
+                g, inputs, units = self.g, value.shape[1], value.shape[2]
+                value = value.reshape(g, self.m, inputs, units).transpose(0, 2, 1, 3).reshape(g, inputs, -1)
             p.assign(value)
             m.assign(np.zeros_like(value))
             v.assign(np.zeros_like(value))
@@ -219,29 +229,24 @@ class CompiledMLP:
 
     def _per_slice(self, values, part: Param):
         """(K,) values broadcast against ``part``'s fused shape."""
-        if part.first:
-            return tf.repeat(values, self.layers[0].units)  # along the last axis
+        if part.first:  # (G, 1, M * units)
+            return tf.repeat(tf.reshape(values, (self.g, self.m)), self.layers[0].units, axis=1)[:, None]
         return tf.reshape(values, (self.k,) + (1,) * (2 if part.kernel else 1))
 
     def _logits(self, x):
-        """(B, K, classes) of ``x``: (B, inputs) shared by the slices, or (K, B, inputs) a batch
-        per slice; each Dense layer's own activation, applied per slice."""
+        """(G, B, M, classes) of ``x``: (G, B, inputs), a batch per group, or (B, inputs) seen by
+        every slice; each Dense layer's own activation, applied per slice."""
         params = iter(self.params)
         h = None
         for i, layer in enumerate(self.layers):
             kernel = next(params)
-            if i == 0 and len(x.shape) == 3:  # each slice its own batch: a batched GEMM
-                z = tf.einsum("kbi,iko->bko", x, tf.reshape(kernel, (-1, self.k, layer.units)))
-                if layer.use_bias:
-                    z = z + tf.reshape(next(params), (self.k, layer.units))
-            elif i == 0:  # one GEMM for all slices
-                z = tf.reshape(tf.matmul(x, kernel), (-1, self.k, layer.units))
-                if layer.use_bias:
-                    z = z + tf.reshape(next(params), (self.k, layer.units))
+            if i == 0:  # a GEMM per group
+                z = tf.matmul(x, kernel) if len(x.shape) == 3 else tf.einsum("bi,gio->gbo", x, kernel)
+                z = tf.reshape(z, (self.g, -1, self.m, layer.units))
             else:
-                z = tf.einsum("bki,kio->bko", h, kernel)
-                if layer.use_bias:
-                    z = z + next(params)
+                z = tf.einsum("gbmi,gmio->gbmo", h, tf.reshape(kernel, (self.g, self.m, *kernel.shape[1:])))
+            if layer.use_bias:
+                z = z + tf.reshape(next(params), (self.g, 1, self.m, layer.units))
             # The last layer's softmax is left to the loss (Keras takes it from the logits).
             h = z if i == len(self.layers) - 1 else layer.activation(z)
         return h
@@ -255,13 +260,18 @@ class CompiledMLP:
         return [(j, self.layers[part.layer], part, p) for j, (part, p) in enumerate(zip(self.parts, self.params))
                 if part.kernel and (self.layers[part.layer].l1 or self.layers[part.layer].l2)]
 
+    def _column_sums(self, values):
+        """Sums of ``values`` (..., rows, columns) over its rows, as a GEMM by rows of ones: XLA
+        compiles a reduction for the CPU as one serial loop, which made the penalty a third of an
+        MLP's step; a GEMM runs vectorized (bench/README.md). The ones are a variable: XLA would
+        turn a product with constant ones back into a reduction."""
+        return tf.matmul(self.ones[:, :values.shape[-2]], values)[..., 0, :]
+
     def _penalty(self):
         """Per-slice penalty of the kernels, shape (K,) (keras.regularizers semantics)."""
-        def per_slice(values, part):  # column sums first: a contiguous reduction XLA vectorizes
-            if part.first:
-                units = self.layers[0].units
-                return tf.reduce_sum(tf.reshape(tf.reduce_sum(values, axis=0), (self.k, units)), axis=1)
-            return tf.reduce_sum(values, axis=(1, 2))
+        def per_slice(values, part):
+            sums = self._column_sums(values)  # (G, M * units) or (K, units)
+            return tf.reduce_sum(tf.reshape(sums, (self.k, -1)), axis=1)
 
         penalty = tf.zeros(self.k, tf.float32)
         for _, layer, part, w in self._kernels():
@@ -286,22 +296,23 @@ class CompiledMLP:
 
     def _batch_stats(self, x, y, weight):
         """Per-slice sums over a batch of cross-entropy and of correct predictions (shape (K,));
-        ``x``, ``y``: shared (B, ...) or per slice (K, B, ...); ``weight`` (B,) is 1 for real
-        examples and 0 for the padding of a partial batch."""
-        logits = self._logits(x)
-        labels = tf.transpose(y) if len(y.shape) == 2 else tf.broadcast_to(y[:, None], tf.shape(logits)[:2])
+        ``x``, ``y``: a batch per group (G, B, ...) or one for all (B, ...); ``weight`` (B,) is
+        1 for real examples and 0 for the padding of a partial batch."""
+        logits = self._logits(x)  # (G, B, M, classes)
+        labels = tf.broadcast_to((y if len(y.shape) == 2 else y[None])[:, :, None], tf.shape(logits)[:3])
         # Keras computes sparse_categorical_crossentropy of a softmax output from its logits.
         ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
         pred = tf.argmax(tf.nn.softmax(logits), axis=-1, output_type=labels.dtype)
         correct = tf.cast(tf.equal(pred, labels), tf.float32)
-        w = weight[:, None]
-        return tf.reduce_sum(ce * w, axis=0), tf.reduce_sum(correct * w, axis=0)
+        w = weight[None, :, None]
+        return (tf.reshape(tf.reduce_sum(ce * w, axis=1), (self.k,)),
+                tf.reshape(tf.reduce_sum(correct * w, axis=1), (self.k,)))
 
     # --- compiled calls of STEPS_PER_CALL steps ----------------------------------------
 
     def _train_steps(self, x, y, batches, sizes, count):
-        """One optimizer step per row of ``batches[:count]`` (shape (steps, B), shared by the
-        slices, or (steps, K, B), a batch per slice: ``sizes[i]`` indices into x/y, then padding;
+        """One optimizer step per row of ``batches[:count]`` (shape (steps, G, B), a batch per
+        group: ``sizes[i]`` indices into x/y, then padding;
         the rows after ``count`` too, so that every call has one shape and one compilation).
         Returns per-slice sums of loss * batch size (Keras' loss tracker), cross-entropy and hits."""
         positions = tf.range(tf.shape(batches)[-1])
@@ -339,7 +350,7 @@ class CompiledMLP:
         for part, p, decayed in zip(self.parts, self.params, self.spec.decayed):
             if decayed:
                 p.assign_sub(p * self._per_slice(self.decay, part) * lr)
-        for p, g, m, v in zip(self.params, grads, self.m, self.v):
+        for p, g, m, v in zip(self.params, grads, self.moment_1, self.moment_2):
             m.assign_add((g - m) * (1 - adam.beta_1))
             v.assign_add((tf.square(g) - v) * (1 - adam.beta_2))
             p.assign_sub((m * alpha) / (tf.sqrt(v) + adam.epsilon))
@@ -356,33 +367,29 @@ class CompiledMLP:
     def train_epoch(self, x, y, orders: list[list[np.ndarray]],
                     batch_end: Optional[Callable[[int, dict[str, np.ndarray]], None]] = None
                     ) -> dict[str, np.ndarray]:
-        """One epoch, slice k over ``orders[k]``'s batches (index arrays of at most the first
-        one's size; every slice the same number and sizes), in calls of :data:`STEPS_PER_CALL` steps.
+        """One epoch, group g's slices over ``orders[g]``'s batches (index arrays of at most the
+        first one's size; every order the same number and sizes), in calls of
+        :data:`STEPS_PER_CALL` steps.
 
         Args:
-            orders: one list of batches shared by every slice (one GEMM per layer for all), or
-                one list per slice (replicates: each its own order; a batched GEMM).
+            orders: one list of batches per group (G lists; a λ grid of one seed: one list).
             batch_end: called after each call with the index of its last batch and the running
                 means so far (as the return value); it may raise to stop the epoch.
 
         Returns:
             Per-slice ``loss``, ``data_loss`` and ``accuracy`` (shape (K,)): Keras' running means.
         """
-        shared = isinstance(orders[0], np.ndarray)  # one order for every slice: one GEMM
-        per_slice = [orders] if shared else orders
-        if (not shared and len(orders) != self.k) or len({len(o) for o in per_slice}) != 1:
-            raise ValueError(f"one order, or one per slice all as long: got "
-                             f"{[len(o) for o in per_slice]} for {self.k} slices")
-        steps, totals, seen = len(per_slice[0]), np.zeros((3, self.k), np.float64), 0
+        if len(orders) != self.g or len({len(o) for o in orders}) != 1:
+            raise ValueError(f"one order per group, all as long: got {[len(o) for o in orders]} "
+                             f"for {self.g} groups")
+        steps, totals, seen = len(orders[0]), np.zeros((3, self.k), np.float64), 0
         for start in range(0, steps, STEPS_PER_CALL):
             count = min(STEPS_PER_CALL, steps - start)
-            padded = np.zeros((STEPS_PER_CALL, len(per_slice), len(per_slice[0][0])), np.int64)
+            padded = np.zeros((STEPS_PER_CALL, self.g, len(orders[0][0])), np.int64)
             sizes = np.zeros(STEPS_PER_CALL, np.int32)
-            for k, order in enumerate(per_slice):
+            for g, order in enumerate(orders):
                 for i, b in enumerate(order[start:start + count]):
-                    padded[i, k, :len(b)], sizes[i] = b, len(b)
-            if shared:
-                padded = padded[:, 0]
+                    padded[i, g, :len(b)], sizes[i] = b, len(b)
             sums = self._train(x, y, padded, sizes, tf.constant(count, tf.int32))
             totals += np.asarray([s.numpy() for s in sums], np.float64)
             seen += int(sizes.sum())
@@ -405,8 +412,8 @@ class CompiledMLP:
 
     def _slice(self, arrays: list[np.ndarray], k: int) -> list[np.ndarray]:
         """Slice ``k`` of arrays shaped like the params, in :func:`model_variables`' order."""
-        units = self.layers[0].units
-        return [a[..., k * units:(k + 1) * units] if part.first else a[k]
+        units, (g, m) = self.layers[0].units, divmod(k, self.m)
+        return [a[g, :, m * units:(m + 1) * units] if part.first else a[k]
                 for part, a in zip(self.parts, arrays)]
 
     def copy_to(self, views: list[keras.Model], slices: Iterable[int], optimizer_state: bool = False) -> None:
@@ -414,7 +421,8 @@ class CompiledMLP:
         ``optimizer_state`` also its step count and Adam moments (a saved model then resumes as
         ``fit``'s does)."""
         params = [p.numpy() for p in self.params]
-        moments = [[m.numpy() for m in self.m], [v.numpy() for v in self.v]] if optimizer_state else None
+        moments = ([[m.numpy() for m in self.moment_1], [v.numpy() for v in self.moment_2]]
+                   if optimizer_state else None)
         for k in slices:
             variables = model_variables(views[k])
             for var, value in zip(variables, self._slice(params, k)):

@@ -168,12 +168,17 @@ def _slices(cfgs: list, callbacks: list[list], steps: int) -> list[_Slice]:
 def _fit_compiled(cfgs: list, x_train, y_train, x_val, y_val, callbacks: list[list],
                   label: str) -> list[Trained]:
     """Each epoch of all K models in compiled calls of ``STEPS_PER_CALL`` steps, a batch end after
-    each; each model's callbacks see its view as ``model``."""
+    each; each model's callbacks see its view as ``model``. The runs of one seed see the same
+    batches: the engine trains them as a group (one GEMM for the group's first layer)."""
     base, epochs = cfgs[0], int(cfgs[0].train.epochs)
     n, batch_size = len(x_train), int(base.train.batch_size)
-    slices = _slices(cfgs, callbacks, steps=math.ceil(n / batch_size))
+    # The engine's slices: the configs by seed (a group per seed when each has as many runs).
+    rank = sorted(range(len(cfgs)), key=lambda k: int(cfgs[k].train.seed))
+    seeds = [int(cfgs[k].train.seed) for k in rank]
+    groups = sorted(set(seeds)) if len(set(map(seeds.count, seeds))) == 1 else seeds
+    slices = _slices([cfgs[k] for k in rank], [callbacks[k] for k in rank], steps=math.ceil(n / batch_size))
     views = [s.view for s in slices]
-    engine = CompiledMLP.for_views(views, jit_compile=bool(base.train.jit_compile))
+    engine = CompiledMLP.for_views(views, len(groups), jit_compile=bool(base.train.jit_compile))
     data = data_tensors(x_train, y_train, x_val, y_val)
     for s in slices:
         s.view.stop_training = False
@@ -182,18 +187,16 @@ def _fit_compiled(cfgs: list, x_train, y_train, x_val, y_val, callbacks: list[li
         running = [k for k, s in enumerate(slices) if not s.view.stop_training]
         if not running:
             break
-        seeds = sorted({int(c.train.seed) for c in cfgs})
-        orders = {seed: epoch_batches(seed, epoch, n, batch_size) for seed in seeds}
-        # One seed (a λ grid): one order, shared; replicates: each slice its seed's order.
-        _epoch(engine, data, orders[seeds[0]] if len(seeds) == 1
-               else [orders[int(c.train.seed)] for c in cfgs], slices, running, epoch, label)
+        orders = {seed: epoch_batches(seed, epoch, n, batch_size) for seed in set(groups)}
+        _epoch(engine, data, [orders[seed] for seed in groups], slices, running, epoch, label)
         if len(slices) > 1:
             _log_epoch(label, epoch, epochs, [slices[k] for k in running])
     engine.copy_to(views, [k for k, s in enumerate(slices) if not s.view.stop_training],
                    optimizer_state=True)
     for s in slices:
         s.callbacks.on_train_end()
-    return [s.trained() for s in slices]
+    trained = [s.trained() for s in slices]
+    return [trained[rank.index(k)] for k in range(len(cfgs))]
 
 
 def _epoch(engine: CompiledMLP, data: tuple, orders: list, slices: list[_Slice],
