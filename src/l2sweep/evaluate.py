@@ -351,6 +351,10 @@ def main(overrides: list[str]) -> int:
     with logging_redirect_tqdm():  # log lines above a progress bar, not through it
         evaluation = evaluate(cfg)
     best = evaluation["best"]
+    if best and best.get("single"):  # nothing to choose among
+        print(f"wrote {len(evaluation['runs'])} runs; one configuration ({best['run_name']} the "
+              "champion): no λ to choose")
+        return 0
     verdict = ("decided beyond seed noise" if best["decided"] else "not decided: "
                + ("one seed per λ" if best["n"] < 2 else "others within seed noise")) if best else ""
     print(f"wrote {len(evaluation['runs'])} runs; lowest mean {best['by'] if best else '-'}: "

@@ -1,7 +1,7 @@
 """The `train` stage: the seeds' experiment, one MLflow-tracked run per λ.
 
 Run (from the repository root; params.yaml is layered over conf/, the command line wins):
-    python -m l2sweep.train -m                                  # sweep params.yaml's sweep.strengths
+    python -m l2sweep.train -m                                  # sweep the λ grid (sweep_grid)
     python -m l2sweep.train -m regularizer.strength=0.1,1.0     # an ad-hoc grid
     python -m l2sweep.train -m train.fused=true                 # the whole grid in one job, at once
     python -m l2sweep.train -m hydra/launcher=parallel          # jobs in parallel processes
@@ -31,7 +31,7 @@ from omegaconf import DictConfig
 from l2sweep import train_cli
 from l2sweep.base import cli, files, signals
 from l2sweep.base.cache import CACHE
-from l2sweep.base.config import CONF_DIR, ConfigError, validate, validate_seeds, validate_strengths
+from l2sweep.base.config import CONF_DIR, ConfigError, sweep_grid, validate, validate_seeds
 from l2sweep.base.data import load_meta, load_split
 from l2sweep.reporting.summaries import BEST_BY
 from l2sweep.tracking import artifacts, runs, sweep
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
-    """Trains ``cfg``'s λ (with ``train.fused=true`` every λ of ``sweep.strengths`` at once) and
+    """Trains ``cfg``'s λ (with ``train.fused=true`` every λ of its grid at once) and
     records each on disk and as an MLflow run.
 
     Args:
@@ -80,26 +80,28 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
 
 def lambda_configs(cfg: DictConfig) -> list[DictConfig]:
     """The configs this job trains: ``cfg``'s λ (with ``train.fused=true`` every λ of
-    ``sweep.strengths``), once per seed of ``sweep.seeds`` (null: ``train.seed`` alone), with
+    :func:`sweep_grid`), once per seed of ``sweep.seeds`` (null: ``train.seed`` alone), with
     ``regularizer.strength``, ``train.seed`` and ``run_name`` set for each. Replicates are named
-    ``<regularizer>-<λ>-s<seed>``; a single seed keeps ``<regularizer>-<λ>``.
+    ``<regularizer>-<λ>-s<seed>``; a single seed keeps ``<regularizer>-<λ>``; ``none`` has no
+    λ: ``none`` (``none-s<seed>``).
 
     Raises:
         ConfigError: the grid or the seeds are invalid, or ``run_name`` does not tell them apart.
     """
-    strengths = (validate_strengths(list(cfg.sweep.strengths)) if cfg.train.fused
-                 else [cfg.regularizer.strength])
+    strengths = sweep_grid(cfg) if cfg.train.fused else [cfg.regularizer.strength]
     seeds = validate_seeds(None if cfg.sweep.seeds is None else list(cfg.sweep.seeds))
-    if len(strengths) == 1 and (seeds is None or seeds == [cfg.train.seed]):
-        return [cfg]
     default_name = cfg.run_name == f"{cfg.regularizer.name}-{cfg.regularizer.strength}"
+    if len(strengths) == 1 and (seeds is None or seeds == [cfg.train.seed]):
+        if not (default_name and cfg.regularizer.name == "none"):
+            return [cfg]
     configs = []
     for strength in strengths:
         for seed in seeds or [cfg.train.seed]:
             sub = cfg.copy()
             sub.regularizer.strength, sub.train.seed = strength, seed
             if default_name:  # a composed config has its name resolved already
-                sub.run_name = f"{cfg.regularizer.name}-{strength}" + (
+                sub.run_name = ("none" if cfg.regularizer.name == "none" else
+                                f"{cfg.regularizer.name}-{strength}") + (
                     f"-s{seed}" if seeds and len(seeds) > 1 else "")
             configs.append(sub)
     names = [c.run_name for c in configs]

@@ -1,10 +1,11 @@
 """From a user's command line to the Hydra app's: params.yaml, the λ grid, the checks; and
 on the jobs' side, the label of a job and what a job on a cluster (submitit) reports.
 
-``python -m l2sweep.train -m`` sweeps ``sweep.strengths`` (from params.yaml) in one Hydra
-multirun; an explicit ``regularizer.strength=a,b`` or another sweeper (``hydra/sweeper=...``)
-replaces that grid. Everything is validated, and the outputs and the store checked
-(:func:`preflight`), before Hydra starts any job, so a typo or a full disk costs nothing.
+``python -m l2sweep.train -m`` sweeps the λ grid (l2sweep.base.config.sweep_grid: params.yaml's
+``sweep.strengths``, else the regularizer's own) in one Hydra multirun; an explicit
+``regularizer.strength=a,b`` or another sweeper (``hydra/sweeper=...``) replaces that grid.
+Everything is validated, and the outputs and the store checked (:func:`preflight`), before
+Hydra starts any job, so a typo or a full disk costs nothing.
 A Hydra callback could not do this: Hydra turns a callback's errors into warnings.
 """
 
@@ -26,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from l2sweep.base import cli, files, outputs, signals
 from l2sweep.base.cli import VERBOSE_ENV, VERBOSE_LOGGERS
 from l2sweep.base.config import (ConfigError, compose_config, format_override_value, override_key,
-                                 params_file, project_overrides, training_loop, validate,
+                                 params_file, project_overrides, sweep_grid, training_loop, validate,
                                  validate_strengths)
 from l2sweep.base.data import load_meta, load_split
 from l2sweep.tracking import store
@@ -93,7 +94,7 @@ def _validate_interval(key: str, interval: Any) -> None:
 def launch_argv(args: list[str]) -> list[str]:
     """The Hydra app's argv for a user's ``args``.
 
-    Layers params.yaml under the command-line overrides, fills in ``sweep.strengths`` as the
+    Layers params.yaml under the command-line overrides, fills in :func:`sweep_grid` as the
     multirun grid when none is given, and composes + validates the config of the first job
     (and every swept λ) so a bad value fails here with the key named; then, unless the flags
     only print, runs :func:`preflight` and sets TensorFlow's threads.
@@ -128,9 +129,10 @@ def launch_argv(args: list[str]) -> list[str]:
     placed, adhoc = _placement(cfg, keys, multirun)
     overrides += placed
     if STRENGTH in swept:
-        validate_strengths([_number(STRENGTH, v) for v in swept[STRENGTH]], key=STRENGTH)
+        validate_strengths([_number(STRENGTH, v) for v in swept[STRENGTH]], STRENGTH,
+                           cfg.regularizer.name)
     elif multirun and STRENGTH not in keys and not custom_sweeper and not cfg.train.fused:
-        grid = validate_strengths(list(OmegaConf.to_container(cfg.sweep.strengths)))
+        grid = sweep_grid(cfg)
         overrides.append(f"{STRENGTH}=" + ",".join(repr(v) for v in grid))
         swept[STRENGTH] = grid
     jobs = 1
@@ -247,11 +249,12 @@ def _fused_overrides(cfg: Any, overrides: list[str], swept: dict[str, list[Any]]
     becomes that job's ``sweep.strengths=[a,b]`` (``swept`` is updated), and the job's folder
     is named for what it holds."""
     if STRENGTH in swept:
-        grid = validate_strengths([_number(STRENGTH, v) for v in swept.pop(STRENGTH)], key=STRENGTH)
+        grid = validate_strengths([_number(STRENGTH, v) for v in swept.pop(STRENGTH)], STRENGTH,
+                                  cfg.regularizer.name)
         overrides = [o for o in overrides if override_key(o) != STRENGTH]
         overrides.append("sweep.strengths=" + format_override_value(grid))
     else:
-        validate_strengths(list(OmegaConf.to_container(cfg.sweep.strengths)))
+        sweep_grid(cfg)
     if multirun and not any(override_key(o) == "hydra.sweep.subdir" for o in overrides):
         overrides.append("hydra.sweep.subdir=${regularizer.name}-fused-${hydra.job.num}")
     return overrides
@@ -300,7 +303,7 @@ def cluster_job(cfg: DictConfig) -> Iterator[None]:
         yield
     except Exception as exc:
         log.exception("%s failed", job_label(cfg))
-        grid = f"sweep.strengths={list(cfg.sweep.strengths)}" if cfg.train.fused else \
+        grid = f"sweep.strengths={sweep_grid(cfg)}" if cfg.train.fused else \
             f"regularizer.strength={cfg.regularizer.strength}"
         raise JobError(f"{job_label(cfg)} ({grid}) failed on {socket.gethostname()}: "
                        f"{cli.describe(exc)}; its log: {submitit.JobEnvironment().paths.stdout}") from None

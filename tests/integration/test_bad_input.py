@@ -91,7 +91,7 @@ TRAIN_CASES = [
     # unknown names: the valid ones are listed
     (["dataset=cifar"], "dataset='cifar' is not allowed: one of fashion_mnist, idx_dir, mnist, npz"),
     (["model=resnet"], "model='resnet' is not allowed: one of cnn, mlp"),
-    (["regularizer=l3"], "regularizer='l3' is not allowed: one of l1, l1_l2, l2, none, weight_decay"),
+    (["regularizer=l3"], "regularizer='l3' is not allowed: one of adamw, dropout, l1, l1_l2, l2, none, weight_decay"),
     (["model.name=resnet"], "model.name='resnet' is not allowed: one of mlp, cnn"),
     # misspelt keys
     (["train.epoch=3"], "train.epoch=3 is not allowed: a key the schema declares "
@@ -272,6 +272,6 @@ def test_train_answers_help_with_its_keys_groups_and_examples(tmp_path):
     proc = run_cli(tmp_path, "l2sweep.train", "--help", env=cli_env(L2SWEEP_PARAMS=""))
     assert proc.stdout.startswith("The `train` stage"), proc.stdout
     for text in ("python -m l2sweep.train -m", "Main keys: regularizer.strength",
-                 "regularizer: l1, l1_l2, l2, none, weight_decay"):
+                 "regularizer: adamw, dropout, l1, l1_l2, l2, none, weight_decay"):
         assert text in proc.stdout
     assert not (tmp_path / "outputs").exists()

@@ -38,15 +38,16 @@ def grid(tiny_cfg, regularizer: str, strengths, *extra: str, seeds=None) -> list
 
 
 def assert_same(got: Trained, ref: Trained, what: str) -> None:
-    """Every per-epoch metric (but the wall time), weight and optimizer variable agree."""
+    """Every per-epoch metric (but the wall time), weight, seed state (a Dropout's: as many
+    draws) and optimizer variable agree."""
     assert got.history.keys() == ref.history.keys(), what
     assert got.diverged_epoch == ref.diverged_epoch, what
     for key in set(ref.history) - {"epoch_time"}:
         np.testing.assert_allclose(got.history[key], ref.history[key], rtol=RTOL, atol=ATOL,
                                    err_msg=f"{what} {key}")
-    pairs = list(zip(got.model.weights, ref.model.weights))
+    pairs = list(zip(got.model.variables, ref.model.variables))
     pairs += list(zip(got.model.optimizer.variables, ref.model.optimizer.variables))
-    assert len(pairs) == len(ref.model.weights) + len(ref.model.optimizer.variables), what
+    assert len(pairs) == len(ref.model.variables) + len(ref.model.optimizer.variables), what
     for a, b in pairs:
         assert a.name == b.name, what
         np.testing.assert_allclose(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b),
@@ -58,14 +59,15 @@ def fit_each(cfgs, data) -> list[Trained]:
     return [fit([c], *data, [[]], c.run_name)[0] for c in cfgs]
 
 
-# l1_l2 and weight_decay: test_both_loops_train_what_model_py_defines compares both loops on them.
-@pytest.mark.parametrize("regularizer", ["l2"])
-def test_compiled_loop_equals_keras_fit(tiny_cfg, data, regularizer):
-    """4 runs, 2 lambdas x 2 seeds (a seed: its initial weights and batch order, reshuffled
-    each epoch), given lambda by lambda, for 2 epochs: all at once in the compiled loop (a group
-    per seed), one by one in it, and one by one in Keras' own fit (fed the same batches) give the
-    same metrics, weights and Adam state, each in its config's place."""
-    strengths, seeds = (0.001, 0.001, 0.1, 0.1), (1, 2, 1, 2)
+# l1_l2 and adamw: test_both_loops_train_what_model_py_defines compares both loops on them;
+# weight_decay: test_weight_decay_trains_l2_at_half_lambda_and_adamw_does_not.
+@pytest.mark.parametrize("regularizer,lambdas", [("l2", (0.001, 0.1)), ("dropout", (0.2, 0.5))])
+def test_compiled_loop_equals_keras_fit(tiny_cfg, data, regularizer, lambdas):
+    """4 runs, 2 lambdas x 2 seeds (a seed: its initial weights, batch order, reshuffled
+    each epoch, and dropout masks), given lambda by lambda, for 2 epochs: all at once in the
+    compiled loop (a group per seed), one by one in it, and one by one in Keras' own fit (fed the
+    same batches) give the same metrics, weights and Adam state, each in its config's place."""
+    strengths, seeds = (lambdas[0], lambdas[0], lambdas[1], lambdas[1]), (1, 2, 1, 2)
     together = fit(grid(tiny_cfg, regularizer, strengths, "train.epochs=2", seeds=seeds), *data, [[]] * 4, "grid")
     alone = fit_each(grid(tiny_cfg, regularizer, strengths, "train.epochs=2", seeds=seeds), data)
     keras_fit = fit_each(grid(tiny_cfg, regularizer, strengths, "train.epochs=2", "train.loop=keras",
@@ -78,29 +80,57 @@ def test_compiled_loop_equals_keras_fit(tiny_cfg, data, regularizer):
 
 
 @pytest.mark.filterwarnings("ignore:Model doesn.t support .jit_compile=True.")  # load_model under op determinism
-def test_the_trained_model_saves_with_its_optimizer_state(tiny_cfg, data, tmp_path):
+@pytest.mark.parametrize("regularizer", ["l2", "weight_decay"])
+def test_the_trained_model_saves_with_its_optimizer_state(tiny_cfg, data, tmp_path, regularizer):
     """A compiled fit's model.keras holds its weights, Adam moments and step count, so it
-    resumes as fit's would."""
-    (trained,) = fit(grid(tiny_cfg, "l2", (0.01,)), *data, [[]], "save")
+    resumes as fit's would (weight_decay's optimizer too: the same decay, on the same kernels)."""
+    (trained,) = fit(grid(tiny_cfg, regularizer, (0.01,)), *data, [[]], "save")
     trained.model.save(tmp_path / "model.keras")
     loaded = keras.saving.load_model(tmp_path / "model.keras")
     assert int(loaded.optimizer.iterations) == math.ceil(len(data[0]) / 32)
+    assert type(loaded.optimizer) is type(trained.model.optimizer)
+    assert loaded.optimizer.get_config() == trained.model.optimizer.get_config()
     for a, b in zip(loaded.weights + loaded.optimizer.variables,
                     trained.model.weights + trained.model.optimizer.variables):
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
 
 
-def deeper_mlp(hidden_units: int, reg) -> keras.Model:
-    """Another MLP for model.mlp: tanh, a second hidden layer (elu, no bias), another width."""
+def test_weight_decay_trains_l2_at_half_lambda_and_adamw_does_not(tiny_cfg, data):
+    """Coupled weight decay λ adds λ·w to the gradient: exactly d/dw of l2's (λ/2)·Σw². From the
+    same seed on the same batches, weight_decay λ and l2 λ/2 end with the same weights (to float
+    rounding) in both loops, their loss differing by l2's penalty alone; adamw λ (decay outside
+    Adam, not rescaled by it) ends elsewhere."""
+    kinds = (("weight_decay", 0.02), ("l2", 0.02 / 2), ("adamw", 0.02))
+    kernel = lambda t: keras.ops.convert_to_numpy(t.model.get_layer("hidden").kernel)  # noqa: E731
+    for loop in ("compiled", "keras"):  # (without XLA: compiling costs more than these fits)
+        wd, l2, adamw = (fit_each(grid(tiny_cfg, kind, (s,), f"train.loop={loop}", "train.jit_compile=false"),
+                                  data)[0] for kind, s in kinds)
+        for a, b in zip(wd.model.weights, l2.model.weights):
+            np.testing.assert_allclose(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b),
+                                       rtol=RTOL, atol=ATOL, err_msg=f"{loop} {a.path}")
+        np.testing.assert_allclose(wd.history["data_loss"], l2.history["data_loss"], rtol=RTOL, atol=ATOL)
+        np.testing.assert_allclose(wd.history["loss"], wd.history["data_loss"], rtol=1e-6)  # no penalty
+        assert wd.history["penalty"] == [0.0] and l2.history["penalty"][0] > 0
+        assert l2.history["loss"][0] > wd.history["loss"][0]  # + the penalty
+        assert not np.allclose(kernel(adamw), kernel(wd), rtol=1e-3, atol=1e-4), loop
+
+
+def deeper_mlp(hidden_units: int, reg, dropout=None) -> keras.Model:
+    """Another MLP for model.mlp: tanh, a second hidden layer (elu, no bias), another width;
+    with ``dropout``, a Dropout after each hidden layer (the second's seeded apart)."""
     inputs = keras.Input(shape=model.INPUT_SHAPE, name="image")
     x = keras.layers.Flatten(name="flatten")(inputs)
     x = keras.layers.Dense(48, activation="tanh", kernel_regularizer=reg, name="hidden")(x)
+    x = dropout(x) if dropout is not None else x
     x = keras.layers.Dense(24, activation="elu", use_bias=False, kernel_regularizer=reg, name="hidden2")(x)
+    if dropout is not None:
+        x = keras.layers.Dropout(dropout.rate, seed=dropout.seed + 1, name="dropout2")(x)
     outputs = keras.layers.Dense(model.NUM_CLASSES, activation="softmax", name="output")(x)
     return keras.Model(inputs, outputs, name="mlp")
 
 
-@pytest.mark.parametrize("regularizer", ["l1_l2", "weight_decay"])
+# weight_decay and dropout: the tests above compare both loops on them.
+@pytest.mark.parametrize("regularizer", ["l1_l2", "adamw"])
 def test_both_loops_train_what_model_py_defines(tiny_cfg, data, monkeypatch, regularizer):
     """model.py is the one definition: with another MLP in it, the compiled loop trains that
     network (layers, activations, penalties, decay), exactly as Keras fit does."""
@@ -117,21 +147,45 @@ def test_both_loops_train_what_model_py_defines(tiny_cfg, data, monkeypatch, reg
     assert not np.allclose(compiled[0].history["loss"], relu.history["loss"])  # not the relu MLP's
 
 
-def _with_dropout(hidden_units: int, reg) -> keras.Model:
+def test_dropout_acts_in_training_steps_only(tiny_cfg, data):
+    """Rate 0 trains as no dropout at all and rate 0.5 otherwise; validation sees no dropout (the
+    epoch's val metrics are Keras' evaluate of the trained model)."""
+    from l2sweep.base.data import to_float
+
+    off, half = fit(grid(tiny_cfg, "dropout", (0.0, 0.5)), *data, [[], []], "grid")
+    (plain,) = fit(grid(tiny_cfg, "none", (0.0,)), *data, [[]], "plain")
+    for a, b in zip(off.model.get_weights(), plain.model.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL)
+    assert not np.allclose(half.model.get_weights()[0], plain.model.get_weights()[0], rtol=1e-3, atol=1e-4)
+    result = half.model.evaluate(to_float(data[2]), data[3], verbose=0, return_dict=True)
+    for name in ("loss", "accuracy", "data_loss"):
+        np.testing.assert_allclose(half.history[f"val_{name}"][-1], result[name], rtol=RTOL, atol=ATOL)
+
+
+def _with_noise(hidden_units: int, reg, dropout=None) -> keras.Model:
     inputs = keras.Input(shape=model.INPUT_SHAPE, name="image")
     x = keras.layers.Flatten(name="flatten")(inputs)
-    x = keras.layers.Dropout(0.5, name="dropout")(keras.layers.Dense(hidden_units, name="hidden")(x))
+    x = keras.layers.GaussianNoise(0.1, name="noise")(keras.layers.Dense(hidden_units, name="hidden")(x))
     return keras.Model(inputs, keras.layers.Dense(10, activation="softmax", name="output")(x))
 
 
-def _linear_output(hidden_units: int, reg) -> keras.Model:
+def _shaped_dropout(hidden_units: int, reg, dropout=None) -> keras.Model:
+    inputs = keras.Input(shape=model.INPUT_SHAPE, name="image")
+    x = keras.layers.Dense(hidden_units, name="hidden")(keras.layers.Flatten(name="flatten")(inputs))
+    x = keras.layers.Dropout(0.5, noise_shape=(1, hidden_units), name="dropout")(x)
+    return keras.Model(inputs, keras.layers.Dense(10, activation="softmax", name="output")(x))
+
+
+def _linear_output(hidden_units: int, reg, dropout=None) -> keras.Model:
     inputs = keras.Input(shape=model.INPUT_SHAPE, name="image")
     x = keras.layers.Dense(hidden_units, name="hidden")(keras.layers.Flatten(name="flatten")(inputs))
     return keras.Model(inputs, keras.layers.Dense(10, name="output")(x))
 
 
-@pytest.mark.parametrize("builder,named", [(_with_dropout, "layer 'dropout' (Dropout)"),
-                                          (_linear_output, "layer 'output'")], ids=["dropout", "no-softmax"])
+@pytest.mark.parametrize("builder,named", [(_with_noise, "layer 'noise' (GaussianNoise)"),
+                                          (_shaped_dropout, "layer 'dropout': it sets noise_shape"),
+                                          (_linear_output, "layer 'output'")],
+                         ids=["noise", "dropout-noise-shape", "no-softmax"])
 def test_the_compiled_loop_refuses_what_it_cannot_run(tiny_cfg, data, monkeypatch, builder, named):
     monkeypatch.setattr(model, "mlp", builder)
     with pytest.raises(ValueError, match=f"cannot run {re.escape(named)}.*train.loop=keras"):
@@ -146,7 +200,13 @@ def test_the_cnn_runs_only_in_keras_fit(tiny_cfg, data):
         validate(tiny_cfg("model=cnn", "train.loop=compiled"))
     with pytest.raises(ValueError, match=r"cannot run layer 'channels' \(Reshape\).*train.loop=keras"):
         fit([tiny_cfg("model=cnn", "train.loop=compiled")], *data, [[]], "cnn")
-
+    # With dropout (after its hidden layer), as Keras fit trains it.
+    (trained,) = fit([tiny_cfg("model=cnn", "model.conv_filters=[4]", "model.hidden_units=16",
+                               "regularizer=dropout", "regularizer.strength=0.5", "tracking.enabled=false")],
+                     *data, [[]], "cnn")
+    assert [layer.name for layer in trained.model.layers][-3:] == ["hidden", "dropout", "output"]
+    assert trained.model.get_layer("dropout").rate == 0.5
+    assert len(trained.history["loss"]) == 1 and math.isfinite(trained.history["loss"][0])
 
 
 def test_the_keras_loop_trains_replicates_one_after_another(tiny_cfg, data):

@@ -163,6 +163,15 @@ def test_a_fused_multirun_is_one_job_of_the_whole_grid(prepared_project, monkeyp
     assert os.environ[JOBS_ENV] == "1"
 
 
+def test_none_is_one_job_and_null_sweeps_the_regularizers_own_grid(prepared_project):
+    from l2sweep.train_cli import JOBS_ENV, launch_argv
+
+    argv = launch_argv(["-m", "regularizer=none", "sweep.strengths=null", "tracking.enabled=false"])
+    assert "regularizer.strength=0.0" in argv and os.environ[JOBS_ENV] == "1"
+    argv = launch_argv(["-m", "regularizer=adamw", "sweep.strengths=null", "tracking.enabled=false"])
+    assert "regularizer.strength=0.01,0.1,1.0" in argv and os.environ[JOBS_ENV] == "3"
+
+
 def test_replicates_are_runs_of_their_own_and_evaluate_gives_their_intervals(prepared_tiny, tiny_cfg):
     """sweep.seeds: one job trains a λ once per seed, at once; each (λ, seed) is a tracked run
     with its own initial weights and batches, tagged for grouping; evaluate then reports the

@@ -65,26 +65,54 @@ def test_cnn_is_seed_004s_model():
     assert model.get_layer("output").kernel_regularizer is None
 
 
+@pytest.mark.parametrize("model_name", ["mlp", "cnn"])
+@pytest.mark.parametrize("rate", [0.0, 0.3])
+def test_dropout_is_a_layer_after_hidden(model_name, rate):
+    """Any rate (0 too) adds a Dropout named ``dropout`` right after ``hidden``, seeded with
+    train.seed, and no penalty."""
+    model = build_model(make_cfg(f"model={model_name}", "regularizer=dropout",
+                                 f"regularizer.strength={rate}", "train.seed=7"))
+    names = [layer.name for layer in model.layers]
+    assert names[names.index("hidden") + 1:] == ["dropout", "output"]
+    dropout = model.get_layer("dropout")
+    assert isinstance(dropout, keras.layers.Dropout) and dropout.rate == rate and dropout.seed == 7
+    assert not model.losses and all(layer.kernel_regularizer is None for layer in kernel_layers(model))
+
+
 def test_regularizer_kinds():
     l1_l2 = make_regularizer("l1_l2", 0.01, l1_ratio=0.25)
     assert l1_l2.l1 == pytest.approx(0.0025) and l1_l2.l2 == pytest.approx(0.0075)
     assert isinstance(make_regularizer("l1", 0.01), keras.regularizers.L1)
     assert make_regularizer("none", 0.01) is None and make_regularizer("weight_decay", 0.01) is None
+    assert make_regularizer("adamw", 0.01) is None
     with pytest.raises(ConfigError, match="'l3'"):
         make_regularizer("l3", 0.01)
     with pytest.raises(ConfigError, match="conv_filters"):
         build_model(make_cfg("model=cnn", "model.conv_filters=[]"))
 
 
-def test_weight_decay_uses_adamw_on_the_regularized_kernels_only(data):
-    cfg = make_cfg("regularizer=weight_decay", "regularizer.strength=0.01")
+def test_weight_decay_is_coupled_on_the_regularized_kernels_only():
+    """(That it trains l2's weights at λ/2: tests/integration/test_engine.py.)"""
+    from l2sweep.engine.optimizers import CoupledDecayAdam
+
+    model = build_model(make_cfg("regularizer=weight_decay", "regularizer.strength=0.01"))
+    optimizer = model.optimizer
+    assert type(optimizer) is CoupledDecayAdam and optimizer.decay == pytest.approx(0.01)
+    assert optimizer.weight_decay is None and model.get_layer("hidden").kernel_regularizer is None
+    assert [w.path for w in model.trainable_variables if optimizer.decays(w)] == ["hidden/kernel"]
+    with pytest.raises(ValueError, match="weight_decay=0.1 is not allowed: None"):
+        CoupledDecayAdam(decay=0.1, weight_decay=0.1)
+
+
+def test_adamw_uses_keras_adamw_on_the_regularized_kernels_only(data):
+    cfg = make_cfg("regularizer=adamw", "regularizer.strength=0.01")
     model = build_model(cfg)
     assert isinstance(model.optimizer, keras.optimizers.AdamW)
     assert model.optimizer.weight_decay == pytest.approx(0.01)
     assert model.get_layer("hidden").kernel_regularizer is None
     # Behaviour rather than Keras internals: with lambda * lr = 1 one step of decoupled decay
     # zeroes every decayed weight, so what survives shows what is excluded.
-    cfg = make_cfg("regularizer=weight_decay", "regularizer.strength=1000.0",
+    cfg = make_cfg("regularizer=adamw", "regularizer.strength=1000.0",
                    "train.steps_per_execution=1", "train.jit_compile=false")
     set_seeds(0, True)
     model = build_model(cfg)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from l2sweep.base.config import ConfigError, compose_config
+from l2sweep.base.config import REGULARIZERS, ConfigError, compose_config, sweep_grid, validate
 from l2sweep.train import lambda_configs
 from l2sweep.train_cli import check_prepared
 
@@ -45,3 +45,35 @@ def test_a_run_trains_on_what_was_prepared_or_not_at_all():
             check_prepared(cfg(override), meta)
     with pytest.raises(ConfigError, match=r"^dataset.path='/elsewhere' is not allowed"):
         check_prepared(cfg("dataset=idx_dir", "dataset.path=/elsewhere"), {**meta, "dataset": "idx_dir"})
+
+
+def test_each_regularizer_sweeps_its_own_grid_unless_a_list_is_given():
+    grids = {kind: sweep_grid(cfg(f"regularizer={kind}")) for kind in REGULARIZERS}
+    assert grids["l2"] == [0.0001, 0.001, 0.01]  # the seeds' grid
+    assert grids["weight_decay"] == [2 * s for s in grids["l2"]]  # the same models as l2's
+    assert grids["adamw"] == [0.01, 0.1, 1.0] and grids["l1"] == [0.00001, 0.0001, 0.001]
+    assert grids["none"] == [0.0]  # no grid: one configuration
+    assert grids["dropout"] == [0.1, 0.3, 0.5]  # rates
+    assert sweep_grid(cfg("regularizer=adamw", "sweep.strengths=[0.5,2.0]")) == [0.5, 2.0]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["regularizer=dropout", "sweep.strengths=[0.1,1.0]"], "sweep.strengths=1.0 is not allowed: a dropout rate in [0, 1)"),
+    (["regularizer=dropout", "regularizer.strengths=[0.5,-0.1]"], "regularizer.strengths=-0.1 is not allowed: a finite number >= 0"),
+    (["regularizer=l2", "regularizer.strengths=[0.1,0.1]"], "regularizer.strengths=[0.1, 0.1] is not allowed: each lambda once (repeated: [0.1])"),
+    (["regularizer=none", "sweep.strengths=[0.0,0.1]"], "sweep.strengths=0.1 is not allowed: 0 for regularizer=none"),
+    (["regularizer=dropout", "regularizer.strength=1.0"], "regularizer.strength=1.0 is not allowed: a dropout rate in [0, 1)"),
+])
+def test_a_bad_grid_or_rate_is_named(overrides, message):
+    with pytest.raises(ConfigError) as raised:
+        validate(cfg(*overrides))
+    assert str(raised.value).startswith(message) and "\n" not in str(raised.value)
+
+
+def test_none_has_no_grid_and_trains_once_per_seed():
+    (only,) = lambda_configs(cfg("regularizer=none"))
+    assert (only.run_name, only.regularizer.strength, only.train.seed) == ("none", 0.0, 42)
+    for fused in ("false", "true"):
+        runs = lambda_configs(cfg("regularizer=none", "sweep.seeds=[1,2]", f"train.fused={fused}"))
+        assert [(c.run_name, c.train.seed, c.regularizer.strength) for c in runs] == [
+            ("none-s1", 1, 0.0), ("none-s2", 2, 0.0)]

@@ -134,6 +134,19 @@ def test_best_lambda_indistinguishable():
     assert not any("generalises best by" in n for n in report.observations(sweep(val_data_loss=ce)))
 
 
+def test_one_configuration_has_no_best_lambda():
+    """regularizer=none (one configuration, three seeds): nothing is chosen or ranked."""
+    runs = {name.replace("l2-0.0001", "none"): {**run, "strength": 0.0}
+            for name, run in sweep()["runs"].items() if run["strength"] == 0.0001}
+    evaluation = {"sweep": {**sweep()["sweep"], "regularizer": "none"}, "runs": runs,
+                  **summaries.summarize(runs)}
+    assert evaluation["best"]["single"] and evaluation["best"]["run_name"].startswith("none-s")
+    text = report.observations(evaluation)
+    assert ("The sweep has one configuration (none): there is no λ to choose; its mean validation "
+            "cross-entropy is 0.4000") in text[0]
+    assert not any(word in n for n in text for word in ("generalises best", "highest", "decided"))
+
+
 def test_test_accuracy_ahead_or_within_noise():
     ahead = {0.0001: [0.87, 0.875, 0.872], 0.001: [0.86, 0.865, 0.861], 0.01: [0.83, 0.835, 0.832]}
     (note,) = notes(sweep(test_accuracy=ahead), "The highest mean test accuracy")

@@ -93,7 +93,8 @@ def test_best_is_undecided_when_a_margin_holds_zero_or_there_is_one_seed():
     assert single["best"]["indistinguishable"] == ["0.01"]  # one shared seed: no interval
     assert single["comparisons"]["val_data_loss"][0]["low"] is None
     only = s.summarize(entries({0.001: [(0.39, 0.86), (0.41, 0.87)]}))["best"]
-    assert only["decided"] is False and only["margins"] == {}
+    assert only["decided"] is False and only["margins"] == {} and only["single"] is True
+    assert noisy["single"] is False
 
 
 def test_seeds_pair_only_where_both_finished():

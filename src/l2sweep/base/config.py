@@ -34,7 +34,7 @@ GROUPS = ("dataset", "model", "regularizer")
 
 DATASETS = ("fashion_mnist", "mnist", "idx_dir", "npz")
 MODELS = ("mlp", "cnn")
-REGULARIZERS = ("l2", "l1", "l1_l2", "weight_decay", "none")
+REGULARIZERS = ("l2", "l1", "l1_l2", "weight_decay", "adamw", "dropout", "none")
 LOOPS = ("auto", "compiled", "keras")
 #: Models the compiled loop (and so the fused sweep) can run.
 FUSABLE_MODELS = ("mlp",)
@@ -73,10 +73,15 @@ class ModelConfig:
 
 @dataclass
 class RegularizerConfig:
-    """The penalty under study."""
+    """The regularizer under study (each kind's formula: its file in conf/regularizer/)."""
 
-    name: str = "l2"  # l2, l1, l1_l2, weight_decay (decoupled, AdamW) or none
-    strength: float = 0.001  # lambda (for weight_decay: AdamW's weight_decay)
+    # l2, l1, l1_l2, weight_decay (coupled: lambda * w added to the gradient), adamw (decoupled:
+    # AdamW's w -= lr * lambda * w), dropout (strength = the rate) or none
+    name: str = "l2"
+    strength: float = 0.001  # lambda of one run (dropout: the rate, in [0, 1); none: 0)
+    # the kind's own lambda grid, swept when sweep.strengths is null; []: no grid, `strength`
+    # trains once (none)
+    strengths: list[float] = field(default_factory=list)
     l1_ratio: float = 0.5  # l1_l2 only: share of lambda given to the L1 term
 
 
@@ -102,10 +107,11 @@ class TrainConfig:
 
 @dataclass
 class SweepConfig:
-    """The lambda grid."""
+    """The lambda grid (:func:`sweep_grid`)."""
 
-    # the values of regularizer.strength one sweep trains
-    strengths: list[float] = field(default_factory=lambda: [0.0001, 0.001, 0.01])
+    # the values of regularizer.strength one sweep trains; null: the regularizer's own grid
+    # (regularizer.strengths)
+    strengths: Optional[list[float]] = None
     # the seeds every lambda trains with, one run each (replicates: the report's intervals come
     # from them); null: train.seed alone, the seeds' single-run experiment
     seeds: Optional[list[int]] = None
@@ -316,17 +322,47 @@ def _non_empty(key: str, value: Any, allowed: str) -> None:
         raise ConfigError(key, value, allowed)
 
 
-def validate_strengths(strengths: Any, key: str = "sweep.strengths") -> list[float]:
-    """Checks a lambda grid: non-empty, finite, >= 0, no duplicates. Returns it as floats."""
+def validate_strength(key: str, value: Any, kind: str) -> None:
+    """Checks one strength of regularizer ``kind``: a finite number >= 0; for dropout a rate in
+    [0, 1); for none 0 (it has no strength: another value would train the same model again)."""
+    _finite_number(key, value, minimum=0.0)
+    if kind == "dropout" and not value < 1:
+        raise ConfigError(key, value, "a dropout rate in [0, 1)")
+    if kind == "none" and value != 0:
+        raise ConfigError(key, value, "0 for regularizer=none (it has no strength to vary)")
+
+
+def validate_strengths(strengths: Any, key: str = "sweep.strengths", kind: str = "l2") -> list[float]:
+    """Checks a lambda grid of regularizer ``kind``: non-empty, each strength valid
+    (:func:`validate_strength`), no duplicates. Returns it as floats."""
     if not isinstance(strengths, (list, tuple)) or not strengths:
-        raise ConfigError(key, strengths, "a non-empty list of numbers >= 0")
+        raise ConfigError(key, strengths, "a non-empty list of numbers >= 0 (null: the "
+                          "regularizer's own grid, regularizer.strengths)")
     for value in strengths:
-        _finite_number(key, value, minimum=0.0)
+        validate_strength(key, value, kind)
     floats = [float(v) for v in strengths]
     if len(set(floats)) != len(floats):
         dupes = sorted({v for v in floats if floats.count(v) > 1})
         raise ConfigError(key, list(strengths), f"each lambda once (repeated: {dupes})")
     return floats
+
+
+def sweep_grid(cfg: DictConfig | Config) -> list[float]:
+    """The strengths one sweep trains, validated for its regularizer: ``sweep.strengths`` when
+    set (it wins), else the regularizer's own grid ``regularizer.strengths``; where that is
+    empty (``none``) ``regularizer.strength`` alone: one configuration, trained once per seed.
+
+    Raises:
+        ConfigError: naming the key of the grid used, the bad value and what is allowed.
+    """
+    kind, explicit = cfg.regularizer.name, cfg.sweep.strengths
+    if explicit is not None:
+        return validate_strengths(list(explicit), "sweep.strengths", kind)
+    own = list(cfg.regularizer.strengths)
+    if not own:
+        validate_strength("regularizer.strength", cfg.regularizer.strength, kind)
+        return [float(cfg.regularizer.strength)]
+    return validate_strengths(own, "regularizer.strengths", kind)
 
 
 def validate_seeds(seeds: Any, key: str = "sweep.seeds") -> Optional[list[int]]:
@@ -361,7 +397,7 @@ def validate(cfg: DictConfig | Config) -> None:
         raise ConfigError("data.val_fraction", vf, "a number strictly between 0 and 1")
     if cfg.data.limit is not None:
         _positive_int("data.limit", cfg.data.limit)
-    _finite_number("regularizer.strength", cfg.regularizer.strength, minimum=0.0)
+    validate_strength("regularizer.strength", cfg.regularizer.strength, cfg.regularizer.name)
     if not 0 <= cfg.regularizer.l1_ratio <= 1:
         raise ConfigError("regularizer.l1_ratio", cfg.regularizer.l1_ratio, "a number in [0, 1]")
     _positive_int("train.epochs", cfg.train.epochs)
@@ -372,7 +408,7 @@ def validate(cfg: DictConfig | Config) -> None:
     _finite_number("train.learning_rate", cfg.train.learning_rate, minimum=0.0, inclusive=False)
     if cfg.train.threads is not None:
         _positive_int("train.threads", cfg.train.threads)
-    validate_strengths(list(cfg.sweep.strengths))
+    sweep_grid(cfg)
     seeds = cfg.sweep.seeds
     validate_seeds(None if seeds is None else list(seeds))
     _positive_int("model.hidden_units", cfg.model.hidden_units)

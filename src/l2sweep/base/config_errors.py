@@ -145,6 +145,8 @@ def compose_error(error: BaseException, overrides: list[str], schema: type) -> B
     if isinstance(cause, ValidationError) and full_key:
         item = re.fullmatch(r"(.+)\[\d+\]", full_key)
         tp = _schema_type(schema, item.group(1) if item else full_key)
+        if item and typing.get_origin(tp) is typing.Union:  # Optional[list[...]]: the list's
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
         if item and typing.get_args(tp):
             tp = typing.get_args(tp)[0]
         if tp is not None:

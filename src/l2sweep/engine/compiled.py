@@ -3,12 +3,14 @@ variables by XLA calls of :data:`STEPS_PER_CALL` steps each (run by l2sweep.engi
 an MLP run's default loop). The K slices form G groups of M = K/G; the slices of a group see the
 same batches (runs of one seed), so the first layer is one GEMM per group.
 
-It reads layers, penalties and Adam/AdamW settings from the models that
-:func:`l2sweep.engine.model.build_model` makes, one per run (the "views"), and refuses
-anything else by name (train that with ``train.loop=keras``). Each slice starts from its view's
-weights, sees its own batches (its own order: replicates differ in it) and is updated as Keras does
-(tests/integration/test_engine.py). The slices share no parameter and the loss differentiated
+It reads layers, penalties and Adam settings (with AdamW's or CoupledDecayAdam's decay) from
+the models that :func:`l2sweep.engine.model.build_model` makes, one per run (the "views"), and
+refuses anything else by name (train that with ``train.loop=keras``). Each slice starts from its
+view's weights, sees its own batches (its own order: replicates differ in it) and is updated as
+Keras does (tests/integration/test_engine.py). The slices share no parameter and the loss differentiated
 is the sum of theirs, so each gets exactly its own gradient and a NaN in one affects no other.
+A Dropout after a hidden layer drops in training steps only, each slice at its own rate with
+its own copy of its view's seed generator: the masks Keras ``fit`` draws, step by step.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import tensorflow as tf
 from l2sweep.base import compat
 from l2sweep.base.cache import CACHE
 from l2sweep.base.data import to_float
+from l2sweep.engine.optimizers import CoupledDecayAdam
 
 #: Validation examples per compiled call (memory: chunk * K * units floats).
 VAL_CHUNK = 2000
@@ -46,25 +49,54 @@ def _refused(what: str, why: str) -> ValueError:
                       "train this model with train.loop=keras")
 
 
-def dense_layers(view: keras.Model) -> list[keras.layers.Dense]:
-    """The Dense layers of ``view``, after its Flatten; a ValueError for anything else."""
+def _layers(view: keras.Model) -> list[tuple[keras.layers.Dense, Optional[keras.layers.Dropout]]]:
+    """Each Dense layer of ``view`` after its Flatten, with the Dropout right after it (or None);
+    a ValueError for anything else."""
     layers = [layer for layer in view.layers if not isinstance(layer, keras.layers.InputLayer)]
+    expected = "only Input -> Flatten -> Dense [-> Dropout] ... -> Dense"
     if len(view.inputs) != 1 or len(layers) < 2:
-        raise _refused(f"model {view.name!r}", "only Input -> Flatten -> Dense ... -> Dense")
+        raise _refused(f"model {view.name!r}", expected)
+    pairs = []
     for i, layer in enumerate(layers):
+        if (i and isinstance(layer, keras.layers.Dropout) and isinstance(layers[i - 1], keras.layers.Dense)
+                and i + 1 < len(layers)):
+            if layer.noise_shape is not None or not 0 <= layer.rate < 1 or layer.compute_dtype != "float32":
+                raise _refused(f"layer {layer.name!r}", f"it sets noise_shape={layer.noise_shape}, "
+                               f"rate={layer.rate} or dtype {layer.compute_dtype} "
+                               "(allowed: none, [0, 1), float32)")
+            pairs[-1] = (pairs[-1][0], layer)
+            continue
         if not isinstance(layer, keras.layers.Dense if i else keras.layers.Flatten):
-            raise _refused(f"layer {layer.name!r} ({type(layer).__name__})",
-                           "only Input -> Flatten -> Dense ... -> Dense")
+            raise _refused(f"layer {layer.name!r} ({type(layer).__name__})", expected)
         config = layer.get_config() if i else {}
         options = [k for k in UNSUPPORTED_DENSE_OPTIONS if config.get(k) not in (None, 0)]
         if options or layer.compute_dtype != "float32":
             raise _refused(f"layer {layer.name!r}", f"it sets {options or layer.compute_dtype}")
+        if i:
+            pairs.append((layer, None))
     last = layers[-1]
     if last.activation is not keras.activations.softmax:
         raise _refused(f"layer {last.name!r}", "the last layer must be a Dense with softmax activation")
     if view.get_compile_config().get("loss") != "sparse_categorical_crossentropy":
         raise _refused(f"model {view.name!r}", "its loss must be sparse_categorical_crossentropy")
-    return layers[1:]
+    return pairs
+
+
+def dense_layers(view: keras.Model) -> list[keras.layers.Dense]:
+    """The Dense layers of ``view``, after its Flatten; a ValueError for anything else."""
+    return [dense for dense, _ in _layers(view)]
+
+
+def dropout_layers(view: keras.Model) -> list[Optional[keras.layers.Dropout]]:
+    """For each of :func:`dense_layers`, the Dropout right after it, or None."""
+    return [dropout for _, dropout in _layers(view)]
+
+
+def seed_state(dropout: Optional[keras.layers.Dropout]) -> np.ndarray:
+    """The state of ``dropout``'s seed generator (zeros without one: rate 0 draws nothing)."""
+    if dropout is None or dropout.rate == 0:
+        return np.zeros(2, np.int64)
+    return keras.ops.convert_to_numpy(dropout.seed_generator.state).astype(np.int64)
 
 
 def penalty_coefficients(layer: keras.layers.Dense) -> tuple[float, float]:
@@ -81,25 +113,40 @@ def penalty_coefficients(layer: keras.layers.Dense) -> tuple[float, float]:
 
 @dataclass(frozen=True)
 class Adam:
-    """Adam's hyper-parameters as read from a view's optimizer (AdamW's decay is kept apart)."""
+    """Adam's hyper-parameters as read from a view's optimizer (the decay's strength is kept apart)."""
 
     learning_rate: float
     beta_1: float
     beta_2: float
     epsilon: float
+    coupled: bool = False  # decay adds decay * w to the gradient (CoupledDecayAdam), else AdamW's
+
+
+#: The optimizers the engine runs (exactly these: a subclass may change the update).
+OPTIMIZERS = (keras.optimizers.Adam, keras.optimizers.AdamW, CoupledDecayAdam)
 
 
 def adam_settings(optimizer: Any) -> tuple[Adam, float]:
-    """(Adam's hyper-parameters, weight decay or 0.0) of a view's Adam or AdamW, else a ValueError."""
+    """(Adam's hyper-parameters, weight decay or 0.0) of a view's Adam, AdamW (decoupled decay)
+    or CoupledDecayAdam (coupled), else a ValueError."""
     config = optimizer.get_config()
     options = [k for k in UNSUPPORTED_OPTIMIZER_OPTIONS if config.get(k)]
-    if not isinstance(optimizer, keras.optimizers.Adam) or options:  # AdamW is an Adam
-        raise _refused(f"optimizer {type(optimizer).__name__}", f"only Adam or AdamW, without {options}")
+    if type(optimizer) not in OPTIMIZERS or options:
+        raise _refused(f"optimizer {type(optimizer).__name__}",
+                       f"only {', '.join(o.__name__ for o in OPTIMIZERS)}, without {options}")
     if not isinstance(config["learning_rate"], float):
         raise _refused("a learning-rate schedule", "only a constant learning rate")
+    coupled = isinstance(optimizer, CoupledDecayAdam)
     adam = Adam(float(config["learning_rate"]), float(config["beta_1"]), float(config["beta_2"]),
-                float(config["epsilon"]))
-    return adam, float(config.get("weight_decay") or 0.0)
+                float(config["epsilon"]), coupled)
+    return adam, float(optimizer.decay if coupled else config.get("weight_decay") or 0.0)
+
+
+def decays_variable(optimizer: Any, variable: Any) -> bool:
+    """Whether a view's optimizer (with a decay) decays ``variable``."""
+    if isinstance(optimizer, CoupledDecayAdam):
+        return optimizer.decays(variable)
+    return compat.uses_weight_decay(optimizer, variable)
 
 
 def model_variables(view: keras.Model) -> list[Any]:
@@ -117,6 +164,7 @@ class Layer:
     use_bias: bool
     l1: bool  # some slice has an L1 term on this kernel
     l2: bool  # ... an L2 term
+    dropout: bool  # a Dropout follows it (in every slice; each slice its own rate)
 
 
 @dataclass(frozen=True)
@@ -127,28 +175,28 @@ class Spec:
     groups: int  # G: slices g*M .. g*M+M-1 see the batches of order g (M = k // groups)
     inputs: int
     layers: tuple[Layer, ...]
-    decayed: tuple[bool, ...]  # per param: AdamW decays it
+    decayed: tuple[bool, ...]  # per param: the optimizer decays it (adam.coupled: how)
     adam: Adam
     jit_compile: bool
 
 
 def read_spec(views: list[keras.Model], groups: int = 1, jit_compile: bool = True) -> Spec:
-    """The engine's spec for ``views`` (they must differ only in penalty and decay strengths), in
+    """The engine's spec for ``views`` (they must differ only in penalty, decay and dropout strengths), in
     ``groups`` groups of equal size (consecutive views; each group one batch order)."""
     if groups < 1 or len(views) % groups:
         raise ValueError(f"{len(views)} models do not form {groups} groups of equal size")
-    structures = {tuple((layer.units, layer.activation, layer.use_bias) for layer in dense_layers(v))
-                  for v in views}
+    structures = {tuple((layer.units, layer.activation, layer.use_bias, dropout is not None)
+                        for layer, dropout in _layers(v)) for v in views}
     settings = [adam_settings(v.optimizer) for v in views]
     decays = any(decay for _, decay in settings)
-    masks = {tuple(decays and compat.uses_weight_decay(v.optimizer, w) for w in model_variables(v))
+    masks = {tuple(decays and decays_variable(v.optimizer, w) for w in model_variables(v))
              for v in views}
     if len(structures) != 1 or len({adam for adam, _ in settings}) != 1 or len(masks) != 1:
-        raise ValueError("the models of one compiled fit must differ only in their penalty and "
-                         f"weight-decay strengths; got layers {structures}, optimizers {settings}")
+        raise ValueError("the models of one compiled fit must differ only in their penalty, dropout "
+                         f"and weight-decay strengths; got layers {structures}, optimizers {settings}")
     used = np.asarray([[penalty_coefficients(layer) for layer in dense_layers(v)] for v in views]) != 0
-    layers = tuple(Layer(int(units), activation, bool(bias), bool(l1), bool(l2)) for
-                   (units, activation, bias), (l1, l2) in zip(next(iter(structures)), used.any(axis=0)))
+    layers = tuple(Layer(int(units), activation, bool(bias), bool(l1), bool(l2), dropout) for
+                   (units, activation, bias, dropout), (l1, l2) in zip(next(iter(structures)), used.any(axis=0)))
     inputs = int(np.prod(views[0].inputs[0].shape[1:]))
     return Spec(len(views), groups, inputs, layers, next(iter(masks)), settings[0][0], bool(jit_compile))
 
@@ -186,6 +234,12 @@ class CompiledMLP:
         self.l2 = [tf.Variable(tf.zeros(spec.k)) for _ in spec.layers]
         self.decay = tf.Variable(tf.zeros(spec.k))
         self.ones = tf.Variable(tf.ones((8, max(spec.inputs, *(layer.units for layer in spec.layers)))))
+        # Per layer: each slice's dropout rate and 1 / (1 - rate) (as Keras rounds it), and for a
+        # layer with a Dropout each slice's seed generator, loaded from its view's.
+        self.rate = [tf.Variable(tf.zeros(spec.k)) for _ in spec.layers]
+        self.scale = [tf.Variable(tf.ones(spec.k)) for _ in spec.layers]
+        self.seeds = [[keras.random.SeedGenerator(0) for _ in range(spec.k)] if layer.dropout else []
+                      for layer in spec.layers]
         # Pixel value -> model input: to_float's own values, looked up (XLA's x / 255 rounds
         # 126 of the 256 values differently from numpy's).
         self.pixel_values = tf.constant(to_float(np.arange(256, dtype=np.uint8)))
@@ -207,7 +261,8 @@ class CompiledMLP:
         return int(self._train.experimental_get_tracing_count())
 
     def load(self, views: list[keras.Model]) -> None:
-        """Starts afresh: slice k = ``views[k]``'s weights and penalties, zero Adam state."""
+        """Starts afresh: slice k = ``views[k]``'s weights, penalties, dropout rates and seed
+        states, zero Adam state."""
         variables = [model_variables(v) for v in views]
         for j, (part, p, m, v) in enumerate(zip(self.parts, self.params, self.moment_1, self.moment_2)):
             value = np.stack([keras.ops.convert_to_numpy(w[j]) for w in variables])
@@ -223,6 +278,13 @@ class CompiledMLP:
         for i in range(len(self.layers)):
             self.l1[i].assign(coefficients[:, i, 0])
             self.l2[i].assign(coefficients[:, i, 1])
+        dropouts = [dropout_layers(v) for v in views]  # (K, layers): a Dropout or None
+        for i in range(len(self.layers)):
+            rates = np.asarray([float(d[i].rate) if d[i] is not None else 0.0 for d in dropouts])
+            self.rate[i].assign(rates.astype(np.float32))
+            self.scale[i].assign((1 / (1 - rates)).astype(np.float32))  # Keras: in float64, then float32
+            for generator, d in zip(self.seeds[i], dropouts):
+                generator.state.assign(seed_state(d[i]))
         self.decay.assign(np.asarray([adam_settings(v.optimizer)[1] for v in views], np.float32))
 
     # --- the model, per slice ----------------------------------------------------------
@@ -233,9 +295,10 @@ class CompiledMLP:
             return tf.repeat(tf.reshape(values, (self.g, self.m)), self.layers[0].units, axis=1)[:, None]
         return tf.reshape(values, (self.k,) + (1,) * (2 if part.kernel else 1))
 
-    def _logits(self, x):
+    def _logits(self, x, training: bool = False):
         """(G, B, M, classes) of ``x``: (G, B, inputs), a batch per group, or (B, inputs) seen by
-        every slice; each Dense layer's own activation, applied per slice."""
+        every slice; each Dense layer's own activation, applied per slice, then (``training``) its
+        Dropout, if any."""
         params = iter(self.params)
         h = None
         for i, layer in enumerate(self.layers):
@@ -249,7 +312,20 @@ class CompiledMLP:
                 z = z + tf.reshape(next(params), (self.g, 1, self.m, layer.units))
             # The last layer's softmax is left to the loss (Keras takes it from the logits).
             h = z if i == len(self.layers) - 1 else layer.activation(z)
+            if training and layer.dropout:
+                h = self._dropout(i, h)
         return h
+
+    def _dropout(self, i, h):
+        """Layer ``i``'s Dropout on ``h`` (G, B, M, units), each slice at its own rate, as Keras'
+        Dropout computes it (tf.nn.experimental.stateless_dropout): a uniform per value of the
+        slice's (B, units) batch, drawn from its seed generator (the numbers Keras draws), kept
+        where >= rate and scaled by 1 / (1 - rate)."""
+        shape = tf.shape(h)[1::2]  # (B, units)
+        draws = tf.stack([keras.random.uniform(shape, seed=generator) for generator in self.seeds[i]])
+        draws = tf.transpose(tf.reshape(draws, (self.g, self.m, -1, h.shape[-1])), (0, 2, 1, 3))
+        rate, scale = (tf.reshape(v, (self.g, 1, self.m, 1)) for v in (self.rate[i], self.scale[i]))
+        return tf.where(draws >= rate, h * scale, 0.0)
 
     def _inputs(self, x):
         """uint8 pixels through to_float's values (the floats ``fit`` is given); floats as they are."""
@@ -294,11 +370,11 @@ class CompiledMLP:
             grads[j] = grads[j] + tf.add_n(terms)
         return grads
 
-    def _batch_stats(self, x, y, weight):
+    def _batch_stats(self, x, y, weight, training: bool = False):
         """Per-slice sums over a batch of cross-entropy and of correct predictions (shape (K,));
         ``x``, ``y``: a batch per group (G, B, ...) or one for all (B, ...); ``weight`` (B,) is
-        1 for real examples and 0 for the padding of a partial batch."""
-        logits = self._logits(x)  # (G, B, M, classes)
+        1 for real examples and 0 for the padding of a partial batch; ``training``: with dropout."""
+        logits = self._logits(x, training)  # (G, B, M, classes)
         labels = tf.broadcast_to((y if len(y.shape) == 2 else y[None])[:, :, None], tf.shape(logits)[:3])
         # Keras computes sparse_categorical_crossentropy of a softmax output from its logits.
         ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
@@ -328,7 +404,7 @@ class CompiledMLP:
             size = tf.cast(sizes[i], tf.float32)
             xb, yb = self._inputs(tf.gather(x, idx)), tf.gather(y, idx)
             with tf.GradientTape() as tape:
-                ce_sum, correct = self._batch_stats(xb, yb, weight)
+                ce_sum, correct = self._batch_stats(xb, yb, weight, training=True)
                 total = tf.reduce_sum(ce_sum / size)  # summed, not averaged: per-slice gradients intact
             grads = self._with_penalty_gradients(tape.gradient(total, self.params))
             # Keras: sum_over_batch_size reduction, then + the penalty (model.losses).
@@ -340,15 +416,19 @@ class CompiledMLP:
         return sums
 
     def _apply_adam(self, grads):
-        """keras.optimizers.Adam.update_step, after AdamW's decoupled decay (if any)."""
+        """keras.optimizers.Adam.update_step: on ``grads + decay * w`` for the decayed params
+        with coupled decay (CoupledDecayAdam.apply), or after AdamW's ``w -= lr * decay * w``."""
         adam = self.spec.adam
         lr = tf.constant(adam.learning_rate, tf.float32)
         step = tf.cast(self.iterations + 1, tf.float32)
         beta_1_power = tf.pow(tf.constant(adam.beta_1, tf.float32), step)
         beta_2_power = tf.pow(tf.constant(adam.beta_2, tf.float32), step)
         alpha = lr * tf.sqrt(1 - beta_2_power) / (1 - beta_1_power)
-        for part, p, decayed in zip(self.parts, self.params, self.spec.decayed):
-            if decayed:
+        grads = list(grads)
+        for j, (part, p, decayed) in enumerate(zip(self.parts, self.params, self.spec.decayed)):
+            if decayed and adam.coupled:
+                grads[j] = grads[j] + self._per_slice(self.decay, part) * p
+            elif decayed:
                 p.assign_sub(p * self._per_slice(self.decay, part) * lr)
         for p, g, m, v in zip(self.params, grads, self.moment_1, self.moment_2):
             m.assign_add((g - m) * (1 - adam.beta_1))
@@ -417,9 +497,9 @@ class CompiledMLP:
                 for part, a in zip(self.parts, arrays)]
 
     def copy_to(self, views: list[keras.Model], slices: Iterable[int], optimizer_state: bool = False) -> None:
-        """Sets ``views[k]``'s weights from slice k, for each k in ``slices``; with
-        ``optimizer_state`` also its step count and Adam moments (a saved model then resumes as
-        ``fit``'s does)."""
+        """Sets ``views[k]``'s weights (and its Dropouts' seed states) from slice k, for each k in
+        ``slices``; with ``optimizer_state`` also its step count and Adam moments (a saved model
+        then resumes as ``fit``'s does)."""
         params = [p.numpy() for p in self.params]
         moments = ([[m.numpy() for m in self.moment_1], [v.numpy() for v in self.moment_2]]
                    if optimizer_state else None)
@@ -427,6 +507,9 @@ class CompiledMLP:
             variables = model_variables(views[k])
             for var, value in zip(variables, self._slice(params, k)):
                 var.assign(value)
+            for dropout, generators in zip(dropout_layers(views[k]), self.seeds):
+                if dropout is not None and dropout.rate > 0:
+                    dropout.seed_generator.state.assign(keras.ops.convert_to_numpy(generators[k].state))
             if moments is not None:
                 _set_adam_state(views[k], variables, self._slice(moments[0], k),
                                 self._slice(moments[1], k), int(self.iterations.numpy()))

@@ -1,7 +1,8 @@
 """The networks under study and their regularizers, as both training loops train them.
 
 The output layer is never regularized (nor decayed), so a lambda means the same across models
-and regularizer kinds. Layer names (``hidden``, ``output``, ``conv1`` ...) are stable.
+and regularizer kinds. Layer names (``hidden``, ``output``, ``conv1`` ...) are stable; ``dropout``
+(strength = rate) adds a Dropout layer named ``dropout`` right after ``hidden``, at any rate.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import tensorflow as tf
 
 from l2sweep.base import compat
 from l2sweep.base.config import MODELS, REGULARIZERS, ConfigError
+from l2sweep.engine.optimizers import CoupledDecayAdam
 
 INPUT_SHAPE = (28, 28)
 NUM_CLASSES = 10
@@ -31,8 +33,9 @@ def set_seeds(seed: int, deterministic: bool = True) -> None:
 
 
 def make_regularizer(name: str, strength: float, l1_ratio: float = 0.5) -> Optional[keras.regularizers.Regularizer]:
-    """The kernel regularizer of ``name`` (Keras semantics; None for ``weight_decay`` and
-    ``none``); ``l1_ratio``: ``l1_l2``'s share of lambda given to the L1 term."""
+    """The kernel regularizer of ``name`` (Keras semantics; None for the optimizer's decay,
+    ``weight_decay`` and ``adamw``, and for ``none``); ``l1_ratio``: ``l1_l2``'s share of lambda
+    given to the L1 term."""
     strength = float(strength)
     if name == "l2":
         return keras.regularizers.L2(strength)
@@ -40,23 +43,39 @@ def make_regularizer(name: str, strength: float, l1_ratio: float = 0.5) -> Optio
         return keras.regularizers.L1(strength)
     if name == "l1_l2":
         return keras.regularizers.L1L2(l1=strength * l1_ratio, l2=strength * (1.0 - l1_ratio))
-    if name in ("weight_decay", "none"):
+    if name == "dropout":  # a layer (make_dropout), not a penalty
+        return None
+    if name in ("weight_decay", "adamw", "none"):
         return None
     raise ConfigError("regularizer.name", name, f"one of {', '.join(REGULARIZERS)}")
 
 
-def mlp(hidden_units: int, reg: Optional[keras.regularizers.Regularizer]) -> keras.Model:
-    """The MLP: ``Input(28, 28) -> Flatten -> Dense(hidden_units, relu, reg) -> Dense(10, softmax)``."""
+def make_dropout(r: Any, seed: int) -> Optional[keras.layers.Dropout]:
+    """Regularizer ``r``'s Dropout layer, named ``dropout`` (rate ``r.strength``), for
+    ``r.name == "dropout"``, else None. Its masks are drawn from ``seed`` (``train.seed``), so a run
+    repeats them and the compiled loop draws the same (l2sweep.engine.compiled)."""
+    if r.name != "dropout":
+        return None
+    return keras.layers.Dropout(float(r.strength), seed=int(seed), name="dropout")
+
+
+def mlp(hidden_units: int, reg: Optional[keras.regularizers.Regularizer],
+        dropout: Optional[keras.layers.Dropout] = None) -> keras.Model:
+    """The MLP: ``Input(28, 28) -> Flatten -> Dense(hidden_units, relu, reg) [-> dropout]
+    -> Dense(10, softmax)``."""
     inputs = keras.Input(shape=INPUT_SHAPE, dtype="float32", name="image")
     x = keras.layers.Flatten(name="flatten")(inputs)
     x = keras.layers.Dense(hidden_units, activation="relu", kernel_regularizer=reg, name="hidden")(x)
+    if dropout is not None:
+        x = dropout(x)
     outputs = keras.layers.Dense(NUM_CLASSES, activation="softmax", name="output")(x)
     return keras.Model(inputs, outputs, name="mlp")
 
 
-def cnn(conv_filters: list[int], hidden_units: int,
-        reg: Optional[keras.regularizers.Regularizer]) -> keras.Model:
-    """The CNN: ``Conv2D(f, 3x3, relu, reg)`` per filter count -> Flatten -> Dense(relu, reg) -> Dense(10)."""
+def cnn(conv_filters: list[int], hidden_units: int, reg: Optional[keras.regularizers.Regularizer],
+        dropout: Optional[keras.layers.Dropout] = None) -> keras.Model:
+    """The CNN: ``Conv2D(f, 3x3, relu, reg)`` per filter count -> Flatten -> Dense(relu, reg)
+    [-> dropout] -> Dense(10)."""
     inputs = keras.Input(shape=INPUT_SHAPE, dtype="float32", name="image")
     x = keras.layers.Reshape(INPUT_SHAPE + (1,), name="channels")(inputs)
     for i, filters in enumerate(conv_filters, start=1):
@@ -64,40 +83,49 @@ def cnn(conv_filters: list[int], hidden_units: int,
                                 kernel_regularizer=reg, name=f"conv{i}")(x)
     x = keras.layers.Flatten(name="flatten")(x)
     x = keras.layers.Dense(hidden_units, activation="relu", kernel_regularizer=reg, name="hidden")(x)
+    if dropout is not None:
+        x = dropout(x)
     outputs = keras.layers.Dense(NUM_CLASSES, activation="softmax", name="output")(x)
     return keras.Model(inputs, outputs, name="cnn")
 
 
 def build_model(cfg: Any) -> keras.Model:
     """The configured network, compiled: metrics ``accuracy`` and ``data_loss`` (``loss`` minus
-    the penalty); Adam, or AdamW for ``weight_decay``. ConfigError for a bad ``model.*``/``regularizer.*``."""
+    the penalty); Adam (:func:`_optimizer`: with ``weight_decay`` or ``adamw`` decay).
+    ConfigError for a bad ``model.*``/``regularizer.*``."""
     model = _network(cfg.model, make_regularizer(cfg.regularizer.name, cfg.regularizer.strength,
-                                                 cfg.regularizer.l1_ratio))
+                                                 cfg.regularizer.l1_ratio),
+                     make_dropout(cfg.regularizer, cfg.train.seed))
     _compile(model, _optimizer(model, cfg.regularizer, float(cfg.train.learning_rate)), cfg.train)
     return model
 
 
-def _network(m: Any, reg: Optional[keras.regularizers.Regularizer]) -> keras.Model:
+def _network(m: Any, reg: Optional[keras.regularizers.Regularizer],
+             dropout: Optional[keras.layers.Dropout]) -> keras.Model:
     if m.name == "mlp":
-        return mlp(int(m.hidden_units), reg)
+        return mlp(int(m.hidden_units), reg, dropout)
     if m.name == "cnn":
         filters = [int(f) for f in (m.conv_filters or [])]
         if not filters:
             raise ConfigError("model.conv_filters", list(m.conv_filters or []),
                               "a non-empty list of filter counts for cnn, e.g. [32, 64]")
-        return cnn(filters, int(m.hidden_units), reg)
+        return cnn(filters, int(m.hidden_units), reg, dropout)
     raise ConfigError("model.name", m.name, f"one of {', '.join(MODELS)}")
 
 
 def _optimizer(model: keras.Model, r: Any, learning_rate: float) -> keras.optimizers.Optimizer:
-    if r.name != "weight_decay":
+    """Adam; for ``weight_decay`` coupled decay (``gradient + λ·w``, CoupledDecayAdam), for
+    ``adamw`` decoupled (``w -= lr·λ·w``, Keras AdamW), both on the kernels the penalties
+    regularize: not on biases (standard practice), not on the output layer (never regularized)."""
+    decayed = [layer.kernel for layer in regularized_layers(model)]
+    if r.name == "weight_decay":
+        return CoupledDecayAdam(decay=float(r.strength), decayed=[w.path for w in decayed],
+                                learning_rate=learning_rate)
+    if r.name != "adamw":
         return keras.optimizers.Adam(learning_rate=learning_rate)
     optimizer = keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=float(r.strength))
-    decayed = {id(layer.kernel) for layer in regularized_layers(model)}
-    # Decoupled decay on the same kernels the penalties regularize: not on biases (standard
-    # practice) and not on the output layer (never regularized).
-    optimizer.exclude_from_weight_decay(
-        var_list=[v for v in model.trainable_variables if id(v) not in decayed])
+    kept = {id(w) for w in decayed}
+    optimizer.exclude_from_weight_decay(var_list=[v for v in model.trainable_variables if id(v) not in kept])
     return optimizer
 
 

@@ -26,8 +26,10 @@ def dvc_metrics(evaluation: Mapping[str, Any]) -> dict[str, Any]:
     """The DVC metrics file: numbers only, few enough that ``dvc exp show --only-changed`` of two
     experiments fits a 160-column terminal. ``best.lambda``, ``best.test_acc`` and ``best.val_ce``
     (the mean validation cross-entropy that chose it), which every grid shares, and
-    ``test_acc.<λ>`` per λ with a finished seed; accuracies are means over seeds. Everything else
-    (intervals, whether the best λ is decided) is in the evaluation file."""
+    ``test_acc.<λ>`` per λ with a finished seed; accuracies are means over seeds. A sweep of one
+    configuration (``none``) keeps these keys: ``best`` is that configuration, nothing chosen
+    (``best.lambda`` its strength, 0 for none). Everything else (intervals, whether the best λ
+    is decided, ``single``) is in the evaluation file."""
     evaluation = with_statistics(evaluation)
     by_lambda = evaluation["by_lambda"]
     metrics: dict[str, Any] = {}

@@ -126,6 +126,11 @@ def best_notes(ev: Evaluation) -> list[str]:
     metric, label = best["by"], best["lambda"]
     what = "validation cross-entropy" if metric == "val_data_loss" else "validation loss"
     by = ev["by_lambda"]
+    if best.get("single"):
+        kind = (ev.get("sweep") or {}).get("regularizer")
+        config = "none" if kind == "none" else f"{kind} λ={label}" if kind else f"λ={label}"
+        return [f"The sweep has one configuration ({config}): there is no λ to choose; its "
+                f"mean {what} is {fmt_mean(metric, by[label]['metrics'][metric])}."]
     others = [o for o in _finished(ev, metric) if o != label]
     if not others:
         return [f"Only λ={label} has a finished seed: there is no other λ to compare it with."]
@@ -159,6 +164,9 @@ def test_notes(ev: Evaluation) -> list[str]:
     tested = _finished(ev, metric)
     if not tested:
         return []
+    if len(by) == 1:  # one configuration: nothing to rank
+        stat = by[tested[0]]["metrics"][metric]
+        return [f"Its mean test accuracy is {fmt_mean(metric, stat)} (n={stat['n']})."]
     top = max(tested, key=lambda label: by[label]["metrics"][metric]["mean"])
     stat = by[top]["metrics"][metric]
     if _one_seed(ev, tested):
@@ -299,7 +307,7 @@ def observations(evaluation: Mapping[str, Any]) -> list[str]:
 # --- the report --------------------------------------------------------------------------
 
 REGULARIZER_TITLES = {"l2": "L2", "l1": "L1", "l1_l2": "L1+L2", "weight_decay": "Weight-decay",
-                      "none": "Unregularized"}
+                      "adamw": "AdamW-decay", "dropout": "Dropout", "none": "Unregularized"}
 #: The summary table's columns and the ``by_lambda`` metric of each (after ``λ``; ``n`` last).
 TABLE_COLUMNS = ("λ", "train acc", "val acc", "val loss", "val cross-entropy", "test acc",
                  "test loss", "weight norm", "gap (train − val)", "best epoch", "starting loss",

@@ -326,8 +326,9 @@ def best_lambda(groups: Mapping[str, Sequence[tuple[str, Mapping[str, Any]]]],
     mean), ``n``, ``margins`` (per other λ: its paired difference minus the best's, positive
     when the best is lower), ``indistinguishable`` (the other λ whose margin's 95% interval
     holds zero, or that has none: fewer than two shared seeds), ``decided`` (True only when
-    there is another λ and none is indistinguishable: with one seed never) and ``run_name``
-    (the best λ's seed lowest in ``by``: the model to register).
+    there is another λ and none is indistinguishable: with one seed never), ``run_name``
+    (the best λ's seed lowest in ``by``: the model to register) and ``single`` (True when the
+    sweep has one configuration, such as ``none``: nothing was chosen, it is the champion alone).
     """
     candidates = {label: s for label, s in by_lambda.items() if s["n"] > 0}
     for metric in by:
@@ -344,7 +345,7 @@ def best_lambda(groups: Mapping[str, Sequence[tuple[str, Mapping[str, Any]]]],
         return {"lambda": best, "strength": candidates[best]["strength"], "by": metric,
                 "value": means[best], "n": candidates[best]["n"], "run_name": run_name,
                 "decided": bool(margins) and not unclear, "indistinguishable": unclear,
-                "margins": margins}
+                "margins": margins, "single": len(by_lambda) == 1}
     return None
 
 

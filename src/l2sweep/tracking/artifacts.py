@@ -116,8 +116,12 @@ def log_mlflow_model(run: ChildRun, model: Any, example: Any, step: int) -> None
     import mlflow.tensorflow
     from mlflow.models import infer_signature
 
+    # A copy without its optimizer: the served model loads with plain Keras (weight_decay's
+    # optimizer is l2sweep's own class).
+    network = keras.models.clone_model(model)
+    network.set_weights(model.get_weights())
     served = keras.Sequential([keras.Input(example.shape[1:], dtype="uint8"), keras.layers.Rescaling(1 / 255),
-                               model])
+                               network])
     # A direct call, not predict(): the same output without building a tf.data pipeline.
     signature = infer_signature(example, keras.ops.convert_to_numpy(served(example, training=False)))
     # Requirements given, not inferred: inferring loads the model again in a fresh Python.

@@ -27,6 +27,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from l2sweep.base import files, outputs
+from l2sweep.base.config import sweep_grid
 from l2sweep.reporting import summaries
 from l2sweep.tracking import store
 from l2sweep.tracking.runs import (PARENT_ENV, REASON_TAG, SWEEP_ENV, close_orphans, git_tags,
@@ -112,7 +113,7 @@ def _parent_run(config: DictConfig, uri: str, started: str) -> str:
     run = client.create_run(tracker().experiments[uri], run_name=name, tags=tags)
     choices = OmegaConf.select(config, "hydra.runtime.choices", default=None) or {}
     client.log_batch(run.info.run_id, params=_params({
-        "grid": _sweep_grid(config), "sweep.strengths": list(config.sweep.strengths),
+        "grid": _sweep_grid(config), "sweep.strengths": sweep_grid(config),
         "dataset.name": config.dataset.name, "model.name": config.model.name,
         "regularizer.name": config.regularizer.name, "train.epochs": config.train.epochs,
         **{k.replace("/", "."): choices[k] for k in ("hydra/launcher", "hydra/sweeper") if k in choices}}))
@@ -183,19 +184,26 @@ def best_run(histories: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
 
 
 def tag_best(uri: str, parent_run_id: str, best: dict[str, Any]) -> None:
-    """Tags the best λ on the sweep's parent run (``evaluate`` sets the same tags)."""
+    """Tags the best λ on the sweep's parent run (``evaluate`` sets the same tags); a sweep of one
+    configuration (``best["single"]``) gets its run as ``best_run_name`` but no ``best_lambda``."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric, RunTag
 
-    tags = {"best_lambda": summaries.format_strength(best["strength"]),
-            "best_run_name": best["run_name"], "best_by": best["by"],
+    tags = {"best_run_name": best["run_name"], "best_by": best["by"],
             # beyond seed noise (every paired margin's interval excludes zero), or not
             "best_decided": "true" if best.get("decided") else "false"}
-    MlflowClient(tracking_uri=uri).log_batch(
-        parent_run_id, metrics=[Metric("best_lambda", float(best["strength"]), int(time.time() * 1000), 0)],
-        tags=[RunTag(k, v) for k, v in tags.items()])
-    log.info("best lambda %s (%s, final %s %.4f)", tags["best_lambda"], best["run_name"],
-             best["by"], best["value"])
+    metrics = []
+    if not best.get("single"):
+        tags["best_lambda"] = summaries.format_strength(best["strength"])
+        metrics.append(Metric("best_lambda", float(best["strength"]), int(time.time() * 1000), 0))
+    MlflowClient(tracking_uri=uri).log_batch(parent_run_id, metrics=metrics,
+                                             tags=[RunTag(k, v) for k, v in tags.items()])
+    if best.get("single"):
+        log.info("one configuration (%s, final %s %.4f): no λ to choose", best["run_name"],
+                 best["by"], best["value"])
+    else:
+        log.info("best lambda %s (%s, final %s %.4f)", tags["best_lambda"], best["run_name"],
+                 best["by"], best["value"])
 
 
 def register_champion(client: Any, name: str, run_id: Optional[str]) -> None:
