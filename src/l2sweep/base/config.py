@@ -329,7 +329,8 @@ def validate_strength(key: str, value: Any, kind: str) -> None:
     if kind == "dropout" and not value < 1:
         raise ConfigError(key, value, "a dropout rate in [0, 1)")
     if kind == "none" and value != 0:
-        raise ConfigError(key, value, "0 for regularizer=none (it has no strength to vary)")
+        raise ConfigError(key, value, "0 for regularizer=none (it has no strength to vary; "
+                          "sweep.strengths=null trains it once)")
 
 
 def validate_strengths(strengths: Any, key: str = "sweep.strengths", kind: str = "l2") -> list[float]:

@@ -367,7 +367,7 @@ def _overview(ev: Evaluation) -> list[str]:
         "(`evaluation.json` beside it); do not edit by hand.",
         "",
         f"- Model `{sweep.get('model', '?')}`, regularizer `{sweep.get('regularizer', '?')}`, "
-        f"λ grid: {grid}.",
+        f"λ grid: {grid}" + (" (λ is the dropout rate)." if regularizer == "dropout" else "."),
         f"- Dataset `{sweep.get('dataset', '?')}`: "
         + (f"{sizes['train']} training and {sizes['val']} validation images; "
            if sizes.get("train") and sizes.get("val") else "")
