@@ -43,9 +43,7 @@ def make_regularizer(name: str, strength: float, l1_ratio: float = 0.5) -> Optio
         return keras.regularizers.L1(strength)
     if name == "l1_l2":
         return keras.regularizers.L1L2(l1=strength * l1_ratio, l2=strength * (1.0 - l1_ratio))
-    if name == "dropout":  # a layer (make_dropout), not a penalty
-        return None
-    if name in ("weight_decay", "adamw", "none"):
+    if name in ("weight_decay", "adamw", "dropout", "none"):  # the optimizer's decay; a layer
         return None
     raise ConfigError("regularizer.name", name, f"one of {', '.join(REGULARIZERS)}")
 

@@ -38,21 +38,15 @@ class CoupledDecayAdam(keras.optimizers.Adam):
         super().__init__(**kwargs)
         self.decay = float(decay)
         self.decayed = tuple(str(path) for path in decayed)
-        self.decayed_order: Optional[list[bool]] = None  # per built variable, set by build()
 
     def decays(self, variable: Any) -> bool:
         """Whether ``variable`` (a ``keras.Variable``) is decayed."""
         return variable.path in self.decayed
 
-    def build(self, var_list: list[Any]) -> None:
-        if not self.built:
-            self.decayed_order = [self.decays(v) for v in var_list]
-        super().build(var_list)
-
     def apply(self, grads: Sequence[Any], trainable_variables: Optional[Sequence[Any]] = None) -> None:
         if trainable_variables is None:
             # Keras' own loops (fit, train_on_batch) pass the variables; the decay needs them.
-            if self.decayed_order and any(self.decayed_order):
+            if self.decayed:
                 raise ValueError("trainable_variables=None is not allowed: CoupledDecayAdam.apply "
                                  "needs the variables it decays")
             return super().apply(grads, trainable_variables)

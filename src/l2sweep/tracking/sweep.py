@@ -192,18 +192,14 @@ def tag_best(uri: str, parent_run_id: str, best: dict[str, Any]) -> None:
     tags = {"best_run_name": best["run_name"], "best_by": best["by"],
             # beyond seed noise (every paired margin's interval excludes zero), or not
             "best_decided": "true" if best.get("decided") else "false"}
-    metrics = []
+    metrics, found = [], "one configuration (%s, final %s %.4f): no λ to choose"
     if not best.get("single"):
         tags["best_lambda"] = summaries.format_strength(best["strength"])
         metrics.append(Metric("best_lambda", float(best["strength"]), int(time.time() * 1000), 0))
+        found = f"best lambda {tags['best_lambda']} (%s, final %s %.4f)"
     MlflowClient(tracking_uri=uri).log_batch(parent_run_id, metrics=metrics,
                                              tags=[RunTag(k, v) for k, v in tags.items()])
-    if best.get("single"):
-        log.info("one configuration (%s, final %s %.4f): no λ to choose", best["run_name"],
-                 best["by"], best["value"])
-    else:
-        log.info("best lambda %s (%s, final %s %.4f)", tags["best_lambda"], best["run_name"],
-                 best["by"], best["value"])
+    log.info(found, best["run_name"], best["by"], best["value"])
 
 
 def register_champion(client: Any, name: str, run_id: Optional[str]) -> None:
