@@ -12,6 +12,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,7 +29,12 @@ ENV = cli_env(DVC_NO_ANALYTICS="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t",
 
 
 def run(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(args, cwd=root, env=ENV, capture_output=True, text=True, timeout=300)
+    # Output through files, not pipes: `dvc queue start`'s detached workers may inherit its
+    # stdout, and reading a pipe waits for every holder to close it (the workers' lifetime).
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        code = subprocess.run(args, cwd=root, env=ENV, stdout=out, stderr=err, timeout=300).returncode
+        out.seek(0), err.seek(0)
+        proc = subprocess.CompletedProcess(args, code, out.read(), err.read())
     assert not check or proc.returncode == 0, f"{args}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
 
