@@ -14,10 +14,14 @@ Variants (each a fresh process, timed from spawn to exit, interleaved rep by rep
     r  the train stage with the default replicates (``sweep.seeds``: 3 per λ, a job per λ
        trains its seeds at once), full tracking
     q  15 models: 3 λ x 5 seeds in one fused job, full tracking
+    k  5-fold cross-validation of the 3 λ (``data.folds=5``): 15 runs at once, then the chosen λ
+       retrained on the whole pool, full tracking
+    s  the same 15 runs one after another (``train.fused=false``), then the same retraining
 
 Targets (at full size, ``--full``): a/b >= 4.5 (the train stage with tracking against the
 seeds' code), b/c <= 1.08 (what tracking costs), a/r >= 3 (the replicated default against the
-seeds' single-seed sweep) and q/b <= 2.5 (15 models against the single-seed 3 λ);
+seeds' single-seed sweep), q/b <= 2.5 (15 models against the single-seed 3 λ) and s/k >= 2
+(a 5-fold cross-validation one run after another against its runs at once);
 ``results.json``'s ``targets`` says whether each is met.
 
 Writes ``bench/results.json`` and ``bench/scaling.png`` (``--full``: ``results-full.json``,
@@ -56,17 +60,23 @@ VARIANTS = {
     "d": "fused sweep (train.fused=true), full MLflow tracking",
     "r": "train stage with the default replicates (sweep.seeds: 3 per lambda), full MLflow tracking",
     "q": "15 models: 3 lambdas x 5 seeds in one fused job, full MLflow tracking",
+    "k": "5-fold cross-validation of 3 lambdas: 15 runs at once, then the refit, full MLflow tracking",
+    "s": "the same 15 cross-validation runs one after another, then the refit, full MLflow tracking",
 }
 REPLICATES = {"r": [SEED, SEED + 1, SEED + 2], "q": [SEED + i for i in range(5)]}
 CLI_ARGS = {"b": [], "c": ["tracking.enabled=false"], "d": ["train.fused=true"],
             "r": ["sweep.seeds=[%s]" % ",".join(map(str, REPLICATES["r"]))],
-            "q": ["train.fused=true", "sweep.seeds=[%s]" % ",".join(map(str, REPLICATES["q"]))]}
+            "q": ["train.fused=true", "sweep.seeds=[%s]" % ",".join(map(str, REPLICATES["q"]))],
+            "k": ["data.folds=5", "train.fused=true"], "s": ["data.folds=5", "train.fused=false"]}
+#: Runs each cross-validation variant trains (3 lambdas x 5 folds; the refit is extra).
+FOLDS = 5
 #: Ratios reported (numerator / denominator, by median wall time).
 RATIOS = [("a", "b"), ("a", "c"), ("a", "d"), ("b", "c"), ("b", "d"), ("c", "d"), ("a", "r"),
-          ("r", "b"), ("q", "b")]
+          ("r", "b"), ("q", "b"), ("s", "k"), ("k", "b")]
 #: The targets, on median wall-time ratios at full size (FULL_TRAIN images x FULL_EPOCHS):
 #: ratio -> (">=" or "<=", bound).
-TARGETS = {"a/b": (">=", 4.5), "b/c": ("<=", 1.08), "a/r": (">=", 3.0), "q/b": ("<=", 2.5)}
+TARGETS = {"a/b": (">=", 4.5), "b/c": ("<=", 1.08), "a/r": (">=", 3.0), "q/b": ("<=", 2.5),
+           "s/k": (">=", 2.0)}
 FULL_EPOCHS = 10
 
 
@@ -167,7 +177,7 @@ def pipeline_results(root: Path, seed: int = SEED) -> dict[str, Any]:
     out = {}
     for path in sorted((root / "models").glob("*/history.json")):
         h = json.loads(path.read_text())
-        if h.get("seed", seed) != seed:
+        if h.get("seed", seed) != seed or h.get("refit"):  # (a cross-validation: the last fold's)
             continue
         m = h["metrics"]
         out[repr(float(h["strength"]))] = {
@@ -211,8 +221,8 @@ def run_variant(variant: str, work: Path, prepared: Path, grid: list[float], epo
         raise RuntimeError(f"variant {variant} failed (exit {result['rc']}); see {root / 'log.txt'}")
     # Seconds of training per model and epoch, validation included: an epoch of a job that
     # trains several models at once (fused: the grid; replicates: the seeds) divided among them.
-    seeds = len(REPLICATES.get(variant, [seed]))
-    together = (len(grid) if variant in ("d", "q") else 1) * seeds
+    seeds = len(REPLICATES.get(variant, [seed])) * (FOLDS if variant in ("k", "s") else 1)
+    together = (len(grid) if variant in ("d", "q", "k") else 1) * (1 if variant == "s" else seeds)
     epoch_times = [t / together for r in per_lambda.values() for t in r["epoch_time"]]
     result.update(per_lambda=per_lambda, models=len(grid) * seeds,
                   epoch_s=statistics.median(epoch_times) if epoch_times else None,
@@ -489,7 +499,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--train-size", type=int, help="training images (default 10,000; --full 50,000)")
     p.add_argument("--epochs", type=int, help="epochs (default 3; --full 10)")
     p.add_argument("--reps", type=int, help="repetitions of the main comparison (default 3; --full 2)")
-    p.add_argument("--variants", default="a,b,c,d,r,q", help="which of a,b,c,d,r,q (default all)")
+    p.add_argument("--variants", default="a,b,c,d,r,q,k,s", help="which of a,b,c,d,r,q,k,s (default all)")
     p.add_argument("--scaling", default="grid,data", help="grid,data | grid | data | none")
     p.add_argument("--scaling-variants", help="variants of the scaling runs (default a,b,d; --full b,d)")
     p.add_argument("--noise-seeds", default="43",

@@ -183,6 +183,21 @@ def table_rows(markdown: str) -> dict[str, list[str]]:
     return {r[0].strip(): [c.strip() for c in r[1:]] for r in rows[2:]}
 
 
+def plots_repo(repo: Path) -> Path:
+    """A scratch git + DVC repository at ``repo`` with this project's dvc.yaml, params.yaml and
+    plot templates (.dvc/plots, .dvc/config): where `dvc plots show` draws plot files written
+    into its ``plots/``. Returns ``repo``."""
+    env = cli_env(DVC_NO_ANALYTICS="1")
+    repo.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True, env=env)
+    subprocess.run([str(Path(sys.executable).with_name("dvc")), "init", "-q"], cwd=repo, check=True, env=env)
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(REPO / name, repo / name)
+    shutil.copytree(REPO / ".dvc/plots", repo / ".dvc/plots", dirs_exist_ok=True)
+    shutil.copy(REPO / ".dvc/config", repo / ".dvc/config")
+    return repo
+
+
 def pipeline_copy(root: Path, **sections: dict) -> Path:
     """This project's pipeline (dvc.yaml, params.yaml, conf/, src/) in ``root`` on the tiny IDX
     data under ``data/raw/tiny``; ``sections`` update params.yaml's sections. Returns ``root``."""

@@ -6,10 +6,12 @@ Run from the repository root (params.yaml over conf/, the command line wins)::
     python -m l2sweep.evaluate paths.models=elsewhere/models
 
 Reads the sweep under ``paths.models`` and the test split under ``paths.prepared``; writes the
-DVC metrics ``paths.metrics`` (a few numbers per λ), the DVC plot data under ``paths.plots``, and
-under ``paths.reports`` ``evaluation.json`` (every run's status, summaries and test metrics: what
-the report and the gate read), ``report.md`` and its figures; logs them to the sweep's MLflow
-runs. Diverged runs are not scored.
+DVC metrics ``paths.metrics`` (a few numbers per configuration), the DVC plot data under
+``paths.plots``, and under ``paths.reports`` ``evaluation.json`` (every run's status, summaries and
+test metrics: what the report and the gate read), ``report.md`` and its figures; logs them to the
+sweep's MLflow runs. A configuration is a kind and its strength (:func:`summaries.config_label`).
+Diverged runs are not scored; nor are cross-validation folds (``fold`` set: they choose the
+strength, the test split must play no part in it): only the refits on the whole pool are.
 """
 
 from __future__ import annotations
@@ -41,12 +43,13 @@ log = logging.getLogger("l2sweep.evaluate")  # not __main__ under `python -m`
 
 HISTORY, MODEL = "history.json", "model.keras"
 #: Settings recorded in the evaluation (``sweep.config``); the gate notes when they differ.
-RECORDED_SETTINGS = ("dataset.name", "data.limit", "data.val_fraction", "data.seed",
+RECORDED_SETTINGS = ("dataset.name", "data.limit", "data.val_fraction", "data.seed", "data.folds",
                      "model.name", "model.hidden_units", "regularizer.name", "train.epochs",
                      "train.batch_size", "train.learning_rate", "train.seed")
 #: Summary metrics logged to the parent MLflow run as ``<metric>/<run_name>``.
 PARENT_METRICS = ("test_accuracy", "test_loss", "train_accuracy", "val_accuracy", "val_loss",
-                  "val_data_loss", "gap", "penalty_share", "best_epoch", "val_loss_rise")
+                  "val_data_loss", "gap", "penalty_share", "best_epoch", "val_loss_rise",
+                  "near_zero_share")
 
 
 class EvaluateError(RuntimeError):
@@ -55,36 +58,50 @@ class EvaluateError(RuntimeError):
 
 @dataclass(frozen=True)
 class SweepRun:
-    """One run of the sweep as the manifest (or its folder) describes it."""
+    """One run of the sweep as the manifest (or its folder) describes it; ``regularizer``,
+    ``seed`` and ``fold`` only order the runs (None where the manifest does not say)."""
 
     run_name: str
     strength: float
     dir: Path
     mlflow_run_id: Optional[str] = None
+    regularizer: Optional[str] = None
+    seed: Optional[int] = None
+    fold: Optional[int] = None
+
+    def order(self) -> tuple:
+        """Kind, strength, seed, fold: a comparison's kinds group, a configuration's runs follow."""
+        return (self.regularizer or "", self.strength, self.seed is None, self.seed or 0,
+                self.fold is not None, self.fold or 0, self.run_name)
+
+
+def _sweep_run(info: dict[str, Any], folder: Path, kind: Optional[str] = None) -> SweepRun:
+    """A :class:`SweepRun` from a manifest entry or a history (``kind``: the manifest's own)."""
+    return SweepRun(info.get("run_name", folder.name), float(info["strength"]), folder,
+                    info.get("mlflow_run_id"), info.get("regularizer") or kind, info.get("seed"),
+                    info.get("fold"))
 
 
 def load_sweep(models_dir: str | os.PathLike) -> tuple[dict[str, Any], list[SweepRun]]:
-    """The sweep manifest and its runs (without ``sweep.json``: each */history.json), sorted by λ."""
+    """The sweep manifest and its runs (without ``sweep.json``: each */history.json), sorted by
+    kind, strength, seed and fold (:meth:`SweepRun.order`)."""
     models = Path(models_dir)
     manifest_path = models / MANIFEST
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        runs = [SweepRun(r["run_name"], float(r["strength"]), models / r.get("dir", r["run_name"]),
-                         r.get("mlflow_run_id")) for r in manifest.get("runs", [])]
+        runs = [_sweep_run(r, models / r.get("dir", r["run_name"]), manifest.get("regularizer"))
+                for r in manifest.get("runs", [])]
     else:
         manifest = {}
-        runs = []
-        for path in sorted(models.glob(f"*/{HISTORY}")):
-            h = json.loads(path.read_text(encoding="utf-8"))
-            runs.append(SweepRun(h.get("run_name", path.parent.name), float(h["strength"]),
-                                 path.parent, h.get("mlflow_run_id")))
+        runs = [_sweep_run(json.loads(path.read_text(encoding="utf-8")), path.parent)
+                for path in sorted(models.glob(f"*/{HISTORY}"))]
     if not runs:
         raise EvaluateError(f"{models}: no {MANIFEST} and no */{HISTORY}; run `dvc repro train` "
                             "(or `python -m l2sweep.train -m`) first")
     missing = [str(r.dir / HISTORY) for r in runs if not (r.dir / HISTORY).is_file()]
     if missing:
         raise EvaluateError(f"{manifest_path} names runs without a history: {', '.join(missing)}")
-    return manifest, sorted(runs, key=lambda r: r.strength)
+    return manifest, sorted(runs, key=SweepRun.order)
 
 
 def read_histories(manifest: dict[str, Any], runs: list[SweepRun]) -> list[dict[str, Any]]:
@@ -120,7 +137,8 @@ def load_test_split(prepared_dir: str | os.PathLike) -> tuple[np.ndarray, np.nda
 
 def score_model(model_path: Path, x: np.ndarray, y: np.ndarray, class_names: list[str],
                  batch_size: int = 1024) -> dict[str, Any]:
-    """Test loss (cross-entropy), accuracy, per-class accuracy and confusion matrix of a model."""
+    """Test loss (cross-entropy), accuracy, per-class accuracy and confusion matrix of a model,
+    and its :func:`near_zero_share`."""
     import_tensorflow()  # before Keras loads it: no start-up notices
     import keras
 
@@ -143,30 +161,49 @@ def score_model(model_path: Path, x: np.ndarray, y: np.ndarray, class_names: lis
         "test_accuracy": float((pred == y).mean()),
         "per_class_accuracy": {name: float(a) for name, a in zip(class_names, per_class)},
         "confusion_matrix": confusion.tolist(),
+        "near_zero_share": near_zero_share(model),
     }
+
+
+def near_zero_share(model: Any, threshold: float = summaries.NEAR_ZERO) -> Optional[float]:
+    """The share of the regularized kernels' weights (every kernel layer but ``output``, as
+    ``l2sweep.engine.model.regularized_layers``) with |w| < ``threshold``: what L1 drives to zero.
+    None when the model has no such layer."""
+    import keras
+
+    kernels = [np.abs(keras.ops.convert_to_numpy(layer.kernel)) for layer in model.layers
+               if getattr(layer, "kernel", None) is not None
+               and layer.name != summaries.REGULARIZED_EXCLUDED]
+    total = sum(k.size for k in kernels)
+    return float(sum(int((k < threshold).sum()) for k in kernels) / total) if total else None
 
 
 def evaluate_run(run: SweepRun, history: dict[str, Any], x: np.ndarray, y: np.ndarray,
                  class_names: list[str]) -> dict[str, Any]:
-    """The evaluation's entry of one run: status, summary figures and (if it has a model) test metrics."""
-    entry: dict[str, Any] = {"strength": run.strength, "seed": history.get("seed"),
-                             "status": summaries.FINISHED,
+    """The evaluation's entry of one run: kind, fold, status, summary figures and (if it has a
+    model and is no cross-validation fold) test metrics."""
+    fold = history.get("fold")
+    entry: dict[str, Any] = {"strength": run.strength, "regularizer": history.get("regularizer"),
+                             "seed": history.get("seed"), "fold": fold,
+                             "refit": bool(history.get("refit")), "status": summaries.FINISHED,
                              "diverged_epoch": history.get("diverged_epoch"),
                              "mlflow_run_id": run.mlflow_run_id}
     entry.update(summaries.summarize_history(history))
     model_path = run.dir / MODEL
+    scored = fold is None  # a fold only chooses the strength: the test split plays no part
     if history.get("diverged_epoch") is not None:
         entry["status"] = summaries.DIVERGED
-    elif history.get("status", "FINISHED") != "FINISHED" or not model_path.is_file():
+    elif history.get("status", "FINISHED") != "FINISHED" or (scored and not model_path.is_file()):
         entry["status"] = summaries.FAILED
         log.warning("%s: status %s, model %s; not evaluated", run.run_name,
                     history.get("status"), "present" if model_path.is_file() else "missing")
-    if entry["status"] == summaries.FINISHED:
+    if entry["status"] == summaries.FINISHED and scored:
         entry.update(score_model(model_path, x, y, class_names))
     else:
-        entry.update({"test_loss": None, "test_accuracy": None})
-    log.info("%s: %s, test accuracy %s", run.run_name, entry["status"],
-             summaries.fmt_pct(entry["test_accuracy"]))
+        entry.update({"test_loss": None, "test_accuracy": None, "near_zero_share": None})
+    log.info("%s: %s, %s", run.run_name, entry["status"],
+             f"fold {fold}: not scored on test" if not scored else
+             f"test accuracy {summaries.fmt_pct(entry['test_accuracy'])}")
     return entry
 
 
@@ -177,51 +214,12 @@ def write_json(path: Path, data: Any) -> None:
 
 def write_figures(evaluation: dict[str, Any], histories: list[dict[str, Any]],
                   fig_dir: Path) -> list[tuple[str, Path]]:
-    """The comparison PNGs, from the means over seeds (bands and error bars: 95% t-intervals of
-    the mean, none with one seed); returns ``(caption, path)`` of each."""
+    """The comparison PNGs (:func:`l2sweep.reporting.plots.sweep_figures`); returns
+    ``(caption, path)`` of each."""
     from l2sweep.reporting import plots
 
-    by_lambda = summaries.with_statistics(evaluation)["by_lambda"]
-    stats = list(by_lambda.values())
-    lams = [s["strength"] for s in stats]
-
-    def line(get: Any) -> tuple[list[Any], list[tuple[Any, Any]]]:
-        values = [get(s) for s in stats]
-        return [v["mean"] for v in values], [(v["low"], v["high"]) for v in values]
-
-    lines = {"all layers": line(lambda s: s["metrics"]["weight_norm_total"])}
-    for layer in sorted({k for s in stats for k in s["weight_norm_layers"]}):
-        lines[layer] = line(lambda s, layer=layer: s["weight_norm_layers"].get(
-            layer, summaries.mean_ci([])))
-    accuracy = {"test": line(lambda s: s["metrics"]["test_accuracy"]),
-                "validation (final epoch)": line(lambda s: s["metrics"]["val_accuracy"])}
-    band = "mean over seeds, band = 95% CI of the mean"
-    bars = "mean over seeds ± 95% CI of the mean"
-    figures = [
-        (f"Validation loss per epoch, by λ ({band})", "val_loss.png",
-         plots.plot_val_loss_by_lambda(histories)),
-        (f"Train vs validation accuracy per λ ({band})", "accuracy.png",
-         plots.plot_accuracy_by_lambda(histories)),
-        (f"Final weight norm vs λ ({bars})", "weight_norm_vs_lambda.png",
-         plots.plot_vs_lambda(lams, {k: v[0] for k, v in lines.items()}, "final weight norm",
-                              "Final weight norm vs λ", intervals={k: v[1] for k, v in lines.items()})),
-        (f"Test accuracy vs λ ({bars})", "test_accuracy_vs_lambda.png",
-         plots.plot_vs_lambda(lams, {k: v[0] for k, v in accuracy.items()}, "accuracy",
-                              "Test accuracy vs λ", percent=True,
-                              intervals={k: v[1] for k, v in accuracy.items()})),
-    ]
-    pooled: dict[float, np.ndarray] = {}  # counts summed over seeds: rates pool every seed
-    for run in evaluation["runs"].values():
-        if run.get("confusion_matrix"):
-            counts = np.asarray(run["confusion_matrix"], dtype=np.int64)
-            strength = float(run["strength"])
-            pooled[strength] = pooled[strength] + counts if strength in pooled else counts
-    if pooled:
-        figures.append(("Test confusion matrices (counts pooled over seeds)",
-                        "confusion_matrices.png",
-                        plots.plot_confusion_matrices(list(pooled.items()),
-                                                      evaluation["sweep"]["class_names"])))
-    return [(caption, plots.save_figure(fig, fig_dir / name)) for caption, name, fig in figures]
+    return [(caption, plots.save_figure(fig, fig_dir / name))
+            for caption, name, fig in plots.sweep_figures(evaluation, histories)]
 
 
 def log_to_mlflow(cfg: DictConfig, manifest: dict[str, Any], evaluation: dict[str, Any],
@@ -247,9 +245,10 @@ def log_to_mlflow(cfg: DictConfig, manifest: dict[str, Any], evaluation: dict[st
         metrics += [Metric(f"{key}/{safe}", v, now, 0) for key, v in values.items() if v is not None]
     try:
         client.log_batch(parent, metrics=metrics)
-        if evaluation.get("best"):
-            tag_best(uri, parent, evaluation["best"])
-            best_run = evaluation["runs"][evaluation["best"]["run_name"]].get("mlflow_run_id")
+        best = evaluation.get("best")  # a cross-validation's: the refit's run (summaries.summarize)
+        if best:
+            tag_best(uri, parent, best)
+            best_run = evaluation["runs"][best["run_name"]].get("mlflow_run_id")
             register_champion(client, cfg.tracking.registered_model, best_run)
         for path in artifacts:
             client.log_artifact(parent, str(path), "figures" if path.suffix == ".png" else None)
@@ -274,7 +273,7 @@ def log_child(client: Any, run: SweepRun, entry: dict[str, Any], history: dict[s
     run_id = run.mlflow_run_id
     if not run_id:
         return
-    if entry.get("status") == summaries.FINISHED:
+    if entry.get("status") == summaries.FINISHED and entry.get("test_accuracy") is not None:
         client.log_batch(run_id, metrics=[Metric(k, entry[k], now, 0) for k in ("test_accuracy", "test_loss")])
     name = run.run_name
     figures = {"plots/curves.png": plots.plot_curves(history["metrics"], name)}
@@ -290,7 +289,10 @@ def log_child(client: Any, run: SweepRun, entry: dict[str, Any], history: dict[s
 
 def describe_sweep(cfg: DictConfig, manifest: dict[str, Any], runs: list[SweepRun],
                    histories: list[dict[str, Any]], y: np.ndarray) -> dict[str, Any]:
-    """The ``sweep`` section of the evaluation: dataset, model, grid, seeds, class names and settings."""
+    """The ``sweep`` section of the evaluation: dataset, model, regularizer (the list of kinds in
+    a comparison), grid (per kind in a comparison: ``grids``), seeds, ``folds`` (k, or None
+    without cross-validation) and the pool they split (``pool_examples``: train + validation),
+    class names and settings."""
     from l2sweep.base.data import DataError, load_meta
 
     try:
@@ -300,9 +302,16 @@ def describe_sweep(cfg: DictConfig, manifest: dict[str, Any], runs: list[SweepRu
         meta = {}
     dataset = manifest.get("dataset") or meta.get("dataset") or cfg.dataset.name
     sizes = {split: info.get("size") for split, info in meta.get("splits", {}).items()}
+    kinds = summaries.kinds_of(histories)
+    grids = {kind: sorted({float(h["strength"]) for h in histories if h.get("regularizer") == kind})
+             for kind in kinds}
+    folds = next((h["folds"] for h in histories if h.get("folds")), None)
+    pool = (sum(sizes.get(split) or 0 for split in ("train", "val")) or None) if folds else None
     return {"dataset": dataset, "model": manifest.get("model", cfg.model.name),
-            "regularizer": manifest.get("regularizer", cfg.regularizer.name),
+            "regularizer": (kinds if len(kinds) > 1 else kinds[0] if kinds
+                            else manifest.get("regularizer", cfg.regularizer.name)),
             "strengths": sorted({r.strength for r in runs}),
+            "grids": grids if len(kinds) > 1 else None, "folds": folds, "pool_examples": pool,
             "seeds": sorted({h["seed"] for h in histories if h.get("seed") is not None}),
             "test_examples": int(len(y)),
             "split_sizes": sizes,
@@ -350,17 +359,32 @@ def main(overrides: list[str]) -> int:
         log.info("not a DVC stage and not DVC's models: writing %s", ", ".join(adhoc.values()))
     with logging_redirect_tqdm():  # log lines above a progress bar, not through it
         evaluation = evaluate(cfg)
-    best = evaluation["best"]
+    print(summary_line(evaluation))
+    return 0
+
+
+def summary_line(evaluation: dict[str, Any]) -> str:
+    """The console's last line: the best λ and whether it is decided; in a comparison each
+    kind's best; in a cross-validation the chosen strength and the refit's test accuracy."""
+    wrote, best = f"wrote {len(evaluation['runs'])} runs", evaluation["best"]
+    by = best["by"] if best else "-"
+    cv = dvc_data.cross_validation(evaluation)
+    if cv:
+        chosen = "none" if cv["chosen"] is None else summaries.format_strength(cv["chosen"])
+        return (f"{wrote}; {cv['folds']}-fold cross-validation chose λ={chosen} (lowest mean {by} "
+                f"over folds); refit test accuracy {summaries.fmt_pct(cv['test_accuracy'])}")
+    if len(summaries.kinds_of(evaluation["runs"].values())) > 1:
+        kinds = dvc_data.best_by_kind(evaluation)
+        return (f"{wrote}; each kind's best by mean {by}: " + ", ".join(
+            f"{b['lambda']} (test {summaries.fmt_pct(b['test_accuracy'])})" for b in kinds.values())
+            + (f"; lowest overall: {best['lambda']}" if best else ""))
     if best and best.get("single"):  # nothing to choose among
-        print(f"wrote {len(evaluation['runs'])} runs; one configuration ({best['run_name']} the "
-              "champion): no λ to choose")
-        return 0
+        return (f"{wrote}; one configuration ({best['run_name']} the champion): no λ to choose")
     verdict = ("decided beyond seed noise" if best["decided"] else "not decided: "
                + ("one seed per λ" if best["n"] < 2 else "others within seed noise")) if best else ""
-    print(f"wrote {len(evaluation['runs'])} runs; lowest mean {best['by'] if best else '-'}: "
-          f"λ={summaries.format_strength(best['strength']) if best else 'none'}"
-          + (f" ({verdict})" if verdict else ""))
-    return 0
+    return (f"{wrote}; lowest mean {by}: "
+            f"λ={summaries.format_strength(best['strength']) if best else 'none'}"
+            + (f" ({verdict})" if verdict else ""))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 """The regression gate: compares the evaluation (``reports/evaluation.json``, written by
-``evaluate``) with a baseline, λ by λ: the means over each λ's finished seeds, with the 95%
-interval of the current mean beside each change (an evaluation from before replicates reads as
-one seed per λ).
+``evaluate``) with a baseline, configuration by configuration (λ, or ``<kind>-<λ>`` in a
+comparison of kinds: :func:`l2sweep.reporting.summaries.config_label`): the means over each
+one's finished seeds, with the 95% interval of the current mean beside each change (an
+evaluation from before replicates reads as one seed per λ). In a cross-validation the folds have
+no test scores: each strength's mean validation cross-entropy over its folds is compared (it may
+rise as much as the test loss), and the refit (label ``refit``) on its test metrics.
 
 Run it after ``dvc repro`` (or ``python -m l2sweep.evaluate``)::
 
@@ -12,8 +15,8 @@ Run it after ``dvc repro`` (or ``python -m l2sweep.evaluate``)::
     python -m l2sweep.gate gate.max_accuracy_drop=0.01  # Hydra overrides (tolerances, paths)
 
 Test accuracy may drop by ``gate.max_accuracy_drop`` (absolute), test loss rise by
-``gate.max_loss_increase`` (relative), both in the mean over seeds; a baseline λ now missing,
-newly diverged, or with more diverged or failed seeds than in the baseline fails.
+``gate.max_loss_increase`` (relative), both in the mean over seeds; a baseline configuration now
+missing, newly diverged, or with more diverged or failed seeds than in the baseline fails.
 Prints a Markdown table, or with ``--json`` one JSON object (``passed``, ``checks``, ``error``).
 Exit status: 0 passed; 1 a regression, a missing or diverged λ; 2 unreadable metrics.
 """
@@ -33,13 +36,16 @@ from typing import Any, Mapping, Optional, Sequence
 from l2sweep.base.cli import entry_point
 from l2sweep.reporting.report import markdown_table
 from l2sweep.reporting.summaries import (DIVERGED, EVALUATION_FILE, FAILED, FINISHED, finite,
-                                         fmt_loss, fmt_pct, format_strength, summarize)
+                                         fmt_loss, fmt_pct, format_strength, summarize,
+                                         summarize_lambda)
 
 EXIT_OK, EXIT_REGRESSED, EXIT_ERROR = 0, 1, 2
 #: Changes within this of the limit count as equal to it (float noise, not a regression).
 EPS = 1e-12
 #: Printed before the table when the two files' ``sweep.config`` (settings of the run) differ.
 CONFIG_NOTE = "baseline and current were produced with different settings"
+#: The label of a cross-validation's refit (its strength may differ between the two files).
+REFIT = "refit"
 
 
 class GateError(Exception):
@@ -73,10 +79,10 @@ class Tolerance:
 
 @dataclass(frozen=True)
 class Verdict:
-    """The outcome of one check: one λ and metric (``baseline`` and ``current``: means over
-    seeds; ``interval``: the current mean's 95% interval and n), or (``metric`` ``-``) one λ as a
-    whole; ``status``: ``ok``, ``regressed``, ``missing``, ``diverged``, ``failed``, ``new`` or
-    ``skipped``."""
+    """The outcome of one check: one configuration (``label``, its ``strength``) and metric
+    (``baseline`` and ``current``: means over seeds; ``interval``: the current mean's 95% interval
+    and n), or (``metric`` ``-``) one configuration as a whole; ``status``: ``ok``,
+    ``regressed``, ``missing``, ``diverged``, ``failed``, ``new`` or ``skipped``."""
 
     strength: float
     metric: str
@@ -87,6 +93,7 @@ class Verdict:
     passed: bool
     note: str = ""
     interval: str = ""
+    label: str = ""
 
 
 def tolerances_from_config(gate_cfg: Any) -> list[Tolerance]:
@@ -99,11 +106,28 @@ def tolerances_from_config(gate_cfg: Any) -> list[Tolerance]:
     ]
 
 
-def _by_strength(evaluation: Mapping[str, Any]) -> dict[float, dict[str, Any]]:
-    """Per λ its statistics over seeds (:func:`l2sweep.reporting.summaries.summarize`'s
-    ``by_lambda``), always recomputed from ``runs``: the same numbers evaluate stored, one code
-    path for files written before replicates (each run one seed), and the runs are the record."""
-    return {s["strength"]: s for s in summarize(evaluation.get("runs", {}))["by_lambda"].values()}
+def _by_label(evaluation: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per configuration label its statistics over seeds (and folds)
+    (:func:`l2sweep.reporting.summaries.summarize`'s ``by_lambda``), always recomputed from
+    ``runs``: the same numbers evaluate stored, one code path for files written before
+    replicates (each run one seed), and the runs are the record. A cross-validation's refits
+    are :data:`REFIT`'s, apart from the folds of their strength."""
+    runs = evaluation.get("runs", {})
+    labels = summarize(runs)["by_lambda"]  # the refits apart
+    refits = sorted((name, e) for name, e in runs.items() if e.get("refit"))
+    if refits:
+        labels[REFIT] = summarize_lambda(refits)
+    return labels
+
+
+def _cross_validated(evaluation: Mapping[str, Any]) -> bool:
+    return any(e.get("fold") is not None for e in evaluation.get("runs", {}).values())
+
+
+def _order(labels: Mapping[str, Mapping[str, Any]]) -> dict[str, tuple]:
+    """Sort keys of labels: a comparison's kinds grouped, then by strength; the refit last."""
+    return {label: (label == REFIT, label.rsplit("-", 1)[0] if label[0].isalpha() else "",
+                    s["strength"]) for label, s in labels.items()}
 
 
 def _status(stats: Mapping[str, Any]) -> str:
@@ -152,41 +176,61 @@ def check(tolerance: Tolerance, strength: float, baseline: Optional[float],
 
 def gate(current: Mapping[str, Any], baseline: Mapping[str, Any],
          tolerances: Sequence[Tolerance]) -> list[Verdict]:
-    """Compares two evaluations: one verdict per λ and metric on the means over seeds (per λ if
-    not comparable; one more per λ with more diverged or failed seeds than the baseline)."""
-    cur, base = _by_strength(current), _by_strength(baseline)
+    """Compares two evaluations: one verdict per configuration and metric on the means over
+    seeds (per configuration if not comparable; one more per configuration with more diverged or
+    failed seeds than the baseline). A cross-validation's folds are compared on their validation
+    cross-entropy (the tolerance of ``test_loss``), its refit on every tolerance."""
+    cur, base = _by_label(current), _by_label(baseline)
+    order = {**_order(base), **_order(cur)}
+    folds = [replace(t, metric="val_data_loss") for t in tolerances if t.metric == "test_loss"]
     verdicts: list[Verdict] = []
-    for strength in sorted(set(cur) | set(base)):
-        c, b = cur.get(strength), base.get(strength)
-        lam = format_strength(strength)
-        if c is None:
-            have = ", ".join(format_strength(s) for s in sorted(cur)) or "none"
-            verdicts.append(Verdict(strength, "-", None, None, "-", "missing", False,
-                                    f"λ={lam} is in the baseline but not in the current "
-                                    f"metrics (they have λ: {have})"))
-        elif b is None:
-            verdicts.append(Verdict(strength, "-", None, None, "-", "new", True,
-                                    f"λ={lam} has no baseline"))
-        elif not b["n"]:
-            verdicts.append(Verdict(strength, "-", None, None, "-", "skipped", True,
-                                    f"λ={lam} did not finish in the baseline "
-                                    f"(status {_status(b)})"))
-        elif not c["n"]:
-            at = c["diverged_epochs"]
-            verdicts.append(Verdict(strength, "-", None, None, "-", _status(c), False,
-                                    f"λ={lam} finished in the baseline but is now {_status(c)}"
-                                    + (f" (epoch {', '.join(map(str, at))})" if at else "")))
-        else:
-            lost, was = c["diverged"] + c["failed"], b["diverged"] + b["failed"]
-            if lost > was:
-                verdicts.append(Verdict(strength, "-", None, None, "-", _status({**c, "n": 0}),
-                                        False, f"λ={lam}: {lost} of {c['runs']} seeds diverged "
-                                        f"or failed (baseline: {was} of {b['runs']})"))
-            for tol in tolerances:
-                verdict = check(tol, strength, b["metrics"][tol.metric]["mean"],
-                                c["metrics"][tol.metric]["mean"])
-                verdicts.append(replace(verdict, interval=interval_text(
-                    tol.metric, c["metrics"][tol.metric])))
+    for label in sorted(order, key=order.__getitem__):
+        c, b = cur.get(label), base.get(label)
+        cv = label != REFIT and (_cross_validated(current) or _cross_validated(baseline))
+        verdicts += _label_verdicts(label, c, b, folds if cv else tolerances, list(cur))
+    return verdicts
+
+
+def _name(label: str, stats: Mapping[str, Any]) -> str:
+    """How a note names a configuration: ``λ=0.01``, ``l2-0.01``, ``refit (λ=0.01)``."""
+    if label == REFIT:
+        return f"refit (λ={format_strength(stats['strength'])})"
+    return label if label[0].isalpha() else f"λ={label}"
+
+
+def _label_verdicts(label: str, c: Optional[Mapping[str, Any]], b: Optional[Mapping[str, Any]],
+                    tolerances: Sequence[Tolerance], have: Sequence[str]) -> list[Verdict]:
+    """:func:`gate`'s verdicts of one configuration (``c`` current, ``b`` baseline statistics)."""
+    strength = (c or b)["strength"]
+    lam, whole = _name(label, c or b), dict(label=label, metric="-", baseline=None, current=None,
+                                             change="-")
+    if c is None:
+        return [Verdict(strength, status="missing", passed=False, **whole,
+                        note=f"{lam} is in the baseline but not in the current metrics (they "
+                             f"have {'λ: ' if all(not h[0].isalpha() for h in have) else ''}"
+                             f"{', '.join(have) or 'none'})")]
+    if b is None:
+        return [Verdict(strength, status="new", passed=True, note=f"{lam} has no baseline",
+                        **whole)]
+    if not b["n"]:
+        return [Verdict(strength, status="skipped", passed=True, **whole,
+                        note=f"{lam} did not finish in the baseline (status {_status(b)})")]
+    if not c["n"]:
+        at = c["diverged_epochs"]
+        return [Verdict(strength, status=_status(c), passed=False, **whole,
+                        note=f"{lam} finished in the baseline but is now {_status(c)}"
+                             + (f" (epoch {', '.join(map(str, at))})" if at else ""))]
+    verdicts = []
+    lost, was = c["diverged"] + c["failed"], b["diverged"] + b["failed"]
+    if lost > was:
+        verdicts.append(Verdict(strength, status=_status({**c, "n": 0}), passed=False, **whole,
+                                note=f"{lam}: {lost} of {c['runs']} seeds diverged or failed "
+                                     f"(baseline: {was} of {b['runs']})"))
+    for tol in tolerances:
+        verdict = check(tol, strength, b["metrics"][tol.metric]["mean"],
+                        c["metrics"][tol.metric]["mean"])
+        verdicts.append(replace(verdict, label=label, interval=interval_text(
+            tol.metric, c["metrics"][tol.metric])))
     return verdicts
 
 
@@ -205,9 +249,12 @@ def format_verdicts(verdicts: Sequence[Verdict]) -> str:
     for v in verdicts:
         shown = v.status.upper() if not v.passed else v.status
         change = f"{v.change} (current {v.interval})" if v.interval else v.change
-        rows.append([format_strength(v.strength), v.metric, _fmt_value(v.metric, v.baseline),
+        rows.append([v.label or format_strength(v.strength), v.metric,
+                     _fmt_value(v.metric, v.baseline),
                      _fmt_value(v.metric, v.current), change, f"{shown}: {v.note}"])
-    return markdown_table(["λ", "metric", "baseline", "current", "change", "verdict"], rows)
+    numeric = all(not (v.label or "0")[0].isalpha() for v in verdicts)
+    return markdown_table(["λ" if numeric else "configuration", "metric", "baseline", "current",
+                           "change", "verdict"], rows)
 
 
 def passed(verdicts: Sequence[Verdict]) -> bool:

@@ -30,6 +30,7 @@ from l2sweep.base.config import (ConfigError, compose_config, format_override_va
                                  params_file, project_overrides, sweep_grid, training_loop, validate,
                                  validate_strengths)
 from l2sweep.base.data import load_meta, load_split
+from l2sweep.base.grid import compared_kinds
 from l2sweep.tracking import store
 
 log = logging.getLogger(__name__)
@@ -124,17 +125,9 @@ def launch_argv(args: list[str]) -> list[str]:
 
     if STRENGTH in searched:
         _validate_interval(STRENGTH, searched[STRENGTH])
-    if cfg.train.fused:
-        overrides = _fused_overrides(cfg, overrides, swept, multirun)
+    overrides = _grid_overrides(cfg, overrides, swept, multirun, custom_sweeper or bool(searched))
     placed, adhoc = _placement(cfg, keys, multirun)
     overrides += placed
-    if STRENGTH in swept:
-        validate_strengths([_number(STRENGTH, v) for v in swept[STRENGTH]], STRENGTH,
-                           cfg.regularizer.name)
-    elif multirun and STRENGTH not in keys and not custom_sweeper and not cfg.train.fused:
-        grid = sweep_grid(cfg)
-        overrides.append(f"{STRENGTH}=" + ",".join(repr(v) for v in grid))
-        swept[STRENGTH] = grid
     jobs = 1
     for values in swept.values():
         jobs *= len(values)
@@ -243,11 +236,44 @@ def hydra_argv(args: list[str]) -> Iterator[None]:
             os.environ["HYDRA_FULL_ERROR"] = saved[1]
 
 
+def _grid_overrides(cfg: Any, overrides: list[str], swept: dict[str, list[Any]], multirun: bool,
+                    searching: bool) -> list[str]:
+    """How a multirun covers the grid (``swept`` is updated): a job per λ (``regularizer.strength``
+    swept over :func:`sweep_grid`, unless given or searched); a comparison (``sweep.compare``) a
+    job per kind, each training its own grid; a fused or cross-validated sweep one job.
+
+    Raises:
+        ConfigError: a comparison beside a regularizer or λ sweep or a search.
+    """
+    kinds = list(compared_kinds(cfg))
+    if kinds and multirun:
+        given = [k for k in ("regularizer", STRENGTH) if k in swept] or (["hydra/sweeper"] if searching else [])
+        if given:
+            raise ConfigError("sweep.compare", cfg.sweep.compare, f"null with a {given[0]} sweep "
+                              "(a comparison sweeps each kind over its own entry's grid)")
+        overrides = [o for o in overrides if override_key(o) != "regularizer"]
+        overrides.append("regularizer=" + ",".join(kinds))
+        swept["regularizer"] = kinds
+        if not any(override_key(o) == "hydra.sweep.subdir" for o in overrides):
+            overrides.append("hydra.sweep.subdir=${regularizer.name}")
+        return overrides
+    if cfg.train.fused or cfg.data.folds:
+        return _fused_overrides(cfg, overrides, swept, multirun)
+    if STRENGTH in swept:
+        validate_strengths([_number(STRENGTH, v) for v in swept[STRENGTH]], STRENGTH,
+                           cfg.regularizer.name)
+    elif multirun and not searching and not any(override_key(o) == STRENGTH for o in overrides):
+        grid = sweep_grid(cfg)
+        overrides.append(f"{STRENGTH}=" + ",".join(repr(v) for v in grid))
+        swept[STRENGTH] = grid
+    return overrides
+
+
 def _fused_overrides(cfg: Any, overrides: list[str], swept: dict[str, list[Any]],
                      multirun: bool) -> list[str]:
-    """A fused sweep trains its whole grid in one job: a swept ``regularizer.strength=a,b``
-    becomes that job's ``sweep.strengths=[a,b]`` (``swept`` is updated), and the job's folder
-    is named for what it holds."""
+    """A fused or cross-validated sweep trains its whole grid in one job: a swept
+    ``regularizer.strength=a,b`` becomes that job's ``sweep.strengths=[a,b]`` (``swept`` is
+    updated), and the job's folder is named for what it holds."""
     if STRENGTH in swept:
         grid = validate_strengths([_number(STRENGTH, v) for v in swept.pop(STRENGTH)], STRENGTH,
                                   cfg.regularizer.name)
@@ -256,7 +282,8 @@ def _fused_overrides(cfg: Any, overrides: list[str], swept: dict[str, list[Any]]
     else:
         sweep_grid(cfg)
     if multirun and not any(override_key(o) == "hydra.sweep.subdir" for o in overrides):
-        overrides.append("hydra.sweep.subdir=${regularizer.name}-fused-${hydra.job.num}")
+        kind = "cv" if cfg.data.folds else "fused"
+        overrides.append(f"hydra.sweep.subdir=${{regularizer.name}}-{kind}-${{hydra.job.num}}")
     return overrides
 
 
@@ -276,7 +303,8 @@ def job_label(cfg: DictConfig) -> str:
     if not HydraConfig.initialized() or HydraConfig.get().mode.name != "MULTIRUN":
         return cfg.run_name
     total = os.environ.get(JOBS_ENV)
-    return f"job {HydraConfig.get().job.num + 1}/{total or '?'} {cfg.run_name}"
+    grid = cfg.train.fused or cfg.data.folds or compared_kinds(cfg)  # the job trains a grid
+    return f"job {HydraConfig.get().job.num + 1}/{total or '?'} {cfg.regularizer.name if grid else cfg.run_name}"
 
 
 class JobError(RuntimeError):

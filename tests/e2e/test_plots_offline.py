@@ -5,7 +5,6 @@ written by `make install`: tools/offline_plots.py) carries vega, vega-lite and v
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Iterator
 
 import pytest
 
-from helpers import chromium
+from helpers import chromium, plots_repo
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = REPO / ".dvc/plots/offline.html"
@@ -63,13 +62,7 @@ def pages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     `dvc plots show` and of `dvc plots diff HEAD` after the workspace's losses changed."""
     if not TEMPLATE.is_file():
         pytest.skip(f"{TEMPLATE} missing: `make install` writes it (tools/offline_plots.py)")
-    repo = tmp_path_factory.mktemp("plots-repo")
-    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
-    dvc(repo, "init", "-q")
-    for name in ("dvc.yaml", "params.yaml"):
-        shutil.copy(REPO / name, repo / name)
-    shutil.copytree(REPO / ".dvc/plots", repo / ".dvc/plots", dirs_exist_ok=True)
-    shutil.copy(REPO / ".dvc/config", repo / ".dvc/config")
+    repo = plots_repo(tmp_path_factory.mktemp("plots-repo"))
     write_plot_data(repo)
     dvc(repo, "plots", "show", "-o", "show")
     subprocess.run(["git", "add", "-A"], cwd=repo, check=True)

@@ -4,7 +4,6 @@ and trains whatever l2sweep.engine.model defines (or refuses it by name)."""
 from __future__ import annotations
 
 import math
-import os
 import re
 
 import keras
@@ -13,7 +12,7 @@ import pytest
 
 from l2sweep.engine import compiled, model
 from l2sweep.base.config import training_loop
-from l2sweep.engine.fit import Trained, fit
+from l2sweep.engine.fit import Fold, Trained, fit
 
 #: float32 over a few dozen Adam steps: both loops agree to ~1e-7 relative (measured).
 RTOL, ATOL = 1e-5, 1e-6
@@ -77,6 +76,61 @@ def test_compiled_loop_equals_keras_fit(tiny_cfg, data, regularizer, lambdas):
         assert_same(a, ref, f"together {regularizer}-{s}-s{seed}")
         assert_same(b, ref, f"alone {regularizer}-{s}-s{seed}")
         assert int(a.model.optimizer.iterations) == 2 * math.ceil(len(data[0]) / 32)
+
+
+#: The fold tests' runs: 2 epochs, without XLA (compiling costs more than these fits).
+TWO_EPOCHS = ("train.epochs=2", "train.jit_compile=false")
+
+
+def test_folds_train_together_as_keras_fit_trains_each_on_its_fold(tiny_cfg, data):
+    """2 lambdas x 2 stratified folds of the pool (x_train), given out of order: all at once in
+    the compiled loop (a group per fold, validated on its fold) equal Keras fit of each run on
+    its fold's training examples, validated on its validation examples."""
+    from l2sweep.base.data import stratified_folds
+
+    x, y = data[:2]
+    folds = [Fold(np.setdiff1d(np.arange(len(y)), val), val) for val in stratified_folds(y, 2, seed=0)]
+    strengths, which = (0.001, 0.001, 0.1, 0.1), (1, 0, 0, 1)
+    runs = [folds[i] for i in which]
+    together = fit(grid(tiny_cfg, "l2", strengths, *TWO_EPOCHS), x, y, None, None, [[]] * 4, "cv", folds=runs)
+    keras_fit = fit(grid(tiny_cfg, "l2", strengths, *TWO_EPOCHS, "train.loop=keras"), x, y, None, None,
+                    [[]] * 4, "cv", folds=runs)
+    for s, i, got, ref in zip(strengths, which, together, keras_fit):
+        assert len(ref.history["val_loss"]) == 2
+        assert_same(got, ref, f"l2-{s}-f{i}")
+        assert int(got.model.optimizer.iterations) == 2 * math.ceil(len(folds[i].train) / 32)
+    assert together[1].history["val_loss"] != together[2].history["val_loss"]  # 0.001 on folds 0, 1
+
+
+def test_a_fold_without_validation_data_trains_without_it(tiny_cfg, data):
+    """A refit, Fold(the whole pool, val=None), trains in both loops without validation: loss,
+    accuracy and data_loss per epoch, no val_* metric, the same in both loops; x_val=None
+    without folds trains the same runs. (4 runs, as the test above: its compiled engine.)"""
+    x, y = data[:2]
+    strengths, seeds = (0.001, 0.001, 0.1, 0.1), (1, 2, 1, 2)
+    whole = [Fold(np.arange(len(y)))] * 4
+    cfgs = grid(tiny_cfg, "l2", strengths, *TWO_EPOCHS, seeds=seeds)
+    refits = fit(cfgs, x, y, None, None, [[]] * 4, "refit", folds=whole)
+    no_val = fit(cfgs, x, y, None, None, [[]] * 4, "no val")
+    keras_fit = fit(grid(tiny_cfg, "l2", strengths[::3], *TWO_EPOCHS, "train.loop=keras", seeds=seeds[::3]),
+                    x, y, None, None, [[], []], "refit", folds=whole[:2])
+    for s, seed, got, ref in zip(strengths[::3], seeds[::3], refits[::3], keras_fit):
+        assert {"loss", "accuracy", "data_loss", "penalty"} <= ref.history.keys()
+        assert not [key for key in ref.history if key.startswith("val_")]
+        assert_same(got, ref, f"refit l2-{s}-s{seed}")
+    for got, same in zip(refits, no_val):
+        assert_same(same, got, "no validation")
+
+
+def test_the_compiled_loop_refuses_folds_of_different_sizes(tiny_cfg, data):
+    x, y = data[:2]
+    cfgs = grid(tiny_cfg, "l2", (0.001, 0.1))
+    uneven = [Fold(np.arange(300), np.arange(300, 500)), Fold(np.arange(200, 500), np.arange(100))]
+    with pytest.raises(ValueError, match=r"on folds of one size: got \(train, validation\) sizes "
+                                         r"\[\(300, 100\), \(300, 200\)\]"):
+        fit(cfgs, x, y, None, None, [[], []], "cv", folds=uneven)
+    with pytest.raises(ValueError, match="one per config"):
+        fit(cfgs, *data, [[], []], "cv", folds=uneven)
 
 
 @pytest.mark.filterwarnings("ignore:Model doesn.t support .jit_compile=True.")  # load_model under op determinism

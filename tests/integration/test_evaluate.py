@@ -20,7 +20,7 @@ from l2sweep import gate
 from l2sweep.reporting import dvc_data
 from l2sweep.reporting import summaries as report
 from l2sweep.base.config import CONF_DIR, compose_config, merge_overrides
-from helpers import parse_cell, table_rows
+from helpers import parse_cell, plots_repo, table_rows
 
 GRID = (0.0001, 0.01)
 EPOCHS = 2
@@ -187,13 +187,7 @@ def dvc(cwd: Path, *args: str) -> subprocess.CompletedProcess:
 
 def test_dvc_plots_show_and_diff_render(evaluated, tmp_path):
     """The repo's dvc.yaml, params.yaml and templates draw the plots evaluate wrote."""
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    dvc(repo, "git", "init", "-q")
-    dvc(repo, "init", "-q")
-    for name in ("dvc.yaml", "params.yaml"):
-        shutil.copy(REPO / name, repo / name)
-    shutil.copytree(REPO / ".dvc/plots", repo / ".dvc/plots")
+    repo = plots_repo(tmp_path / "repo")
     shutil.copytree(evaluated["root"] / "plots", repo / "plots")
     shutil.copytree(evaluated["root"] / "metrics", repo / "metrics")
 

@@ -146,4 +146,4 @@ def test_dvc_repro_prepare(tmp_path, tiny_arrays):
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
     status = json.loads(_run(["dvc", "status", "prepare", "--json"], repo, env))
     # dvc.yaml lists the whole `data` group, so DVC reports the group as modified.
-    assert status == {"prepare": [{"changed deps": {"params.yaml": {"data": "modified"}}}]}, status
+    assert status == {"prepare": [{"changed deps": {"params.yaml": {"data.seed": "modified"}}}]}, status

@@ -150,6 +150,69 @@ def test_config_differences_are_named(baseline):
     assert g.config_differences(current, baseline) == ["train.epochs: 10 -> 2"]
 
 
+def compared(accuracies: dict[str, float]) -> dict:
+    """An evaluation.json content of a comparison of kinds: label -> test accuracy."""
+    runs = {}
+    for label, acc in accuracies.items():
+        kind, _, lam = label.partition("-")
+        runs[f"{label}-s1"] = {"regularizer": kind, "strength": float(lam or 0), "seed": 1,
+                               "status": "finished", "diverged_epoch": None,
+                               "test_accuracy": acc, "test_loss": 0.40}
+    return {"sweep": {"config": {}}, "best": None, "runs": runs}
+
+
+def test_a_comparison_is_gated_per_kind_and_strength():
+    baseline = compared({"l2-0.001": 0.87, "l2-0.01": 0.85, "dropout-0.1": 0.86, "none": 0.84})
+    assert g.passed(g.gate(copy.deepcopy(baseline), baseline, tolerances()))
+    current = copy.deepcopy(baseline)
+    current["runs"]["dropout-0.1-s1"]["test_accuracy"] -= 0.01
+    del current["runs"]["l2-0.01-s1"]
+    verdicts = g.gate(current, baseline, tolerances())
+    assert [v.label for v in verdicts if v.metric == "test_accuracy"] == [
+        "dropout-0.1", "l2-0.001", "none"]  # kinds grouped, then by strength
+    bad = {v.label: v for v in verdicts if not v.passed}
+    assert set(bad) == {"dropout-0.1", "l2-0.01"} and bad["dropout-0.1"].change == "-1.00 pt"
+    assert bad["l2-0.01"].status == "missing" and bad["l2-0.01"].note == (
+        "l2-0.01 is in the baseline but not in the current metrics (they have dropout-0.1, "
+        "l2-0.001, none)")
+    table = g.format_verdicts(verdicts)
+    assert "| configuration | metric | baseline |" in table
+    assert "| dropout-0.1 | test_accuracy | 86.00% | 85.00% | -1.00 pt" in table
+
+
+def cross_validated(val_ce: dict[float, list[float]], chosen: float, refit_acc: float) -> dict:
+    """A cross-validation's evaluation: strength -> each fold's validation cross-entropy (no
+    test scores), and the refit of ``chosen`` with its test accuracy."""
+    runs = {f"l2-{lam:g}-f{fold}": {"regularizer": "l2", "strength": lam, "seed": 1, "fold": fold,
+                                    "refit": False, "status": "finished", "diverged_epoch": None,
+                                    "val_data_loss": ce, "test_accuracy": None, "test_loss": None}
+            for lam, losses in val_ce.items() for fold, ce in enumerate(losses)}
+    runs[f"l2-{chosen:g}-refit"] = {"regularizer": "l2", "strength": chosen, "seed": 1,
+                                    "fold": None, "refit": True, "status": "finished",
+                                    "diverged_epoch": None, "test_accuracy": refit_acc,
+                                    "test_loss": 0.4}
+    return {"sweep": {"config": {}}, "best": None, "runs": runs}
+
+
+def test_a_cross_validation_gates_the_folds_val_ce_and_the_refits_test():
+    baseline = cross_validated({0.001: [0.40, 0.42], 0.01: [0.50, 0.52]}, 0.001, 0.86)
+    verdicts = g.gate(copy.deepcopy(baseline), baseline, tolerances())
+    assert g.passed(verdicts)
+    assert [(v.label, v.metric) for v in verdicts] == [
+        ("0.001", "val_data_loss"), ("0.01", "val_data_loss"), ("refit", "test_accuracy"),
+        ("refit", "test_loss")]
+    assert verdicts[0].baseline == pytest.approx(0.41) and verdicts[0].interval.endswith("n=2")
+    # The folds' CE 10% up at 0.01; the refit (now of another strength) 1 pt down.
+    current = cross_validated({0.001: [0.40, 0.42], 0.01: [0.55, 0.572]}, 0.01, 0.85)
+    bad = [(v.label, v.metric, v.change) for v in g.gate(current, baseline, tolerances())
+           if not v.passed]
+    assert bad == [("0.01", "val_data_loss", "+10.0%"), ("refit", "test_accuracy", "-1.00 pt")]
+    del current["runs"]["l2-0.01-refit"]
+    (missing,) = [v for v in g.gate(current, baseline, tolerances()) if v.status == "missing"]
+    assert missing.label == "refit" and missing.note.startswith(
+        "refit (λ=0.001) is in the baseline but not in the current metrics (they have λ: 0.001, 0.01)")
+
+
 # --- the command line --------------------------------------------------------------------
 
 

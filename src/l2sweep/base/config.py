@@ -9,7 +9,6 @@ The params file must exist: ``./params.yaml``, or the file ``L2SWEEP_PARAMS`` na
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from l2sweep.base.config_errors import ConfigError, check_declared, explained, override_key
+from l2sweep.base.grid import (finite_number, sweep_grid, validate_compare, validate_folds, validate_seeds,
+                               validate_strength, validate_strengths)  # noqa: F401 (re-exported)
 
 #: The repository's ``conf/`` folder (the package is installed editable).
 CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
@@ -59,7 +60,10 @@ class DataConfig:
 
     val_fraction: float = 1 / 6  # share held out for validation (stratified)
     limit: Optional[int] = None  # cap on the training examples after the split; null = all
-    seed: int = 42  # seed of the split
+    seed: int = 42  # seed of the split (and of the cross-validation folds)
+    # k-fold cross-validation of the training pool (train + validation splits): every strength
+    # trains on k-1 folds and validates on the other; null: off (l2sweep.base.data.stratified_folds)
+    folds: Optional[int] = None
 
 
 @dataclass
@@ -115,6 +119,10 @@ class SweepConfig:
     # the seeds every lambda trains with, one run each (replicates: the report's intervals come
     # from them); null: train.seed alone, the seeds' single-run experiment
     seeds: Optional[list[int]] = None
+    # a comparison of kinds in one multirun, a job per kind: kind -> its grid (null: the kind's own,
+    # regularizer.strengths; none: []), e.g. {l2: null, dropout: null, l1: null, none: []}; it
+    # wins over regularizer and sweep.strengths. null: one kind
+    compare: Any = None
 
 
 @dataclass
@@ -214,6 +222,10 @@ def format_override_value(value: Any) -> str:
     return f"'{text}'"
 
 
+#: Keys whose value is a mapping of its own (not schema keys below it): overridden whole.
+WHOLE_VALUES = ("sweep.compare",)
+
+
 def params_overrides(params: dict[str, Any]) -> list[str]:
     """params.yaml's values as Hydra overrides: group choices first (``dataset: {name: mnist}``
     -> ``dataset=mnist``), then every other leaf as ``key=value``."""
@@ -221,7 +233,7 @@ def params_overrides(params: dict[str, Any]) -> list[str]:
     values: list[str] = []
 
     def walk(prefix: str, node: Any) -> None:
-        if isinstance(node, dict) and node:
+        if isinstance(node, dict) and node and prefix not in WHOLE_VALUES:
             for key, child in node.items():
                 walk(f"{prefix}.{key}" if prefix else str(key), child)
         else:
@@ -303,15 +315,6 @@ def compose_config(overrides: list[str] | None = None, *, with_params: bool = Tr
     return cfg
 
 
-def _finite_number(key: str, value: Any, *, minimum: float, inclusive: bool = True) -> None:
-    op = ">=" if inclusive else ">"
-    allowed = f"a finite number {op} {minimum:g}"
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(key, value, allowed)
-    if value < minimum or (not inclusive and value == minimum):
-        raise ConfigError(key, value, allowed)
-
-
 def _positive_int(key: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ConfigError(key, value, "a positive integer")
@@ -320,63 +323,6 @@ def _positive_int(key: str, value: Any) -> None:
 def _non_empty(key: str, value: Any, allowed: str) -> None:
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(key, value, allowed)
-
-
-def validate_strength(key: str, value: Any, kind: str) -> None:
-    """Checks one strength of regularizer ``kind``: a finite number >= 0; for dropout a rate in
-    [0, 1); for none 0 (it has no strength: another value would train the same model again)."""
-    _finite_number(key, value, minimum=0.0)
-    if kind == "dropout" and not value < 1:
-        raise ConfigError(key, value, "a dropout rate in [0, 1)")
-    if kind == "none" and value != 0:
-        raise ConfigError(key, value, "0 for regularizer=none (it has no strength to vary; "
-                          "sweep.strengths=null trains it once)")
-
-
-def validate_strengths(strengths: Any, key: str = "sweep.strengths", kind: str = "l2") -> list[float]:
-    """Checks a lambda grid of regularizer ``kind``: non-empty, each strength valid
-    (:func:`validate_strength`), no duplicates. Returns it as floats."""
-    if not isinstance(strengths, (list, tuple)) or not strengths:
-        raise ConfigError(key, strengths, "a non-empty list of numbers >= 0 (null: the "
-                          "regularizer's own grid, regularizer.strengths)")
-    for value in strengths:
-        validate_strength(key, value, kind)
-    floats = [float(v) for v in strengths]
-    if len(set(floats)) != len(floats):
-        dupes = sorted({v for v in floats if floats.count(v) > 1})
-        raise ConfigError(key, list(strengths), f"each lambda once (repeated: {dupes})")
-    return floats
-
-
-def sweep_grid(cfg: DictConfig | Config) -> list[float]:
-    """The strengths one sweep trains, validated for its regularizer: ``sweep.strengths`` when
-    set (it wins), else the regularizer's own grid ``regularizer.strengths``; where that is
-    empty (``none``) ``regularizer.strength`` alone: one configuration, trained once per seed.
-
-    Raises:
-        ConfigError: naming the key of the grid used, the bad value and what is allowed.
-    """
-    kind, explicit = cfg.regularizer.name, cfg.sweep.strengths
-    if explicit is not None:
-        return validate_strengths(list(explicit), "sweep.strengths", kind)
-    own = list(cfg.regularizer.strengths)
-    if not own:
-        validate_strength("regularizer.strength", cfg.regularizer.strength, kind)
-        return [float(cfg.regularizer.strength)]
-    return validate_strengths(own, "regularizer.strengths", kind)
-
-
-def validate_seeds(seeds: Any, key: str = "sweep.seeds") -> Optional[list[int]]:
-    """Checks the replicate seeds: null, or a non-empty list of distinct integers >= 0."""
-    if seeds is None:
-        return None
-    allowed = "null or a non-empty list of distinct integers >= 0, e.g. [42, 43, 44]"
-    if not isinstance(seeds, (list, tuple)) or not seeds or any(
-            isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
-        raise ConfigError(key, seeds, allowed)
-    if len(set(seeds)) != len(seeds):
-        raise ConfigError(key, list(seeds), f"{allowed} (each seed once)")
-    return [int(s) for s in seeds]
 
 
 def validate(cfg: DictConfig | Config) -> None:
@@ -406,12 +352,16 @@ def validate(cfg: DictConfig | Config) -> None:
     _positive_int("train.steps_per_execution", cfg.train.steps_per_execution)
     if cfg.train.validation_batch_size is not None:
         _positive_int("train.validation_batch_size", cfg.train.validation_batch_size)
-    _finite_number("train.learning_rate", cfg.train.learning_rate, minimum=0.0, inclusive=False)
+    finite_number("train.learning_rate", cfg.train.learning_rate, minimum=0.0, inclusive=False)
     if cfg.train.threads is not None:
         _positive_int("train.threads", cfg.train.threads)
+    validate_compare(cfg.sweep.compare, REGULARIZERS)
     sweep_grid(cfg)
     seeds = cfg.sweep.seeds
     validate_seeds(None if seeds is None else list(seeds))
+    if validate_folds(cfg.data.folds) and cfg.sweep.compare:
+        raise ConfigError("data.folds", cfg.data.folds, "null with sweep.compare (cross-validation "
+                          "runs one kind's grid; compare kinds with data.folds=null)")
     _positive_int("model.hidden_units", cfg.model.hidden_units)
     if cfg.train.loop == "compiled" and cfg.model.name not in FUSABLE_MODELS:
         raise ConfigError("train.loop", cfg.train.loop,
@@ -425,8 +375,8 @@ def validate(cfg: DictConfig | Config) -> None:
     _non_empty("tracking.uri", cfg.tracking.uri, "a tracking URI such as sqlite:///mlruns/mlflow.db,"
                " a folder or http://host:5000 (MLFLOW_TRACKING_URI wins over it)")
     _non_empty("tracking.experiment", cfg.tracking.experiment, "a non-empty experiment name")
-    _finite_number("gate.max_accuracy_drop", cfg.gate.max_accuracy_drop, minimum=0.0)
-    _finite_number("gate.max_loss_increase", cfg.gate.max_loss_increase, minimum=0.0)
+    finite_number("gate.max_accuracy_drop", cfg.gate.max_accuracy_drop, minimum=0.0)
+    finite_number("gate.max_loss_increase", cfg.gate.max_loss_increase, minimum=0.0)
 
 
 def training_loop(cfg: DictConfig | Config) -> str:

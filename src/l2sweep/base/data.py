@@ -239,6 +239,37 @@ def apply_limit(y: np.ndarray, limit: Optional[int], seed: int) -> np.ndarray:
     return np.sort(np.concatenate(picked))
 
 
+def stratified_folds(y: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
+    """``k`` disjoint validation folds of ``y``'s examples (sorted int64 indices), stratified by
+    class, all of exactly ``len(y) // k`` examples (so that they train together), random in ``seed``.
+
+    Each class's examples, shuffled, give each fold ``n_c // k`` of class c's ``n_c``; the
+    classes' remaining ``n_c % k`` (< k each), one class after another, are dealt to the folds in
+    turn, so a fold holds ``n_c // k`` or ``n_c // k + 1`` of class c (within one example of its
+    share). The last ``len(y) % k`` examples dealt (at most k - 1) belong to no fold: they always train.
+
+    Raises:
+        ConfigError: ``k`` not an integer from 2 to the smallest class's count (``data.folds``).
+
+    Example:
+        >>> val = stratified_folds(y_pool, 5, seed=42)[0]
+        >>> train = np.setdiff1d(np.arange(len(y_pool)), val)
+    """
+    y = np.asarray(y)
+    classes, counts = np.unique(y, return_counts=True)
+    smallest = int(counts.min()) if len(counts) else 0
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 2 <= k <= smallest:
+        raise ConfigError("data.folds", k, f"null (no cross-validation) or an integer from 2 to {smallest}, "
+                          "the smallest class's examples in the training pool (train + val splits)")
+    rng = np.random.default_rng([seed, 2])
+    shuffled = [rng.permutation(np.flatnonzero(y == c)) for c in classes]
+    # Rows of k examples, column i to fold i.
+    rows = [s[:len(s) // k * k].reshape(-1, k) for s in shuffled]
+    rest = np.concatenate([s[len(s) // k * k:] for s in shuffled])
+    rows.append(rest[:len(rest) // k * k].reshape(-1, k))
+    return [np.sort(np.concatenate([r[:, i] for r in rows])).astype(np.int64) for i in range(k)]
+
+
 def class_counts(y: np.ndarray) -> dict[str, int]:
     """``{"0": n0, ..., "9": n9}``: examples per class (JSON-friendly keys)."""
     counts = np.bincount(np.asarray(y, dtype=np.int64), minlength=NUM_CLASSES)

@@ -1,7 +1,8 @@
-"""The compiled loop: K copies of a Keras MLP, one per run (λ and seed), trained as one set of
-variables by XLA calls of :data:`STEPS_PER_CALL` steps each (run by l2sweep.engine.fit; K=1 is
+"""The compiled loop: K copies of a Keras MLP, one per run (λ, seed and fold), trained as one set
+of variables by XLA calls of :data:`STEPS_PER_CALL` steps each (run by l2sweep.engine.fit; K=1 is
 an MLP run's default loop). The K slices form G groups of M = K/G; the slices of a group see the
-same batches (runs of one seed), so the first layer is one GEMM per group.
+same batches (runs of one seed and fold), so the first layer is one GEMM per group, and are
+validated on the same examples (a group's fold, or the validation split for all).
 
 It runs what l2sweep.engine.views reads from the models that
 :func:`l2sweep.engine.model.build_model` makes, one per run (the "views"). Each slice starts from its
@@ -270,7 +271,8 @@ class CompiledMLP:
         self.iterations.assign_add(1)
 
     def _eval_chunk(self, x, y):
-        ce_sum, correct = self._batch_stats(self._inputs(x), y, tf.ones(tf.shape(y), tf.float32))
+        """Per-slice sums on ``x``, ``y``: a chunk for all (B, ...) or one per group (G, B, ...)."""
+        ce_sum, correct = self._batch_stats(self._inputs(x), y, tf.ones(tf.shape(y)[-1:], tf.float32))
         # The penalty at these weights, compiled like the training step's (an eager float32
         # sum over 100k squares drifts by ~1e-5 relative).
         return ce_sum, correct, self._penalty()
@@ -285,16 +287,18 @@ class CompiledMLP:
         :data:`STEPS_PER_CALL` steps.
 
         Args:
-            orders: one list of batches per group (G lists; a λ grid of one seed: one list).
+            orders: one list of batches per group (G lists; a λ grid of one seed and fold: one list).
             batch_end: called after each call with the index of its last batch and the running
                 means so far (as the return value); it may raise to stop the epoch.
 
         Returns:
             Per-slice ``loss``, ``data_loss`` and ``accuracy`` (shape (K,)): Keras' running means.
         """
-        if len(orders) != self.g or len({len(o) for o in orders}) != 1:
-            raise ValueError(f"one order per group, all as long: got {[len(o) for o in orders]} "
-                             f"for {self.g} groups")
+        shapes = {tuple(len(b) for b in order) for order in orders}
+        if len(orders) != self.g or len(shapes) != 1:
+            raise ValueError(f"one batch order per group, all of the same batch sizes (runs trained "
+                             f"together train on as many examples): got {len(orders)} orders for "
+                             f"{self.g} groups, of {len(shapes)} different batch sizes")
         steps, totals, seen = len(orders[0]), np.zeros((3, self.k), np.float64), 0
         for start in range(0, steps, STEPS_PER_CALL):
             count = min(STEPS_PER_CALL, steps - start)
@@ -312,12 +316,20 @@ class CompiledMLP:
                 batch_end(start + count - 1, logs)
         return logs
 
-    def evaluate(self, x, y) -> dict[str, np.ndarray]:
-        """Per-slice ``loss`` (cross-entropy + penalty), ``data_loss`` and ``accuracy`` on (x, y)."""
+    def evaluate(self, x, y, index: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
+        """Per-slice ``loss`` (cross-entropy + penalty), ``data_loss`` and ``accuracy`` on (x, y),
+        or with ``index`` (G, n) group g's slices on ``x[index[g]]``, ``y[index[g]]`` (each
+        group's validation fold of the pool)."""
         totals = np.zeros((2, self.k), np.float64)
-        n = int(x.shape[0])
+        n = int(x.shape[0]) if index is None else index.shape[1]
+        if index is not None and index.shape[0] != self.g:
+            raise ValueError(f"one row of validation indices per group: got {index.shape[0]} for {self.g}")
         for start in range(0, n, VAL_CHUNK):
-            ce, correct, penalty = self._eval(x[start:start + VAL_CHUNK], y[start:start + VAL_CHUNK])
+            if index is None:
+                chunk = x[start:start + VAL_CHUNK], y[start:start + VAL_CHUNK]
+            else:  # (G, chunk, ...): a chunk per group
+                chunk = tuple(tf.gather(a, index[:, start:start + VAL_CHUNK]) for a in (x, y))
+            ce, correct, penalty = self._eval(*chunk)
             totals += np.asarray([ce.numpy(), correct.numpy()], np.float64)
         ce, correct = totals / n
         penalty = penalty.numpy().astype(np.float64)

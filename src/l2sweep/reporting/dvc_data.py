@@ -5,10 +5,10 @@ how they (and the evaluation) are written as JSON."""
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
-from l2sweep.reporting.summaries import (DIVERGED, EPOCH_FIELDS, FAILED, FINISHED, curves_by_lambda,
-                                         with_statistics)
+from l2sweep.reporting.summaries import (DIVERGED, EPOCH_FIELDS, FAILED, FINISHED, config_label,
+                                         curves_by_lambda, kinds_of, with_statistics)
 
 
 def json_safe(value: Any) -> Any:
@@ -22,38 +22,111 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+def configurations(evaluation: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per configuration label (:func:`config_label`), kind then strength ascending: its
+    statistics over seeds and folds (:func:`summarize`'s ``by_lambda``: a cross-validation's
+    refits are not among them), ``kind`` as a string (``""`` where the runs do not say)."""
+    return {label: {**s, "kind": str(s.get("kind") or "")}
+            for label, s in with_statistics(evaluation)["by_lambda"].items()}
+
+
+def best_by_kind(evaluation: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """In a comparison of kinds, per kind its best configuration (:func:`summarize`'s
+    ``kinds.best``: ``lambda`` label, ``strength``, ``by``, ``value``) with its mean
+    ``test_accuracy``; {} for a sweep of one kind."""
+    stats = with_statistics(evaluation)
+    by_lambda = stats["by_lambda"]
+    return {kind: {**best, "test_accuracy":
+                   by_lambda[best["lambda"]]["metrics"]["test_accuracy"]["mean"]}
+            for kind, best in sorted(((stats.get("kinds") or {}).get("best") or {}).items())
+            if best}
+
+
+def cross_validation(evaluation: Mapping[str, Any]) -> Optional[dict[str, Any]]:
+    """A cross-validation's outcome (None for a sweep without folds): :func:`summarize`'s
+    ``refit`` (``lambda`` label and ``strength`` of the refit, ``runs``, ``run_name``, ``n``) with
+    ``folds`` (k), ``chosen`` (the refit's strength: what train chose) and the refits' mean
+    ``test_accuracy`` and ``test_loss`` over seeds."""
+    refit = with_statistics(evaluation).get("refit")
+    if refit is None:
+        return None
+    return {**refit, "folds": (evaluation.get("sweep") or {}).get("folds") or refit["folds"],
+            "chosen": refit["strength"],
+            "test_accuracy": refit["metrics"]["test_accuracy"]["mean"],
+            "test_loss": refit["metrics"]["test_loss"]["mean"]}
+
+
 def dvc_metrics(evaluation: Mapping[str, Any]) -> dict[str, Any]:
     """The DVC metrics file: numbers only, few enough that ``dvc exp show --only-changed`` of two
-    experiments fits a 160-column terminal. ``best.lambda``, ``best.test_acc`` and ``best.val_ce``
-    (the mean validation cross-entropy that chose it), which every grid shares, and
-    ``test_acc.<λ>`` per λ with a finished seed; accuracies are means over seeds. A sweep of one
-    configuration (``none``) keeps these keys: ``best`` is that configuration, nothing chosen
-    (``best.lambda`` its strength, 0 for none). Everything else (intervals, whether the best λ
-    is decided, ``single``) is in the evaluation file."""
-    evaluation = with_statistics(evaluation)
-    by_lambda = evaluation["by_lambda"]
+    experiments fits a 160-column terminal; accuracies are means over seeds, keys are
+    configuration labels (:func:`config_label`: λ, or ``<kind>-<λ>`` in a comparison).
+
+    A sweep: ``best.lambda``, ``best.test_acc`` and ``best.val_ce`` (the mean validation
+    cross-entropy that chose it), and ``test_acc.<label>`` per configuration with a finished
+    seed; a comparison of kinds adds ``best_by_kind.<kind>.{lambda,val_ce,test_acc}``. A sweep
+    of one configuration (``none``) keeps these keys: ``best`` is that configuration, nothing
+    chosen (``best.lambda`` its strength, 0 for none). A cross-validation: ``cv.chosen`` (the
+    strength refit), ``cv.folds``, ``cv.val_ce`` (its mean over seeds and folds),
+    ``refit.test_acc``, ``refit.test_loss`` and ``val_ce.<label>`` per strength (folds are not
+    scored on test).
+    Everything else (intervals, whether the best is decided) is in the evaluation file."""
+    configs = configurations(evaluation)
+    ce = {label: c["metrics"]["val_data_loss"]["mean"] for label, c in configs.items() if c["n"]}
+    cv = cross_validation(evaluation)
+    if cv:
+        return {"cv": {"chosen": cv["chosen"], "folds": cv["folds"],
+                       "val_ce": ce.get(cv["lambda"])},
+                "refit": {"test_acc": cv["test_accuracy"], "test_loss": cv["test_loss"]},
+                "val_ce": ce}
     metrics: dict[str, Any] = {}
     best = evaluation.get("best")
     if best:
         metrics["best"] = {
             "lambda": float(best["strength"]),
-            "test_acc": by_lambda[best["lambda"]]["metrics"]["test_accuracy"]["mean"],
-            "val_ce" if best["by"] == "val_data_loss" else "val_loss": best["value"]}
-    metrics["test_acc"] = {label: s["metrics"]["test_accuracy"]["mean"]
-                           for label, s in by_lambda.items() if s["n"] > 0}
+            "test_acc": (configs[best["lambda"]]["metrics"]["test_accuracy"]["mean"]
+                         if best["lambda"] in configs else None),
+            _value_key(best["by"]): best["value"]}
+    kinds = best_by_kind(evaluation)
+    if kinds:
+        metrics["best_by_kind"] = {
+            kind: {"lambda": float(b["strength"]), _value_key(b["by"]): b["value"],
+                   "test_acc": b["test_accuracy"]} for kind, b in kinds.items()}
+    metrics["test_acc"] = {label: c["metrics"]["test_accuracy"]["mean"]
+                           for label, c in configs.items() if c["n"] > 0}
     return metrics
+
+
+def _value_key(by: str) -> str:
+    return "val_ce" if by == "val_data_loss" else "val_loss"
+
+
+def curves_by_label(histories: Sequence[Mapping[str, Any]],
+                    names: Sequence[str]) -> list[dict[str, Any]]:
+    """:func:`curves_by_lambda` per configuration (:func:`config_label`), kind then strength
+    ascending, each curve with its ``kind`` and its label as ``lambda``: one line per (kind,
+    strength). A cross-validation's refits are left out (no validation data): a strength's curve
+    is the mean over its seeds and folds."""
+    used = [h for h in histories if not h.get("refit")]
+    compared = len(kinds_of(used)) > 1
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for h in sorted(used, key=lambda h: (str(h.get("regularizer") or ""), float(h["strength"]))):
+        groups.setdefault(config_label(h, compared), []).append(h)
+    return [{**curves_by_lambda(group, names)[0], "lambda": label,
+             "kind": str(group[0].get("regularizer") or "")} for label, group in groups.items()]
 
 
 def plot_data(evaluation: Mapping[str, Any],
               histories: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, list[dict]]]:
-    """The DVC plot files: file name -> ``{name: rows}``, each row with ``lambda`` (label) and
-    ``strength`` (number) for the templates in ``.dvc/plots/``: per λ and epoch (``epochs.json``,
-    one line per λ: the mean over its seeds, see :func:`curves_by_lambda`), and ``split``
-    (``accuracy.json``, with the 95% interval as ``low``/``high``), per λ (``by_lambda.json``:
-    means over the finished seeds, ``n`` of them)."""
+    """The DVC plot files: file name -> ``{name: rows}``, each row with ``lambda`` (the
+    configuration label: one line per (kind, strength)), ``kind`` and ``strength`` (number) for
+    the templates in ``.dvc/plots/``: per configuration and epoch (``epochs.json``: the mean over
+    its seeds and folds, see :func:`curves_by_label`), and ``split`` (``accuracy.json``, with the
+    95% interval as ``low``/``high``), per configuration (``by_lambda.json``: means over the
+    finished seeds, ``n`` of them; see :func:`configurations`)."""
     epoch_rows, acc_rows, lambda_rows = [], [], []
-    for curve in curves_by_lambda(histories, EPOCH_FIELDS + ("weight_norm",)):
-        base = {"lambda": curve["lambda"], "strength": curve["strength"], "n": curve["n"]}
+    for curve in curves_by_label(histories, EPOCH_FIELDS + ("weight_norm",)):
+        base = {"lambda": curve["lambda"], "kind": curve["kind"], "strength": curve["strength"],
+                "n": curve["n"]}
         means = {name: c["mean"] for name, c in curve["metrics"].items()}
         for i, epoch in enumerate(curve["epochs"]):
             epoch_rows.append({**base, "epoch": epoch, **{k: v[i] for k, v in means.items()}})
@@ -61,14 +134,14 @@ def plot_data(evaluation: Mapping[str, Any],
                 c = curve["metrics"][key]
                 acc_rows.append({**base, "epoch": epoch, "split": split, "accuracy": c["mean"][i],
                                  "low": c["low"][i], "high": c["high"][i]})
-    for label, s in with_statistics(evaluation)["by_lambda"].items():
+    for label, s in configurations(evaluation).items():
         mean = {name: stat["mean"] for name, stat in s["metrics"].items()}
         status = FINISHED if s["n"] else DIVERGED if s["diverged"] else FAILED
         lambda_rows.append({
-            "lambda": label, "strength": s["strength"], "status": status, "n": s["n"],
-            "test_accuracy": mean["test_accuracy"], "test_loss": mean["test_loss"],
+            "lambda": label, "kind": s["kind"], "strength": s["strength"], "status": status,
+            "n": s["n"], "test_accuracy": mean["test_accuracy"], "test_loss": mean["test_loss"],
             "val_accuracy": mean["val_accuracy"], "val_data_loss": mean["val_data_loss"],
             "weight_norm": mean["weight_norm_total"], "gap": mean["gap"],
-            "penalty_share": mean["penalty_share"]})
+            "penalty_share": mean["penalty_share"], "near_zero_share": mean["near_zero_share"]})
     return {"epochs.json": {"epochs": epoch_rows}, "accuracy.json": {"accuracy": acc_rows},
             "by_lambda.json": {"by_lambda": lambda_rows}}

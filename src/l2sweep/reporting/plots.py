@@ -1,4 +1,5 @@
-"""Figures: per-run curves and weight histograms, and comparisons across λ.
+"""Figures: per-run curves and weight histograms, and comparisons across configurations (λ, or
+kind and λ in a comparison of kinds: :func:`l2sweep.reporting.summaries.config_label`).
 
 Every function returns a :class:`matplotlib.figure.Figure` built without pyplot's global state;
 :func:`save_figure` writes it. The Agg backend renders without a display (CI, DVC stages).
@@ -21,7 +22,7 @@ from matplotlib import cm, colors  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from l2sweep.reporting import summaries  # noqa: E402
+from l2sweep.reporting import dvc_data, summaries  # noqa: E402
 
 #: Fixed margins of the per-run figures (12 x 4.6 in, two panels), so they are saved without a
 #: second layout pass (``save_figure(..., tight=False)``).
@@ -149,18 +150,32 @@ def _draw_percentiles(ax: Any, epochs: list[int], stats: Mapping[str, Any]) -> N
     _finish(ax, "epoch (-1 = init)", "weight value", "percentiles", legend={"loc": "best"})
 
 
-# --- comparison figures (across λ) ----------------------------------------------------------
+# --- comparison figures (across configurations) --------------------------------------------
 # Inputs are ``history.json`` contents; epochs are drawn as recorded (from 0, like MLflow's
-# steps). A λ axis is logarithmic (symlog when the grid holds 0).
+# steps), one line or panel per configuration (the mean over its seeds and folds). A λ axis is
+# logarithmic (symlog when the grid holds 0).
+
+#: Panels per row of the figures with one panel per configuration.
+PANELS_PER_ROW = 5
 
 
-def _lam_label(strength: float, diverged_epoch: Any = None) -> str:
-    label = f"λ={float(strength):g}"
-    return label if diverged_epoch is None else f"{label} (diverged at epoch {diverged_epoch})"
+def _lam_label(label: Any, diverged_epoch: Any = None) -> str:
+    """``λ=0.001`` for a strength (or its label), a comparison's label (``l2-0.001``) as it is."""
+    try:
+        text = f"λ={float(label):g}"
+    except ValueError:
+        text = str(label)
+    return text if diverged_epoch is None else f"{text} (diverged at epoch {diverged_epoch})"
 
 
-def _by_strength(histories: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    return sorted(histories, key=lambda h: float(h["strength"]))
+def _panels(fig: Figure, n: int, **options: Any) -> list[Any]:
+    """``n`` axes in rows of at most :data:`PANELS_PER_ROW` (the spare ones hidden)."""
+    cols = max(min(n, PANELS_PER_ROW), 1)
+    axes = list(np.atleast_1d(fig.subplots(-(-max(n, 1) // cols), cols, squeeze=False, **options))
+                .ravel())
+    for ax in axes[max(n, 1):]:
+        ax.set_visible(False)
+    return axes[:max(n, 1)]
 
 
 def _finite_array(values: Sequence[Any]) -> np.ndarray:
@@ -183,13 +198,14 @@ def _mean_line(ax: Any, epochs: Sequence[int], curve: Mapping[str, Sequence[Any]
 
 
 def _seeds_label(curve: Mapping[str, Any]) -> str:
-    label = _lam_label(curve["strength"], curve.get("diverged_epoch"))
+    label = _lam_label(curve["lambda"], curve.get("diverged_epoch"))
     return label + (f", n={curve['n']}" if curve["n"] > 1 else "")
 
 
 def plot_val_loss_by_lambda(histories: Sequence[Mapping[str, Any]]) -> Figure:
-    """Validation loss per epoch, one line per λ: the mean over its seeds with a 95% confidence
-    band (:func:`l2sweep.reporting.summaries.curves_by_lambda`), each mean's minimum starred.
+    """Validation loss per epoch, one line per configuration: the mean over its seeds (and
+    folds) with a 95% confidence band (:func:`l2sweep.reporting.dvc_data.curves_by_label`), each
+    mean's minimum starred.
 
     Left: ``val_loss`` (with the penalty); right, when the histories have it, ``val_data_loss``
     (the cross-entropy alone, which compares across λ).
@@ -197,7 +213,7 @@ def plot_val_loss_by_lambda(histories: Sequence[Mapping[str, Any]]) -> Figure:
     keys = [("val_loss", "val_loss (with penalty)")]
     if any(h["metrics"].get("val_data_loss") for h in histories):
         keys.append(("val_data_loss", "validation cross-entropy (no penalty)"))
-    curves = summaries.curves_by_lambda(histories, [key for key, _ in keys])
+    curves = dvc_data.curves_by_label(histories, [key for key, _ in keys])
     fig = Figure(figsize=(6.2 * len(keys), 4.6))
     axes = np.atleast_1d(fig.subplots(1, len(keys)))
     for ax, (key, title) in zip(axes, keys):
@@ -212,16 +228,18 @@ def plot_val_loss_by_lambda(histories: Sequence[Mapping[str, Any]]) -> Figure:
                     markeredgecolor="black", linestyle="none")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         _finish(ax, "epoch", "loss", title, legend={"title": "★ = minimum of the mean"})
-    fig.suptitle("Validation loss per epoch, by λ: mean over seeds, band = 95% CI of the mean")
+    fig.suptitle("Validation loss per epoch, by configuration: mean over seeds (and folds), "
+                 "band = 95% CI of the mean")
     return fig
 
 
 def plot_accuracy_by_lambda(histories: Sequence[Mapping[str, Any]]) -> Figure:
-    """Train vs validation accuracy per epoch, one panel per λ (shared y axis): the mean over
-    seeds with a 95% confidence band."""
-    curves = summaries.curves_by_lambda(histories, ["accuracy", "val_accuracy"])
-    fig = Figure(figsize=(4.2 * max(len(curves), 1), 4.2))
-    axes = np.atleast_1d(fig.subplots(1, max(len(curves), 1), sharey=True))
+    """Train vs validation accuracy per epoch, one panel per configuration (shared y axis, rows
+    of :data:`PANELS_PER_ROW`): the mean over seeds (and folds) with a 95% confidence band."""
+    curves = dvc_data.curves_by_label(histories, ["accuracy", "val_accuracy"])
+    rows = -(-max(len(curves), 1) // PANELS_PER_ROW)
+    fig = Figure(figsize=(4.2 * min(max(len(curves), 1), PANELS_PER_ROW), 4.2 * rows))
+    axes = _panels(fig, len(curves), sharey=True)
     for ax, curve in zip(axes, curves):
         for key, label, style, color in (("accuracy", "train", "-", "C0"),
                                          ("val_accuracy", "validation", "--", "C1")):
@@ -230,7 +248,8 @@ def plot_accuracy_by_lambda(histories: Sequence[Mapping[str, Any]]) -> Figure:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         _finish(ax, "epoch", None, _seeds_label(curve), legend={})
     axes[0].set_ylabel("accuracy")
-    fig.suptitle("Train vs validation accuracy per epoch, by λ: mean over seeds, band = 95% CI")
+    fig.suptitle("Train vs validation accuracy per epoch, by configuration: mean over seeds (and "
+                 "folds), band = 95% CI")
     return fig
 
 
@@ -276,27 +295,145 @@ def plot_vs_lambda(strengths: Sequence[float], series: Mapping[str, Sequence[Any
     return fig
 
 
-def plot_confusion_matrices(matrices: Sequence[tuple[float, Sequence[Sequence[int]]]],
+def plot_confusion_matrices(matrices: Sequence[tuple[Any, Sequence[Sequence[int]]]],
                             class_names: Sequence[str]) -> Figure:
-    """Row-normalised test confusion matrices, ``(λ, counts[true][predicted])``, a panel each."""
+    """Row-normalised test confusion matrices, ``(label, counts[true][predicted])`` in the order
+    given (the label: λ or a configuration's label), a panel each, rows of :data:`PANELS_PER_ROW`."""
     n = max(len(matrices), 1)
-    fig = Figure(figsize=(5.2 * n, 5.0))
-    axes = np.atleast_1d(fig.subplots(1, n))
+    fig = Figure(figsize=(5.2 * min(n, PANELS_PER_ROW), 5.0 * -(-n // PANELS_PER_ROW)))
+    axes = _panels(fig, n)
     image = None
-    for i, (ax, (strength, counts)) in enumerate(
-            zip(axes, sorted(matrices, key=lambda m: float(m[0])))):
+    for i, (ax, (strength, counts)) in enumerate(zip(axes, matrices)):
         counts = np.asarray(counts, dtype=float)
         rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1.0)
         image = ax.imshow(rates, vmin=0.0, vmax=1.0, cmap="Blues")
         ticks = np.arange(len(class_names))
         ax.set_xticks(ticks, class_names, rotation=90, fontsize=7)
         # Class names on the first panel only: repeated, they would run into the neighbour.
-        ax.set_yticks(ticks, class_names if i == 0 else [], fontsize=7)
+        ax.set_yticks(ticks, class_names if i % PANELS_PER_ROW == 0 else [], fontsize=7)
         ax.set_xlabel("predicted")
-        if i == 0:
+        if i % PANELS_PER_ROW == 0:
             ax.set_ylabel("true")
         ax.set_title(_lam_label(strength))
     if image is not None:
         fig.colorbar(image, ax=list(axes), label="share of the true class", shrink=0.8)
     fig.suptitle("Test confusion matrices (rows sum to 1)")
     return fig
+
+
+def plot_by_kind(lines: Sequence[Mapping[str, Any]], ylabel: str, title: str,
+                 percent: bool = False) -> Figure:
+    """Final values against the strength in a comparison of kinds, on a log axis: one marked line
+    per entry of ``lines`` (``label``, ``kind``, ``points``: ``(strength, mean, low, high)``,
+    ``dashed``), coloured by kind, error bars where there is an interval. A line's point at
+    strength 0 (``none``) is a horizontal reference line, its interval a band."""
+    kinds = sorted({line["kind"] for line in lines})
+    scale = 100.0 if percent else 1.0
+    fig = Figure(figsize=(7.2, 4.8))
+    ax = fig.subplots()
+    for line in lines:
+        color = f"C{kinds.index(line['kind']) % 10}"
+        points = [(float(x), *(_finite_array(v) * scale)) for x, *v in line["points"]]
+        for x, mean, low, high in points:
+            if x <= 0 and np.isfinite(mean):
+                ax.axhline(mean, color=color, linestyle="-." if line.get("dashed") else ":",
+                           label=f"{line['label']} (reference)")
+                if np.isfinite(low):
+                    ax.axhspan(low, high, color=color, alpha=0.12, linewidth=0)
+        drawn = sorted(p for p in points if p[0] > 0 and np.isfinite(p[1]))
+        if drawn:
+            xs, ys, low, high = (np.asarray(v) for v in zip(*drawn))
+            ax.plot(xs, ys, "--" if line.get("dashed") else "-", marker="o", color=color,
+                    label=line["label"])
+            ok = np.isfinite(low)
+            ax.errorbar(xs[ok], ys[ok], yerr=np.vstack([ys[ok] - low[ok], high[ok] - ys[ok]]),
+                        fmt="none", ecolor=color, capsize=3)
+    if any(x > 0 for line in lines for x, *_ in line["points"]):
+        ax.set_xscale("log")
+    _finish(ax, "strength (λ, dropout rate or decay; each kind its own grid; log scale)",
+            f"{ylabel} (%)" if percent else ylabel, title, legend={"fontsize": 8})
+    return fig
+
+
+def sweep_figures(evaluation: Mapping[str, Any], histories: Sequence[Mapping[str, Any]]
+                  ) -> list[tuple[str, str, Figure]]:
+    """The sweep's comparison figures as ``(caption, file name, figure)``, from the means over
+    seeds (and folds; bands and error bars: 95% t-intervals of the mean, none with one seed):
+    curves per configuration, final values against λ (per kind in a comparison:
+    :func:`plot_by_kind`), test confusion matrices pooled per configuration. A figure without any
+    value is left out (a cross-validation's folds have no test scores)."""
+    band = "mean over seeds, band = 95% CI of the mean"
+    figures = []
+    if any(h["metrics"].get("val_loss") for h in histories if not h.get("refit")):
+        figures += [(f"Validation loss per epoch, by configuration ({band})", "val_loss.png",
+                     plot_val_loss_by_lambda(histories)),
+                    (f"Train vs validation accuracy per configuration ({band})", "accuracy.png",
+                     plot_accuracy_by_lambda(histories))]
+    figures += _final_value_figures(evaluation)
+    compared = len(summaries.kinds_of(evaluation["runs"].values())) > 1
+    pooled: dict[str, np.ndarray] = {}  # counts summed over seeds: rates pool every seed
+    for run in sorted(evaluation["runs"].values(), key=lambda r: (str(r.get("regularizer") or ""),
+                                                                  float(r["strength"]))):
+        if run.get("confusion_matrix"):
+            counts = np.asarray(run["confusion_matrix"], dtype=np.int64)
+            label = summaries.config_label(run, compared) + (" (refit)" if run.get("refit") else "")
+            pooled[label] = pooled[label] + counts if label in pooled else counts
+    if pooled:
+        figures.append(("Test confusion matrices (counts pooled over seeds)",
+                        "confusion_matrices.png",
+                        plot_confusion_matrices(list(pooled.items()),
+                                                evaluation["sweep"]["class_names"])))
+    return figures
+
+
+def _final_value_figures(evaluation: Mapping[str, Any]) -> list[tuple[str, str, Figure]]:
+    """:func:`sweep_figures`' final values against λ: weight norm, accuracy, near-zero share."""
+    configs = list(dvc_data.configurations(evaluation).values())
+    kinds = sorted({c["kind"] for c in configs})
+    stat = lambda name: [c["metrics"][name] for c in configs]  # noqa: E731
+    norms = {"all layers": stat("weight_norm_total")}
+    if len(kinds) == 1:  # per layer too (in a comparison of kinds, too many lines)
+        for layer in sorted({k for c in configs for k in c["weight_norm_layers"]}):
+            norms[layer] = [c["weight_norm_layers"].get(layer, summaries.mean_ci([]))
+                            for c in configs]
+    accuracy = {"test": stat("test_accuracy"), "validation (final epoch)": stat("val_accuracy")}
+    what = "Test accuracy vs λ"
+    cv = dvc_data.cross_validation(evaluation)
+    if cv:  # the folds have no test scores: the refit's, at the strength chosen
+        what = "Validation accuracy vs λ (mean over folds), test accuracy of the refit"
+        refit = {"mean": cv["test_accuracy"], "low": None, "high": None}
+        accuracy = {"validation (final epoch)": accuracy["validation (final epoch)"],
+                    "test (refit on the whole pool)": [
+                        refit if c["strength"] == cv["chosen"] else summaries.mean_ci([])
+                        for c in configs]}
+    specs = [("Final weight norm vs λ", "weight_norm_vs_lambda.png", "final weight norm", False,
+              norms),
+             (what, "test_accuracy_vs_lambda.png", "accuracy", True, accuracy),
+             (f"Share of the regularized weights with |w| < {summaries.NEAR_ZERO:g} vs λ",
+              "near_zero_vs_lambda.png", "weights near zero", True,
+              {"near zero": stat("near_zero_share")})]
+    figures = []
+    for title, name, ylabel, percent, series in specs:
+        series = {k: v for k, v in series.items() if any(s["mean"] is not None for s in v)}
+        if series:  # else every value is missing: no figure rather than an empty one
+            figures.append((f"{title} (mean over seeds ± 95% CI of the mean)", name,
+                            _final_value_figure(configs, kinds, series, ylabel, title, percent)))
+    return figures
+
+
+def _final_value_figure(configs: Sequence[Mapping[str, Any]], kinds: Sequence[str],
+                        series: Mapping[str, Sequence[Mapping[str, Any]]], ylabel: str,
+                        title: str, percent: bool) -> Figure:
+    """One figure of :func:`_final_value_figures`: ``series`` (label -> a :func:`mean_ci` per
+    configuration) against λ, or per kind against its strength in a comparison of kinds."""
+    if len(kinds) == 1:
+        return plot_vs_lambda([c["strength"] for c in configs],
+                              {k: [s["mean"] for s in v] for k, v in series.items()}, ylabel,
+                              title, percent=percent,
+                              intervals={k: [(s["low"], s["high"]) for s in v]
+                                         for k, v in series.items()})
+    lines = [{"label": f"{kind}: {label}" if len(series) > 1 else kind, "kind": kind,
+              "dashed": i > 0, "points": [(c["strength"], s["mean"], s["low"], s["high"])
+                                          for c, s in zip(configs, values) if c["kind"] == kind]}
+             for i, (label, values) in enumerate(series.items()) for kind in kinds]
+    return plot_by_kind(lines, ylabel, title.replace("λ", "strength, per kind"), percent)

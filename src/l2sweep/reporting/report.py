@@ -2,84 +2,29 @@
 
 Pure functions (:mod:`l2sweep.evaluate` writes the text). Every sentence is computed from the
 numbers given by a rule over the seeds of each λ (the functions under "the rules"); nothing
-about the outcome is written in advance.
+about the outcome is written in advance. A comparison of kinds and a cross-validation add the
+sections of :mod:`l2sweep.reporting.report_kinds`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Sequence
 
-from l2sweep.reporting.summaries import (DIVERGED, FINISHED, MISSING_CELL, comparison, fmt_pct,
-                                         fmt_points, runs_by_lambda, with_statistics)
+from l2sweep.reporting import report_kinds
+from l2sweep.reporting.intervals import comparison, excludes_zero
+from l2sweep.reporting.summaries import (DIVERGED, FINISHED, MISSING_CELL, fmt_pct, format_strength,
+                                         runs_by_lambda, with_statistics)
+from l2sweep.reporting.wording import (REGULARIZER_TITLES, fmt_mean, fmt_value, is_are, lam, lams,
+                                       markdown_table, with_interval)
 
 #: A penalty share above this "dominates" the training loss.
 DOMINANT_SHARE = 0.5
-Stat = Mapping[str, Any]  # summaries.mean_ci's dict: mean, sd, n, low, high, half
 Evaluation = Mapping[str, Any]  # an evaluation with summaries.summarize's sections
 
 # Every sentence below comes from a rule over the seeds of each λ: a claim ("rises with λ",
 # "best", "turns up") is written only when the 95% interval of the paired differences (or of
 # the mean) excludes zero. With one seed per λ there is no interval: the rules then quote the
 # values and say that no claim is made, rather than claim with a caveat.
-
-# --- numbers in words --------------------------------------------------------------------
-
-#: How each metric is written: accuracies as %, their differences in percentage points.
-UNITS = {"test_accuracy": "pct", "val_accuracy": "pct", "train_accuracy": "pct", "gap": "pt",
-         "weight_norm": "norm", "weight_norm_total": "norm", "penalty_share": "share",
-         "best_epoch": "epoch"}
-
-
-def fmt_value(metric: str, value: Optional[float], signed: bool = False) -> str:
-    """A value of ``metric`` in its unit (``signed``: a difference, with its sign)."""
-    if value is None:
-        return MISSING_CELL
-    unit = UNITS.get(metric, "loss")
-    if unit in ("pct", "pt"):
-        return fmt_points(value) if signed or unit == "pt" else fmt_pct(value)
-    if unit == "share":
-        return f"{100 * value:+.1f} pt" if signed else f"{100 * value:.1f}%"
-    digits = {"norm": 3, "epoch": 1}.get(unit, 4)
-    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
-
-
-def fmt_half(metric: str, half: float) -> str:
-    """An interval's half-width in ``metric``'s unit (percentage points for accuracies)."""
-    unit = UNITS.get(metric, "loss")
-    if unit in ("pct", "pt"):
-        return f"{100 * half:.2f}"
-    if unit == "share":
-        return f"{100 * half:.1f}"
-    return f"{half:.{ {'norm': 3, 'epoch': 1}.get(unit, 4) }f}"
-
-
-def fmt_mean(metric: str, stat: Stat) -> str:
-    """``mean ± half-width`` of the 95% interval (the mean alone with one seed)."""
-    if stat["mean"] is None:
-        return MISSING_CELL
-    if stat["half"] is None:
-        if UNITS.get(metric) == "epoch":
-            return f"{stat['mean']:g}"
-        return fmt_value(metric, stat["mean"])
-    return f"{fmt_value(metric, stat['mean'])} ± {fmt_half(metric, stat['half'])}"
-
-
-def with_interval(metric: str, stat: Stat, signed: bool = False) -> str:
-    """``value (95% CI low to high, n=N)``, or ``value (n=1: no interval)``."""
-    value = fmt_value(metric, stat["mean"], signed)
-    if stat["low"] is None:
-        return f"{value} (n={stat['n']}: no interval)"
-    return (f"{value} (95% CI {fmt_value(metric, stat['low'], signed)} to "
-            f"{fmt_value(metric, stat['high'], signed)}, n={stat['n']})")
-
-
-def _lams(labels: Sequence[str]) -> str:
-    return ", ".join(f"λ={label}" for label in labels)
-
-
-def _is(labels: Sequence[str]) -> str:
-    return "is" if len(labels) == 1 else "are"
-
 
 def _finished(ev: Evaluation, metric: str) -> list[str]:
     """The λ labels (ascending) with a finished seed and a mean of ``metric``."""
@@ -91,24 +36,20 @@ def _one_seed(ev: Evaluation, labels: Sequence[str]) -> bool:
     return all(ev["by_lambda"][label]["n"] < 2 for label in labels)
 
 
-def _excludes_zero(stat: Optional[Stat]) -> int:
-    """+1: the interval lies above zero; -1: below; 0: it holds zero or there is none."""
-    if stat is None or stat["low"] is None:
-        return 0
-    return 1 if stat["low"] > 0 else -1 if stat["high"] < 0 else 0
-
-
 # --- the rules ---------------------------------------------------------------------------
 
 
 def status_notes(ev: Evaluation) -> list[str]:
-    """Which runs diverged or did not finish (naming the seed when a λ has several)."""
+    """Which runs diverged or did not finish (naming the seed, and fold, when a λ has several);
+    a cross-validation's refit runs are the cross-validation section's."""
     notes = []
-    for label, runs in runs_by_lambda(ev["runs"]).items():
+    chosen_from = {name: run for name, run in ev["runs"].items() if not run.get("refit")}
+    for label, runs in runs_by_lambda(chosen_from).items():
         for _, run in runs:
             if run["status"] == FINISHED:
                 continue
-            who = f"λ={label}" + (f" seed {run.get('seed')}" if len(runs) > 1 else "")
+            fold = "" if run.get("fold") is None else f" fold {run['fold']}"
+            who = lam(label) + (f" seed {run.get('seed')}{fold}" if len(runs) > 1 else "")
             at = run.get("diverged_epoch")
             what = (("diverged" + (f" at epoch {at}" if at is not None else ""))
                     if run["status"] == DIVERGED else f"did not finish (status {run['status']})")
@@ -128,31 +69,31 @@ def best_notes(ev: Evaluation) -> list[str]:
     by = ev["by_lambda"]
     if best.get("single"):
         kind = (ev.get("sweep") or {}).get("regularizer")
-        config = "none" if kind == "none" else f"{kind} λ={label}" if kind else f"λ={label}"
+        config = "none" if kind == "none" else f"{kind} {lam(label)}" if kind else lam(label)
         return [f"The sweep has one configuration ({config}): there is no λ to choose; its "
                 f"mean {what} is {fmt_mean(metric, by[label]['metrics'][metric])}."]
     others = [o for o in _finished(ev, metric) if o != label]
     if not others:
-        return [f"Only λ={label} has a finished seed: there is no other λ to compare it with."]
+        return [f"Only {lam(label)} has a finished seed: there is no other λ to compare it with."]
     if _one_seed(ev, [label, *others]):
-        values = ", ".join(f"{fmt_value(metric, by[o]['metrics'][metric]['mean'])} at λ={o}"
+        values = ", ".join(f"{fmt_value(metric, by[o]['metrics'][metric]['mean'])} at {lam(o)}"
                            for o in others)
-        return [f"λ={label} has the lowest {what}: {fmt_value(metric, best['value'])} at the "
+        return [f"{lam(label)} has the lowest {what}: {fmt_value(metric, best['value'])} at the "
                 f"last epoch ({values}); with one seed per λ there is no interval, so which λ "
                 "generalises best is not decided."]
-    margin = lambda o: (f"λ={o} minus λ={label}: "  # noqa: E731
+    margin = lambda o: (f"{lam(o)} minus {lam(label)}: "  # noqa: E731
                         f"{with_interval(metric, best['margins'][o], signed=True)}")
     mean = fmt_mean(metric, by[label]["metrics"][metric])
     if best["decided"]:
-        return [f"λ={label} generalises best by {what}: mean {mean} (n={best['n']}); its paired "
+        return [f"{lam(label)} generalises best by {what}: mean {mean} (n={best['n']}); its paired "
                 f"margin to every other λ excludes zero: {'; '.join(margin(o) for o in others)}."]
     close = [o for o in others if o in best["indistinguishable"]]
     clear = [o for o in others if o not in close]
-    text = (f"No λ is decided best by {what} at n={best['n']}: λ={label} has the lowest mean "
-            f"({mean}), but {_lams(close)} {_is(close)} indistinguishable from it (paired "
+    text = (f"No λ is decided best by {what} at n={best['n']}: {lam(label)} has the lowest mean "
+            f"({mean}), but {lams(close)} {is_are(close)} indistinguishable from it (paired "
             f"margin {'; '.join(margin(o) for o in close)})")
     if clear:
-        text += (f"; {_lams(clear)} {_is(clear)} worse beyond seed noise "
+        text += (f"; {lams(clear)} {is_are(clear)} worse beyond seed noise "
                  f"({'; '.join(margin(o) for o in clear)})")
     return [text + "."]
 
@@ -170,23 +111,24 @@ def test_notes(ev: Evaluation) -> list[str]:
     top = max(tested, key=lambda label: by[label]["metrics"][metric]["mean"])
     stat = by[top]["metrics"][metric]
     if _one_seed(ev, tested):
-        text = (f"The highest test accuracy is {fmt_pct(stat['mean'])}, at λ={top} (one seed "
+        text = (f"The highest test accuracy is {fmt_pct(stat['mean'])}, at {lam(top)} (one seed "
                 "per λ: no interval, so no claim that it is higher beyond seed noise)")
     else:
         diffs = {o: comparison(ev["comparisons"], metric, o, top) for o in tested if o != top}
-        close = [o for o, d in diffs.items() if _excludes_zero(d) != 1]
-        text = f"The highest mean test accuracy is {fmt_mean(metric, stat)}, at λ={top} (n={stat['n']})"
-        diff = lambda o: (f"λ={top} minus λ={o}: "  # noqa: E731
+        close = [o for o, d in diffs.items() if excludes_zero(d) != 1]
+        text = f"The highest mean test accuracy is {fmt_mean(metric, stat)}, at {lam(top)} (n={stat['n']})"
+        diff = lambda o: (f"{lam(top)} minus {lam(o)}: "  # noqa: E731
                           f"{with_interval(metric, diffs[o], signed=True)}")
         if close:
-            text += (f"; {_lams(close)} {_is(close)} within seed noise of it (paired difference "
+            text += (f"; {lams(close)} {is_are(close)} within seed noise of it (paired difference "
                      f"{'; '.join(diff(o) for o in close)})")
         elif diffs:
             text += (f"; it is above every other λ beyond seed noise (paired difference "
                      f"{'; '.join(diff(o) for o in diffs)})")
     best = ev.get("best")
     if best and best["lambda"] != top and best["lambda"] in tested:
-        text += (f"; the λ picked by validation ({best['lambda']}) scores "
+        picked = lam(best["lambda"]) if ev.get("kinds") else best["lambda"]
+        text += (f"; the λ picked by validation ({picked}) scores "
                  f"{fmt_mean(metric, by[best['lambda']]['metrics'][metric])}")
     return [text + "."]
 
@@ -201,14 +143,14 @@ def trend_notes(ev: Evaluation, metric: str, subject: str, verbs: tuple[str, str
     if len(labels) < 2:
         return []
     by = ev["by_lambda"]
-    values = ", ".join(f"{fmt_mean(metric, by[label]['metrics'][metric])} at λ={label}"
+    values = ", ".join(f"{fmt_mean(metric, by[label]['metrics'][metric])} at {lam(label)}"
                        for label in labels)
     if _one_seed(ev, labels):
         return [f"{subject} by λ: {values} (one seed per λ: no interval, so no claim is made "
                 "about its trend with λ)."]
     steps = [(a, b, comparison(ev["comparisons"], metric, a, b)) for a, b in zip(labels, labels[1:])]
-    sides = [_excludes_zero(c) * (1 if up else -1) for _, _, c in steps]
-    step = lambda a, b, c: f"λ={a} to λ={b}: {with_interval(metric, c, signed=True)}"  # noqa: E731
+    sides = [excludes_zero(c) * (1 if up else -1) for _, _, c in steps]
+    step = lambda a, b, c: f"{lam(a)} to {lam(b)}: {with_interval(metric, c, signed=True)}"  # noqa: E731
     if all(side == 1 for side in sides):
         return [f"{subject} {verbs[0]} with λ at every step, each beyond seed noise ({values}); "
                 f"paired differences {'; '.join(step(a, b, c) for a, b, c in steps)}."]
@@ -216,11 +158,11 @@ def trend_notes(ev: Evaluation, metric: str, subject: str, verbs: tuple[str, str
     for (a, b, c), side in zip(steps, sides):
         diff = with_interval(metric, c, signed=True)
         if side == 1:
-            parts.append(f"it {verbs[0]} from λ={a} to λ={b} ({diff})")
+            parts.append(f"it {verbs[0]} from {lam(a)} to {lam(b)} ({diff})")
         elif side == -1:
-            parts.append(f"it {verbs[2]} from λ={a} to λ={b} ({diff})")
+            parts.append(f"it {verbs[2]} from {lam(a)} to {lam(b)} ({diff})")
         else:
-            parts.append(f"from λ={a} to λ={b} the change ({diff}) is within seed noise")
+            parts.append(f"from {lam(a)} to {lam(b)} the change ({diff}) is within seed noise")
     return [f"{subject} does not {verbs[1]} at every step beyond seed noise ({values}): "
             + "; ".join(parts) + "."]
 
@@ -228,11 +170,11 @@ def trend_notes(ev: Evaluation, metric: str, subject: str, verbs: tuple[str, str
 def gap_side_notes(ev: Evaluation) -> list[str]:
     """On which side of zero the generalization gap lies per λ, where its interval says so."""
     labels = [label for label in _finished(ev, "gap") if ev["by_lambda"][label]["n"] >= 2]
-    sides = {label: _excludes_zero(ev["by_lambda"][label]["metrics"]["gap"]) for label in labels}
+    sides = {label: excludes_zero(ev["by_lambda"][label]["metrics"]["gap"]) for label in labels}
     words = ((1, "Training accuracy is above validation accuracy beyond seed noise at"),
              (-1, "Validation accuracy is above training accuracy beyond seed noise at"),
              (0, "The gap is within seed noise of zero at"))
-    parts = [f"{text} {_lams([lab for lab in labels if sides[lab] == side])}."
+    parts = [f"{text} {lams([lab for lab in labels if sides[lab] == side])}."
              for side, text in words if any(sides[lab] == side for lab in labels)]
     return [" ".join(parts)] if parts else []
 
@@ -246,16 +188,16 @@ def turn_notes(ev: Evaluation) -> list[str]:
         if not s["n"] or not turn:
             continue
         low, last = turn["min_epoch"], turn["last_epoch"]
-        head = f"λ={label}: the {'mean ' if s['n'] > 1 else ''}validation cross-entropy"
+        head = f"{lam(label)}: the {'mean ' if s['n'] > 1 else ''}validation cross-entropy"
         if low == last:
             notes.append(f"{head} is lowest at the last epoch ({last}); it does not turn up "
                          f"within {last + 1} epochs.")
         elif turn["turned"] is None:
-            notes.append(f"λ={label}: validation cross-entropy is lowest at epoch {low} "
+            notes.append(f"{lam(label)}: validation cross-entropy is lowest at epoch {low} "
                          f"({turn['min']:.4f}) and {turn['rise']['mean']:.4f} higher at epoch "
                          f"{last} (one seed: no interval, so no turn is claimed).")
         elif turn["turned"]:
-            notes.append(f"λ={label}: validation cross-entropy turns up beyond its noise: its "
+            notes.append(f"{lam(label)}: validation cross-entropy turns up beyond its noise: its "
                          f"mean is lowest at epoch {low} ({turn['min']:.4f}) and rises by "
                          f"{with_interval('val_data_loss', turn['rise'], signed=True)} by epoch "
                          f"{last}.")
@@ -274,7 +216,7 @@ def penalty_notes(ev: Evaluation) -> list[str]:
     stats = {label: ev["by_lambda"][label]["metrics"][metric] for label in labels}
     if not any(st["mean"] > 0 for st in stats.values()):  # weight decay has no penalty term
         return []
-    parts = ", ".join(f"{fmt_mean(metric, st)} at λ={label}" for label, st in stats.items())
+    parts = ", ".join(f"{fmt_mean(metric, st)} at {lam(label)}" for label, st in stats.items())
     text = ("Share of the penalty in the final training loss (penalty / (cross-entropy "
             f"+ penalty)): {parts}.")
     if _one_seed(ev, labels):
@@ -286,7 +228,7 @@ def penalty_notes(ev: Evaluation) -> list[str]:
                          (0, "The share is within seed noise of half at")):
         chosen = [label for label in labels if side[label] == value]
         if chosen:
-            text += f" {words} {_lams(chosen)}."
+            text += f" {words} {lams(chosen)}."
     return [text]
 
 
@@ -294,20 +236,33 @@ def observations(evaluation: Mapping[str, Any]) -> list[str]:
     """Statements on an evaluation, as Markdown bullet texts (without the ``-``): each from a
     rule above, quoting its numbers and intervals, written only as far as the seeds support it."""
     ev = with_statistics(evaluation)
-    return (status_notes(ev) + best_notes(ev) + test_notes(ev)
-            + trend_notes(ev, "initial_loss", "The starting loss (epoch 0's training loss, "
-                          "penalty included)", ("rises", "rise", "falls"), up=True)
-            + trend_notes(ev, "weight_norm", "The final norm of the regularized weights",
-                          ("shrinks", "shrink", "grows"), up=False)
-            + trend_notes(ev, "gap", "The generalization gap (final train minus validation "
-                          "accuracy)", ("narrows", "narrow", "widens"), up=False)
-            + gap_side_notes(ev) + turn_notes(ev) + penalty_notes(ev))
+    # A cross-validation's choice is said in its own section (report_kinds.cv_section).
+    notes = status_notes(ev) + ([] if "refit" in ev else best_notes(ev)) + test_notes(ev)
+    for view, within in _grids(ev):
+        subject = lambda text: within + text if within else text[0].upper() + text[1:]  # noqa: E731
+        notes += (trend_notes(view, "initial_loss", subject("the starting loss (epoch 0's "
+                              "training loss, penalty included)"), ("rises", "rise", "falls"),
+                              up=True)
+                  + trend_notes(view, "weight_norm", subject("the final norm of the regularized "
+                                "weights"), ("shrinks", "shrink", "grows"), up=False)
+                  + trend_notes(view, "gap", subject("the generalization gap (final train minus "
+                                "validation accuracy)"), ("narrows", "narrow", "widens"), up=False))
+    return notes + gap_side_notes(ev) + turn_notes(ev) + penalty_notes(ev)
+
+
+def _grids(ev: Evaluation) -> list[tuple[Evaluation, str]]:
+    """The λ grids trends are followed along: the sweep's (no prefix), or in a comparison of
+    kinds each kind's own (``Within L2's grid, ``), as a view of ``ev`` with its λ alone."""
+    if not ev.get("kinds"):
+        return [(ev, "")]
+    return [({**ev, "by_lambda": {label: s for label, s in ev["by_lambda"].items()
+                                  if s.get("kind") == kind}},
+             f"Within {report_kinds.KIND_NAMES.get(kind, kind)}'s grid, ")
+            for kind in ev["kinds"]["best"]]
 
 
 # --- the report --------------------------------------------------------------------------
 
-REGULARIZER_TITLES = {"l2": "L2", "l1": "L1", "l1_l2": "L1+L2", "weight_decay": "Weight-decay",
-                      "adamw": "AdamW-decay", "dropout": "Dropout", "none": "Unregularized"}
 #: The summary table's columns and the ``by_lambda`` metric of each (after ``λ``; ``n`` last).
 TABLE_COLUMNS = ("λ", "train acc", "val acc", "val loss", "val cross-entropy", "test acc",
                  "test loss", "weight norm", "gap (train − val)", "best epoch", "starting loss",
@@ -316,9 +271,11 @@ TABLE_METRICS = ("train_accuracy", "val_accuracy", "val_loss", "val_data_loss", 
                  "test_loss", "weight_norm", "gap", "best_epoch", "initial_loss")
 
 
-def table_row(label: str, stats: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The summary-table cells of one λ (see :data:`TABLE_COLUMNS`): ``stats`` is its
-    ``by_lambda`` entry, ``runs`` its evaluation entries (for a λ with no finished seed)."""
+def table_row(label: str, stats: Mapping[str, Any], runs: Sequence[Mapping[str, Any]],
+              metrics: Sequence[str] = TABLE_METRICS) -> list[str]:
+    """The summary-table cells of one λ (see :data:`TABLE_COLUMNS`; ``metrics`` a subset of
+    :data:`TABLE_METRICS`): ``stats`` is its ``by_lambda`` entry, ``runs`` its evaluation
+    entries (for a λ with no finished seed)."""
     if not stats["n"]:
         at = sorted(r["diverged_epoch"] for r in runs if r.get("diverged_epoch") is not None)
         if stats["diverged"] and len(runs) == 1:
@@ -327,16 +284,9 @@ def table_row(label: str, stats: Mapping[str, Any], runs: Sequence[Mapping[str, 
             note = f"diverged ({stats['diverged']} of {len(runs)} seeds)"
         else:
             note = str(runs[0].get("status")) if len(runs) == 1 else f"failed ({len(runs)} seeds)"
-        return [label, note] + [MISSING_CELL] * (len(TABLE_COLUMNS) - 3) + ["0"]
-    return ([label] + [fmt_mean(m, stats["metrics"][m]) for m in TABLE_METRICS]
+        return [label, note] + [MISSING_CELL] * (len(metrics) - 1) + ["0"]
+    return ([label] + [fmt_mean(m, stats["metrics"][m]) for m in metrics]
             + [str(stats["n"])])
-
-
-def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
-    """A GitHub-flavoured Markdown table."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def _seeds_line(ev: Evaluation) -> str:
@@ -348,6 +298,11 @@ def _seeds_line(ev: Evaluation) -> str:
         return (f"- One seed per λ (seed {seed}): no interval can be computed, so no statement "
                 "below claims to hold beyond seed noise.")
     n = str(counts[0]) if len(counts) == 1 else f"{counts[0]} to {counts[-1]}"
+    if "refit" in ev:
+        return (f"- {n} finished (seed, fold) runs per λ ({len(seeds)} seed"
+                f"{'s' if len(seeds) != 1 else ''} × {ev['refit']['folds']} folds): values are "
+                "means over them ± the half-width of their 95% t-interval; differences between λ "
+                "are paired by (seed, fold).")
     return (f"- {n} finished seeds per λ (seeds {', '.join(str(x) for x in seeds)}): values are "
             "means over seeds ± the half-width of their 95% t-interval; differences between λ "
             "are paired by seed.")
@@ -356,18 +311,21 @@ def _seeds_line(ev: Evaluation) -> str:
 def _overview(ev: Evaluation) -> list[str]:
     """The title and the bullets saying what was trained on what."""
     sweep = ev.get("sweep", {})
-    regularizer = str(sweep.get("regularizer", "?"))
+    regularizer = "compare" if ev.get("kinds") else str(sweep.get("regularizer", "?"))
     grid = ", ".join(ev["by_lambda"])
     config = sweep.get("config", {})
     sizes = sweep.get("split_sizes") or {}
     lines = [
+        "# Regularizers compared: report" if regularizer == "compare" else
         f"# {REGULARIZER_TITLES.get(regularizer, regularizer)} regularization sweep: report",
         "",
         "Generated by `python -m l2sweep.evaluate` from the numbers of this run "
         "(`evaluation.json` beside it); do not edit by hand.",
         "",
-        f"- Model `{sweep.get('model', '?')}`, regularizer `{sweep.get('regularizer', '?')}`, "
-        f"λ grid: {grid}" + (" (λ is the dropout rate)." if regularizer == "dropout" else "."),
+        f"- Model `{sweep.get('model', '?')}`, " + (
+            _kinds_grids(ev) if regularizer == "compare" else
+            f"regularizer `{sweep.get('regularizer', '?')}`, λ grid: {grid}"
+            + (" (λ is the dropout rate)." if regularizer == "dropout" else ".")),
         f"- Dataset `{sweep.get('dataset', '?')}`: "
         + (f"{sizes['train']} training and {sizes['val']} validation images; "
            if sizes.get("train") and sizes.get("val") else "")
@@ -383,6 +341,17 @@ def _overview(ev: Evaluation) -> list[str]:
     return lines + [_seeds_line(ev)]
 
 
+def _kinds_grids(ev: Evaluation) -> str:
+    """The overview's words for a comparison of kinds: each kind with its own grid."""
+    grids: dict[str, list[str]] = {}
+    for s in ev["by_lambda"].values():
+        grids.setdefault(str(s.get("kind")), []).append(format_strength(s["strength"]))
+    return ("kinds compared, each over its own grid: " + "; ".join(
+        f"`{kind}`" + ("" if kind == "none" else f" λ {', '.join(grid)}"
+                       + (" (the dropout rate)" if kind == "dropout" else ""))
+        for kind, grid in grids.items()) + ".")
+
+
 def _per_class(ev: Evaluation) -> list[str]:
     """The mean test accuracy of each class per λ, as a section (none without the numbers)."""
     per_class = [(label, s) for label, s in ev["by_lambda"].items() if s.get("per_class_accuracy")]
@@ -392,7 +361,7 @@ def _per_class(ev: Evaluation) -> list[str]:
     several = any(s["n"] > 1 for _, s in per_class)
     return ["", "## Test accuracy per class", ""] + (
         ["Means over the finished seeds of each λ.", ""] if several else []) + [
-        markdown_table(["class"] + [f"λ={label}" for label, _ in per_class],
+        markdown_table(["class"] + [lam(label) for label, _ in per_class],
                        ([c] + [fmt_pct(s["per_class_accuracy"].get(c)) for _, s in per_class]
                         for c in names))]
 
@@ -402,28 +371,34 @@ def render_report(evaluation: Mapping[str, Any],
     """The Markdown report of ``evaluation`` (the content of ``evaluation.json``), embedding
     ``figures``: ``(caption, path relative to the report)``."""
     ev = with_statistics(evaluation)
-    groups = runs_by_lambda(ev["runs"])
-    rows = (table_row(label, stats, [r for _, r in groups.get(label, [])])
+    cv = "refit" in ev  # fold models are not scored on the test split: no test columns
+    groups = runs_by_lambda({name: r for name, r in ev["runs"].items() if not r.get("refit")})
+    metrics = [m for m in TABLE_METRICS if not (cv and m.startswith("test_"))]
+    columns = ["configuration" if ev.get("kinds") else TABLE_COLUMNS[0]] + [
+        c for c, m in zip(TABLE_COLUMNS[1:], TABLE_METRICS) if m in metrics] + ["n"]
+    rows = (table_row(label, stats, [r for _, r in groups.get(label, [])], metrics)
             for label, stats in ev["by_lambda"].items())
     lines = _overview(ev) + [
         "",
         "## Summary",
         "",
-        markdown_table(TABLE_COLUMNS, rows),
+        markdown_table(columns, rows),
         "",
-        "Final-epoch values; with several seeds per λ, the mean over its *n* finished seeds ± the "
+        "Final-epoch values; with several "
+        + ("(seed, fold) runs per λ, the mean over its *n* finished ones" if cv else
+           "seeds per λ, the mean over its *n* finished seeds") + " ± the "
         "half-width of the 95% t-interval of that mean (in the column's unit: percentage points "
         "for accuracies); with one seed the value alone, as no interval can be computed. "
         "*val loss* is Keras' `val_loss`, which includes the penalty "
-        "(λ·Σw² for L2); *val cross-entropy* leaves it out, so it compares across λ. *test "
-        "loss* is the cross-entropy on the test split. *weight norm* is the final norm of the "
+        "(λ·Σw² for L2); *val cross-entropy* leaves it out, so it compares across λ. "
+        + ("" if cv else "*test loss* is the cross-entropy on the test split. ") +
+        "*weight norm* is the final norm of the "
         "regularized kernels (every layer but `output`, combined as sqrt(Σ norm²)); "
         "`evaluation.json` has every layer's. *best epoch* is the epoch of the "
         "lowest `val_loss`; *starting loss* is epoch 0's training loss (penalty included).",
-        "",
-        "## Observations",
-        "",
     ]
+    lines += report_kinds.kinds_section(ev) + report_kinds.cv_section(ev, best_notes(ev))
+    lines += ["", "## Observations", ""]
     lines += [f"- {note}" for note in observations(ev)] or ["- (no finished run)"]
     lines += _per_class(ev)
     if figures:

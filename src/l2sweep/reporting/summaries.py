@@ -1,6 +1,7 @@
 """The numbers of a sweep from its histories: the evaluation's summaries, the statistics over
-seeds (:func:`summarize`: per λ means and 95% t-intervals, differences between λ paired by
-seed, the best λ and whether it is decided), the DVC metrics and plot data. Epochs count from
+replicates (:func:`summarize`: per λ means and 95% t-intervals, differences between λ paired by
+seed (and fold), the best λ and whether it is decided; kinds compared at their best strengths;
+a cross-validation's refit), the DVC metrics and plot data. Epochs count from
 0; ``loss`` includes the penalty, ``data_loss`` is the cross-entropy alone.
 
 Two files hold the numbers: the evaluation (``<paths.reports>/evaluation.json``: every run's
@@ -13,6 +14,9 @@ from __future__ import annotations
 
 import math
 from typing import Any, Iterable, Mapping, Optional, Sequence
+
+from l2sweep.reporting.intervals import (comparison, finite, mean_ci, paired, replicate,
+                                         val_ce_turn)
 
 #: The evaluation's file name, in ``paths.reports``.
 EVALUATION_FILE = "evaluation.json"
@@ -31,17 +35,6 @@ EPOCH_FIELDS = ("loss", "val_loss", "data_loss", "val_data_loss", "accuracy", "v
 
 
 # --- small numeric helpers ---------------------------------------------------------------
-
-
-def finite(value: Any) -> Optional[float]:
-    """``value`` as a float, or None when it is missing, not a number, NaN or infinite."""
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
 
 
 def series(history: Mapping[str, Any], name: str) -> list[Optional[float]]:
@@ -146,55 +139,32 @@ def pick_best(runs: Mapping[str, Mapping[str, Any]],
     return None
 
 
-# --- statistics over seeds ---------------------------------------------------------------
-# A sweep trains every λ once per seed. Per λ: the mean and a 95% t-interval over the finished
-# seeds of each summary metric; between λ: differences paired by seed (only seeds finished at
-# both), whose interval is narrower than the two means' because a seed's shared luck cancels.
+# --- statistics over replicates ----------------------------------------------------------
+# A sweep trains every λ once per seed (per seed and fold in a cross-validation: a replicate).
+# Per λ: the mean and a 95% t-interval over the finished replicates of each summary metric;
+# between λ: differences paired by replicate (l2sweep.reporting.intervals).
 
-#: 97.5% quantiles of Student's t by degrees of freedom (two-sided 95% intervals):
-#: ``scipy.stats.t.ppf(0.975, df)`` to 4 decimals (scipy is not a dependency).
-T_975 = {1: 12.7062, 2: 4.3027, 3: 3.1824, 4: 2.7764, 5: 2.5706, 6: 2.4469, 7: 2.3646,
-         8: 2.306, 9: 2.2622, 10: 2.2281, 11: 2.201, 12: 2.1788, 13: 2.1604, 14: 2.1448,
-         15: 2.1314, 16: 2.1199, 17: 2.1098, 18: 2.1009, 19: 2.093, 20: 2.086, 21: 2.0796,
-         22: 2.0739, 23: 2.0687, 24: 2.0639, 25: 2.0595, 26: 2.0555, 27: 2.0518, 28: 2.0484,
-         29: 2.0452, 30: 2.0423, 40: 2.0211, 60: 2.0003, 120: 1.9799}
+#: A weight counts as near zero when ``|w| < NEAR_ZERO``; ``near_zero_share`` is the share of the
+#: regularized kernels' weights below it. Adam moves a weight by about the learning rate per
+#: step (1e-3 here) whatever its gradient's size, so an L1-penalized weight whose optimum is 0
+#: oscillates within about 1e-3 of it and is never exactly 0: below 1e-3 is what "driven to
+#: zero" can mean under Adam. The baseline: a Glorot-uniform start (784 x 128: limit 0.081)
+#: puts about 1e-3 / 0.081 = 1.2% of a layer's weights there by chance.
+NEAR_ZERO = 1e-3
+
 #: Metrics summarized per λ; ``weight_norm`` is the regularized norm (every layer but
 #: ``output``), ``weight_norm_total`` every layer's; ``initial_loss`` is epoch 0's ``loss``.
 STAT_METRICS = ("test_accuracy", "test_loss", "val_accuracy", "val_data_loss", "val_loss",
                 "train_accuracy", "gap", "weight_norm", "weight_norm_total", "penalty_share",
-                "initial_loss", "best_epoch")
+                "initial_loss", "best_epoch", "near_zero_share")
 #: Metrics compared between every two λ, paired by seed: those the report's rules use.
 COMPARED_METRICS = ("val_data_loss", "val_loss", "test_accuracy", "initial_loss", "weight_norm",
                     "gap")
-
-
-def t_quantile(df: int) -> float:
-    """The 97.5% quantile of Student's t with ``df`` degrees of freedom: :data:`T_975`'s for
-    df 1-30, 40, 60, 120; between those the nearest tabulated df below (an interval slightly
-    wider, never narrower); above 120 df 120's (1.9799; 1.9600 at infinity).
-
-    Raises:
-        ValueError: ``df`` < 1 (one value has no spread).
-    """
-    if df < 1:
-        raise ValueError(f"df={df!r}: a t quantile needs df >= 1 (two values or more)")
-    return T_975[max(d for d in T_975 if d <= df)]
-
-
-def mean_ci(values: Iterable[Any]) -> dict[str, Any]:
-    """The finite ``values``' mean, sample sd (n - 1), ``n`` and 95% t-interval: ``low``,
-    ``high`` and ``half`` (its half-width). One value gives a mean but no sd and no interval
-    (None); none gives only ``n`` = 0."""
-    xs = [v for v in (finite(v) for v in values) if v is not None]
-    stat: dict[str, Any] = {"mean": None, "sd": None, "n": len(xs), "low": None, "high": None,
-                            "half": None}
-    if xs:
-        stat["mean"] = math.fsum(xs) / len(xs)
-    if len(xs) >= 2:
-        stat["sd"] = math.sqrt(math.fsum((x - stat["mean"]) ** 2 for x in xs) / (len(xs) - 1))
-        stat["half"] = t_quantile(len(xs) - 1) * stat["sd"] / math.sqrt(len(xs))
-        stat["low"], stat["high"] = stat["mean"] - stat["half"], stat["mean"] + stat["half"]
-    return stat
+#: Metrics compared between kinds at their best strengths (:func:`compare_kinds`).
+KIND_METRICS = ("val_data_loss", "val_loss", "test_accuracy", "gap", "weight_norm",
+                "near_zero_share")
+#: A cross-validation's refit metrics (the only ones scored on the test split).
+REFIT_METRICS = ("test_accuracy", "test_loss")
 
 
 def metric_value(entry: Mapping[str, Any], name: str) -> Optional[float]:
@@ -205,52 +175,44 @@ def metric_value(entry: Mapping[str, Any], name: str) -> Optional[float]:
     return finite(entry.get(name))
 
 
+def kinds_of(entries: Iterable[Mapping[str, Any]]) -> list[str]:
+    """The regularizer kinds of a sweep's entries (or histories), sorted; [] when none says."""
+    return sorted({str(e["regularizer"]) for e in entries if e.get("regularizer")})
+
+
+def config_label(entry: Mapping[str, Any], compared: bool) -> str:
+    """The label of an entry's (or history's) configuration, the key of every per-λ table, plot
+    line and DVC metric: λ as :func:`format_strength` writes it in a sweep of one kind;
+    ``<kind>-<λ>`` (``none`` alone) in a comparison of kinds (``compared``: more than one kind)."""
+    strength = format_strength(entry["strength"])
+    if not compared:
+        return strength
+    kind = str(entry.get("regularizer") or "?")
+    return kind if kind == "none" else f"{kind}-{strength}"
+
+
 def _seed_order(item: tuple[str, Mapping[str, Any]]) -> tuple:
-    seed = item[1].get("seed")
-    return (float(item[1]["strength"]), seed is None, seed if seed is not None else 0, item[0])
+    seed, fold = item[1].get("seed"), item[1].get("fold")
+    return (str(item[1].get("regularizer") or ""), float(item[1]["strength"]), seed is None,
+            seed if seed is not None else 0, fold if fold is not None else -1, item[0])
 
 
 def runs_by_lambda(entries: Mapping[str, Mapping[str, Any]]
                    ) -> dict[str, list[tuple[str, Mapping[str, Any]]]]:
-    """``(run name, entry)`` grouped by λ (``format_strength``), λ ascending, then by seed."""
+    """``(run name, entry)`` grouped by configuration (:func:`config_label`): kind, then λ
+    ascending, then by seed (and fold)."""
+    compared = len(kinds_of(entries.values())) > 1
     groups: dict[str, list[tuple[str, Mapping[str, Any]]]] = {}
     for name, entry in sorted(entries.items(), key=_seed_order):
-        groups.setdefault(format_strength(entry["strength"]), []).append((name, entry))
+        groups.setdefault(config_label(entry, compared), []).append((name, entry))
     return groups
 
 
-def val_ce_turn(finished: Sequence[Mapping[str, Any]]) -> Optional[dict[str, Any]]:
-    """Whether the validation cross-entropy (not the penalized ``val_loss``) turns up beyond its
-    noise, over one λ's finished seeds; None without a full curve.
-
-    The mean curve over seeds (to the shortest seed's last epoch) is lowest at ``min_epoch``
-    (value ``min``). ``rise`` is the mean and 95% interval over seeds of each seed's last-epoch
-    value minus its value at ``min_epoch``: paired within the seed, so the seed-to-seed spread
-    of the level cancels and what is left is the noise of the rise itself, epoch-to-epoch
-    swings included. ``turned`` is True only when ``min_epoch`` is before the last epoch and
-    the interval lies above zero; False when the minimum is at the last epoch or the interval
-    holds zero (a rise within noise); None with one seed (no interval: no claim). The mean
-    curve's minimum, not each seed's own: a seed's own minimum makes every rise >= 0, so
-    noise alone would look like a turn.
-    """
-    curves = [list(e.get("val_ce_per_epoch") or []) for e in finished]
-    curves = [c for c in curves if c and all(v is not None for v in c)]
-    if not curves:
-        return None
-    length = min(len(c) for c in curves)
-    mean_curve = [math.fsum(c[i] for c in curves) / len(curves) for i in range(length)]
-    lowest = min(range(length), key=mean_curve.__getitem__)  # first epoch on ties
-    rise = mean_ci(c[length - 1] - c[lowest] for c in curves)
-    turned = (False if lowest == length - 1 else
-              None if rise["low"] is None else bool(rise["low"] > 0))
-    return {"min_epoch": lowest, "min": mean_curve[lowest], "last_epoch": length - 1,
-            "rise": rise, "turned": turned}
-
-
 def summarize_lambda(runs: Sequence[tuple[str, Mapping[str, Any]]]) -> dict[str, Any]:
-    """One λ's entry of ``by_lambda``: its seeds' counts, :func:`mean_ci` of every
-    :data:`STAT_METRICS` (and per weight layer) over the finished seeds, the mean test accuracy
-    per class, and :func:`val_ce_turn`."""
+    """One λ's entry of ``by_lambda``: its replicates' counts (``seeds``: the seed of each
+    finished one; ``folds``: the folds among them, [] outside cross-validation; ``kind``: the
+    regularizer), :func:`mean_ci` of every :data:`STAT_METRICS` (and per weight layer) over the
+    finished replicates, the mean test accuracy per class, and :func:`val_ce_turn`."""
     entries = [e for _, e in runs]
     finished = [e for e in entries if e.get("status") == FINISHED]
     layers = sorted({k for e in finished for k in (e.get("weight_norm") or {})
@@ -260,6 +222,8 @@ def summarize_lambda(runs: Sequence[tuple[str, Mapping[str, Any]]]) -> dict[str,
     return {
         "strength": float(entries[0]["strength"]),
         "n": len(finished), "seeds": [e.get("seed") for e in finished], "runs": len(entries),
+        "folds": sorted({e["fold"] for e in finished if e.get("fold") is not None}),
+        "kind": entries[0].get("regularizer"),
         "diverged": sum(e.get("status") == DIVERGED for e in entries),
         "failed": sum(e.get("status") not in (FINISHED, DIVERGED) for e in entries),
         "diverged_epochs": sorted(e["diverged_epoch"] for e in entries
@@ -277,43 +241,27 @@ def summarize_lambda(runs: Sequence[tuple[str, Mapping[str, Any]]]) -> dict[str,
 
 def paired_difference(a: Sequence[Mapping[str, Any]], b: Sequence[Mapping[str, Any]],
                       name: str) -> dict[str, Any]:
-    """:func:`mean_ci` of ``b`` minus ``a`` in metric ``name``, paired by seed over the seeds
-    finished at both (``seeds``)."""
-    def by_seed(entries: Sequence[Mapping[str, Any]]) -> dict[Any, float]:
-        values = {e.get("seed"): metric_value(e, name) for e in entries
+    """:func:`mean_ci` of ``b`` minus ``a`` in metric ``name``, paired by replicate (seed, fold)
+    over those finished at both (:func:`l2sweep.reporting.intervals.paired`)."""
+    def by_replicate(entries: Sequence[Mapping[str, Any]]) -> dict[Any, float]:
+        values = {replicate(e): metric_value(e, name) for e in entries
                   if e.get("status") == FINISHED}
-        return {seed: v for seed, v in values.items() if v is not None}
+        return {key: v for key, v in values.items() if v is not None}
 
-    va, vb = by_seed(a), by_seed(b)
-    seeds = [s for s in vb if s in va]
-    return {**mean_ci(vb[s] - va[s] for s in seeds), "seeds": seeds}
+    return paired(by_replicate(a), by_replicate(b))
 
 
-def compare_lambdas(groups: Mapping[str, Sequence[tuple[str, Mapping[str, Any]]]]
-                    ) -> dict[str, list[dict[str, Any]]]:
-    """Per metric of :data:`COMPARED_METRICS`, every two λ ``a`` < ``b`` as
+def compare_lambdas(groups: Mapping[str, Sequence[tuple[str, Mapping[str, Any]]]],
+                    metrics: Sequence[str] = COMPARED_METRICS) -> dict[str, list[dict[str, Any]]]:
+    """Per metric of ``metrics``, every two groups (λ labels, or kinds) ``a`` before ``b`` as
     ``{"a", "b", ...}`` + :func:`paired_difference` (``b`` minus ``a``)."""
     labels = list(groups)
     out: dict[str, list[dict[str, Any]]] = {}
-    for name in COMPARED_METRICS:
+    for name in metrics:
         out[name] = [{"a": a, "b": b, **paired_difference([e for _, e in groups[a]],
                                                           [e for _, e in groups[b]], name)}
                      for i, a in enumerate(labels) for b in labels[i + 1:]]
     return out
-
-
-def comparison(comparisons: Mapping[str, Sequence[Mapping[str, Any]]], name: str, a: str,
-               b: str) -> Optional[dict[str, Any]]:
-    """λ ``b`` minus λ ``a`` in metric ``name`` (labels as :func:`format_strength` writes
-    them, either order): the paired difference of ``comparisons``, None if not compared."""
-    for c in comparisons.get(name, []):
-        if (c["a"], c["b"]) == (a, b):
-            return dict(c)
-        if (c["a"], c["b"]) == (b, a):
-            flip = lambda v: None if v is None else -v  # noqa: E731
-            return {**c, "a": a, "b": b, "mean": flip(c["mean"]), "low": flip(c["high"]),
-                    "high": flip(c["low"])}
-    return None
 
 
 def best_lambda(groups: Mapping[str, Sequence[tuple[str, Mapping[str, Any]]]],
@@ -325,9 +273,9 @@ def best_lambda(groups: Mapping[str, Sequence[tuple[str, Mapping[str, Any]]]],
     Returns None without one, else ``lambda`` (label), ``strength``, ``by``, ``value`` (the
     mean), ``n``, ``margins`` (per other λ: its paired difference minus the best's, positive
     when the best is lower), ``indistinguishable`` (the other λ whose margin's 95% interval
-    holds zero, or that has none: fewer than two shared seeds), ``decided`` (True only when
-    there is another λ and none is indistinguishable: with one seed never), ``run_name``
-    (the best λ's seed lowest in ``by``: the model to register) and ``single`` (True when the
+    holds zero, or that has none: fewer than two shared replicates), ``decided`` (True only
+    when there is another λ and none is indistinguishable: with one seed never), ``run_name``
+    (the best λ's replicate lowest in ``by``: the model to register) and ``single`` (True when the
     sweep has one configuration, such as ``none``: nothing was chosen, it is the champion alone).
     """
     candidates = {label: s for label, s in by_lambda.items() if s["n"] > 0}
@@ -349,16 +297,75 @@ def best_lambda(groups: Mapping[str, Sequence[tuple[str, Mapping[str, Any]]]],
     return None
 
 
+def compare_kinds(groups: Mapping[str, Sequence[tuple[str, Mapping[str, Any]]]],
+                  by_lambda: Mapping[str, Mapping[str, Any]],
+                  comparisons: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, Any]:
+    """The ``kinds`` section of a comparison of kinds: ``best`` (kind -> :func:`best_lambda`
+    over that kind's configurations alone: its best strength and whether it is decided within
+    its own grid; None when none of its runs finished) and ``comparisons``
+    (:func:`compare_lambdas` of the kinds at those strengths, ``a``/``b`` kinds, in
+    :data:`KIND_METRICS`, paired by replicate)."""
+    labels: dict[str, list[str]] = {}
+    for label, runs in groups.items():
+        labels.setdefault(str(runs[0][1].get("regularizer")), []).append(label)
+    best = {kind: best_lambda({lab: groups[lab] for lab in own},
+                              {lab: by_lambda[lab] for lab in own}, comparisons)
+            for kind, own in labels.items()}
+    at_best = {kind: groups[b["lambda"]] for kind, b in best.items() if b}
+    return {"best": best, "comparisons": compare_lambdas(at_best, KIND_METRICS)}
+
+
+def summarize_refit(refits: Mapping[str, Mapping[str, Any]], folds: Iterable[Any],
+                    compared: bool) -> dict[str, Any]:
+    """The ``refit`` section of a cross-validation: the chosen strength retrained on the whole
+    pool once per seed and scored once on the test split. ``lambda``/``strength`` (the refit
+    runs', None without one), ``runs`` (their names by seed), ``n`` (finished), ``seeds``,
+    ``diverged``, ``failed``, ``metrics`` (:func:`mean_ci` over seeds of each of
+    :data:`REFIT_METRICS`), ``folds`` (k: how many folds the strength was chosen over) and
+    ``run_name`` (its first finished seed: the champion; None when none finished)."""
+    runs = sorted(refits.items(), key=_seed_order)
+    finished = [(name, e) for name, e in runs if e.get("status") == FINISHED]
+    first = runs[0][1] if runs else None
+    return {"lambda": config_label(first, compared) if first else None,
+            "strength": float(first["strength"]) if first else None,
+            "runs": [name for name, _ in runs], "n": len(finished),
+            "seeds": [e.get("seed") for _, e in finished],
+            "diverged": sum(e.get("status") == DIVERGED for _, e in runs),
+            "failed": sum(e.get("status") not in (FINISHED, DIVERGED) for _, e in runs),
+            "metrics": {m: mean_ci(metric_value(e, m) for _, e in finished) for m in REFIT_METRICS},
+            "folds": len({f for f in folds if f is not None}),
+            "run_name": finished[0][0] if finished else None}
+
+
 def summarize(entries: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """The statistics of a sweep's evaluation entries (one per λ and seed, each with
-    ``strength``, ``status``, ``seed`` and the fields of :func:`summarize_history` and the test
-    metrics): ``by_lambda`` (label -> :func:`summarize_lambda`), ``comparisons``
-    (:func:`compare_lambdas`) and ``best`` (:func:`best_lambda`)."""
-    groups = runs_by_lambda(entries)
+    """The statistics of a sweep's evaluation entries (one per configuration and replicate,
+    each with ``strength``, ``status``, ``seed`` and the fields of :func:`summarize_history` and
+    the test metrics; ``regularizer``, ``fold`` and ``refit`` where the sweep has them).
+
+    Returns ``by_lambda`` (label -> :func:`summarize_lambda`), ``comparisons``
+    (:func:`compare_lambdas`) and ``best`` (:func:`best_lambda`), all over the entries that are
+    not refits (a cross-validation's fold runs); with several kinds also ``kinds``
+    (:func:`compare_kinds`); in a cross-validation (a ``fold`` or ``refit`` entry) also
+    ``refit`` (:func:`summarize_refit`), and ``best`` gains ``cv`` (True) and names as
+    ``run_name`` the refit's champion when the refit is of the chosen strength.
+    """
+    chosen_from = {name: e for name, e in entries.items() if not e.get("refit")}
+    groups = runs_by_lambda(chosen_from)
     by_lambda = {label: summarize_lambda(runs) for label, runs in groups.items()}
     comparisons = compare_lambdas(groups)
-    return {"by_lambda": by_lambda, "comparisons": comparisons,
-            "best": best_lambda(groups, by_lambda, comparisons)}
+    best = best_lambda(groups, by_lambda, comparisons)
+    out: dict[str, Any] = {"by_lambda": by_lambda, "comparisons": comparisons, "best": best}
+    kinds = kinds_of(chosen_from.values())
+    if len(kinds) > 1:
+        out["kinds"] = compare_kinds(groups, by_lambda, comparisons)
+    if any(e.get("fold") is not None or e.get("refit") for e in entries.values()):
+        refit = summarize_refit({name: e for name, e in entries.items() if e.get("refit")},
+                                (e.get("fold") for e in chosen_from.values()), len(kinds) > 1)
+        out["refit"] = refit
+        if best:
+            champion = refit["run_name"] if refit["lambda"] == best["lambda"] else None
+            out["best"] = {**best, "cv": True, "run_name": champion or best["run_name"]}
+    return out
 
 
 def with_statistics(evaluation: Mapping[str, Any]) -> dict[str, Any]:
@@ -384,19 +391,9 @@ def fmt_loss(value: Optional[float]) -> str:
     return MISSING_CELL if value is None else f"{value:.4f}"
 
 
-def fmt_norm(value: Optional[float]) -> str:
-    """A weight norm with 3 decimals."""
-    return MISSING_CELL if value is None else f"{value:.3f}"
-
-
 def fmt_points(value: Optional[float]) -> str:
     """A signed accuracy difference in percentage points: 0.0123 -> ``+1.23 pt``."""
     return MISSING_CELL if value is None else f"{100 * value:+.2f} pt"
-
-
-def runs_by_strength(evaluation: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """``(run name, entry)`` of an evaluation's runs, sorted by λ."""
-    return sorted(evaluation["runs"].items(), key=lambda item: item[1]["strength"])
 
 
 # --- curves over seeds ---------------------------------------------------------------

@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from l2sweep.base import files, outputs
 from l2sweep.base.config import sweep_grid
+from l2sweep.base.grid import compared_kinds
 from l2sweep.reporting import summaries
 from l2sweep.tracking import store
 from l2sweep.tracking.runs import (PARENT_ENV, REASON_TAG, SWEEP_ENV, close_orphans, git_tags,
@@ -103,23 +104,30 @@ def _parent_run(config: DictConfig, uri: str, started: str) -> str:
     client = store.get_client(config)
     tags = {**git_tags(), **process_tags(), "l2sweep.kind": "sweep",
             "l2sweep.sweep_id": os.environ[SWEEP_ENV], "dataset": config.dataset.name,
-            "model": config.model.name, "regularizer": config.regularizer.name}
+            "model": config.model.name, "regularizer": sweep_kind(config)}
     if os.environ.get("DVC_STAGE"):  # set by `dvc repro` for the stage's command
         tags["dvc.stage"] = os.environ["DVC_STAGE"]
     if os.environ.get("DVC_EXP_NAME"):  # set by `dvc exp run` (workspace, --queue, --temp)
         tags["dvc.experiment"] = os.environ["DVC_EXP_NAME"]
-    name = f"sweep-{config.regularizer.name}-{started}"
+    name = f"sweep-{sweep_kind(config).replace(',', '-')}-{started}"
     _try("close the runs of processes that died", close_orphans, client, tracker().experiments[uri])
     run = client.create_run(tracker().experiments[uri], run_name=name, tags=tags)
     choices = OmegaConf.select(config, "hydra.runtime.choices", default=None) or {}
     client.log_batch(run.info.run_id, params=_params({
-        "grid": _sweep_grid(config), "sweep.strengths": sweep_grid(config),
+        "grid": _sweep_grid(config),
+        "sweep.strengths": None if compared_kinds(config) else sweep_grid(config),
         "dataset.name": config.dataset.name, "model.name": config.model.name,
-        "regularizer.name": config.regularizer.name, "train.epochs": config.train.epochs,
+        "regularizer.name": sweep_kind(config), "train.epochs": config.train.epochs,
+        "sweep.compare": compared_kinds(config) or None, "data.folds": config.data.folds,
         **{k.replace("/", "."): choices[k] for k in ("hydra/launcher", "hydra/sweeper") if k in choices}}))
     os.environ[PARENT_ENV] = run.info.run_id
     log.info("MLflow sweep run %s (%s) in %s", name, run.info.run_id, store.redact(uri))
     return run.info.run_id
+
+
+def sweep_kind(config: DictConfig) -> str:
+    """The regularizer a sweep studies: its kind, or the compared kinds (``l2,dropout,none``)."""
+    return ",".join(compared_kinds(config)) or config.regularizer.name
 
 
 def _try(what: str, task: Any, *args: Any) -> None:
@@ -159,7 +167,7 @@ def _end_parent(uri: str, parent: str, status: str, reason: Optional[str]) -> No
 def _params(values: dict[str, Any]) -> list:
     from mlflow.entities import Param
 
-    return [Param(k, str(v)[:6000]) for k, v in values.items()]
+    return [Param(k, str(v)[:6000]) for k, v in values.items() if v is not None]
 
 
 def _sweep_grid(config: DictConfig) -> str:
@@ -176,8 +184,8 @@ def _sweep_grid(config: DictConfig) -> str:
 def best_run(histories: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
     """The best λ by the report's rule (lowest mean validation cross-entropy over its seeds,
     :func:`summaries.summarize`), with ``run_name`` its best seed's run."""
-    entries = {h["run_name"]: {**summaries.summarize_history(h), "strength": h.get("strength"),
-                               "seed": h.get("seed"),
+    keys = ("strength", "seed", "regularizer", "fold", "refit")
+    entries = {h["run_name"]: {**summaries.summarize_history(h), **{k: h.get(k) for k in keys},
                                "status": summaries.FINISHED if h.get("status") == "FINISHED" else "failed"}
                for h in histories if h.get("run_name")}
     return summaries.summarize(entries)["best"] if entries else None
@@ -185,7 +193,8 @@ def best_run(histories: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
 
 def tag_best(uri: str, parent_run_id: str, best: dict[str, Any]) -> None:
     """Tags the best λ on the sweep's parent run (``evaluate`` sets the same tags); a sweep of one
-    configuration (``best["single"]``) gets its run as ``best_run_name`` but no ``best_lambda``."""
+    configuration (``best["single"]``) gets its run as ``best_run_name`` but no ``best_lambda``,
+    a comparison of kinds its label as ``best_config`` (``dropout-0.1``)."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric, RunTag
 
@@ -193,7 +202,11 @@ def tag_best(uri: str, parent_run_id: str, best: dict[str, Any]) -> None:
             # beyond seed noise (every paired margin's interval excludes zero), or not
             "best_decided": "true" if best.get("decided") else "false"}
     metrics, found = [], "one configuration (%s, final %s %.4f): no λ to choose"
-    if not best.get("single"):
+    label = best.get("lambda", summaries.format_strength(best["strength"]))
+    if label != summaries.format_strength(best["strength"]):  # a comparison: the kind and its λ
+        tags["best_config"] = label
+        found = f"best configuration {label} (%s, final %s %.4f)"
+    elif not best.get("single"):
         tags["best_lambda"] = summaries.format_strength(best["strength"])
         metrics.append(Metric("best_lambda", float(best["strength"]), int(time.time() * 1000), 0))
         found = f"best lambda {tags['best_lambda']} (%s, final %s %.4f)"
@@ -231,14 +244,15 @@ def write_manifest(cfg: DictConfig, parent_run_id: Optional[str]) -> dict[str, A
             continue
         histories.append(history)
         runs.append({key: history.get(key) for key in
-                     ("run_name", "strength", "status", "mlflow_run_id", "diverged_epoch")}
+                     ("run_name", "regularizer", "strength", "seed", "fold", "refit", "status",
+                      "mlflow_run_id", "diverged_epoch")}
                     | {"dir": history_file.parent.name})
-    runs.sort(key=lambda r: (r["strength"] is None, r["strength"]))
+    runs.sort(key=lambda r: (str(r["regularizer"]), r["strength"] is None, r["strength"] or 0, r["run_name"]))
     manifest = {
         "sweep_id": sweep_id, "parent_run_id": parent_run_id,
         "experiment": cfg.tracking.experiment,
         "tracking_uri": store.redact(store.tracking_uri(cfg)) if cfg.tracking.enabled else None,
-        "dataset": cfg.dataset.name, "model": cfg.model.name, "regularizer": cfg.regularizer.name,
+        "dataset": cfg.dataset.name, "model": cfg.model.name, "regularizer": sweep_kind(cfg),
         "strengths": [r["strength"] for r in runs], "runs": runs, "best": best_run(histories),
     }
     files.write_text(models / MANIFEST, json.dumps(manifest, indent=2) + "\n")
