@@ -73,11 +73,15 @@ run: install data  ## set up, then run the whole pipeline (dvc repro)
 repro: install  ## dvc repro without the setup steps
 	dvc repro
 
+# Two processes at most (a test file each: module fixtures such as the SLURM cluster stay in one):
+# the suite waits on subprocesses much of the time, so 2 cores run it in about 60 % of the time.
+PYTEST_PAR := -n auto --maxprocesses 2 --dist loadfile
+
 test: install sysdeps-test  ## set up, then run the test suite
-	pytest
+	pytest $(PYTEST_PAR)
 
 test-fast: install  ## the suite without tests marked slow
-	pytest -m "not slow"
+	pytest $(PYTEST_PAR) -m "not slow"
 
 # The regression gate on a tiny configuration (.ci/params-tiny.yaml), as .ci/run does it.
 CI_TINY := L2SWEEP_PARAMS=.ci/params-tiny.yaml
