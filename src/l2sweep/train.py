@@ -62,16 +62,17 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
     validate(cfg)
     planned = [Planned(c) for c in lambda_configs(cfg)]
     (x_train, y_train), (x_val, y_val) = load_training_data(cfg)
-    job = Job(cfg, load_meta(cfg.paths.prepared), x_val[:5], y_val, train_cli.job_label(cfg), len(planned) > 1)
+    job = Job(load_meta(cfg.paths.prepared), x_val[:5], y_val, train_cli.job_label(cfg), len(planned) > 1)
     train_cli.check_prepared(cfg, job.meta)  # each job: a sweeper's trial may set data keys too
     data: tuple = (x_train, y_train, x_val, y_val)
+    sizes = len(x_train), len(x_val)
     if cfg.data.folds:  # the pool, split into folds; no separate validation split
         data = (np.concatenate([x_train, x_val]), np.concatenate([y_train, y_val]), None, None)
         folds = stratified_folds(data[1], int(cfg.data.folds), int(cfg.data.seed))
         planned = with_folds(planned, folds, len(data[1]))
+        sizes = len(planned[0].fold.train), len(folds[0])
     log.info("%s: %s x %d runs, %d epochs on %d images (%d validation)", job.label, cfg.model.name,
-             len(planned), cfg.train.epochs, len(planned[0].fold.train) if cfg.data.folds else len(x_train),
-             len(folds[0]) if cfg.data.folds else len(x_val))
+             len(planned), cfg.train.epochs, *sizes)
     histories = {}
     for batch in batches(planned, cfg.train.fused):
         histories.update(train_batch(job, batch, data))
@@ -100,10 +101,9 @@ class Planned:
 
 @dataclass(frozen=True)
 class Job:
-    """What every run of a job shares: its config, the prepared data's meta, the MLflow input
-    example, the validation labels, the log prefix and whether it trains several runs."""
+    """What every run of a job shares: the prepared data's meta, the MLflow input example, the
+    validation labels, the log prefix and whether it trains several runs."""
 
-    cfg: DictConfig
     meta: dict[str, Any]
     example: Any
     y_val: Any
