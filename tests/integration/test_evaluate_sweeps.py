@@ -209,6 +209,10 @@ def test_cv_metrics_plots_and_figures(cross_validated):
         "val_ce": {"0.001": pytest.approx(0.42), "0.01": pytest.approx(0.51)}}
     epochs = json.loads((root / "plots/epochs.json").read_text())["epochs"]
     assert [(r["lambda"], r["n"]) for r in epochs[::EPOCHS]] == [("0.001", 2), ("0.01", 2)]
+    # the test-accuracy-vs-λ chart: the chosen λ's refit is its one point
+    rows = json.loads((root / "plots/by_lambda.json").read_text())["by_lambda"]
+    assert [(r["lambda"], r["test_accuracy"]) for r in rows] == [("0.001", refit["test_accuracy"]),
+                                                                 ("0.01", None)]
     figures = root / "reports/figures"
     assert not (figures / "near_zero_vs_lambda.png").exists()  # no fold is scored: no values
     for name in ("val_loss", "accuracy", "test_accuracy_vs_lambda", "confusion_matrices"):

@@ -122,7 +122,8 @@ def plot_data(evaluation: Mapping[str, Any],
     the templates in ``.dvc/plots/``: per configuration and epoch (``epochs.json``: the mean over
     its seeds and folds, see :func:`curves_by_label`), and ``split`` (``accuracy.json``, with the
     95% interval as ``low``/``high``), per configuration (``by_lambda.json``: means over the
-    finished seeds, ``n`` of them; see :func:`configurations`)."""
+    finished seeds, ``n`` of them; see :func:`configurations`; in a cross-validation the test
+    score is the chosen λ's refit's, the other λ have none)."""
     epoch_rows, acc_rows, lambda_rows = [], [], []
     for curve in curves_by_label(histories, EPOCH_FIELDS + ("weight_norm",)):
         base = {"lambda": curve["lambda"], "kind": curve["kind"], "strength": curve["strength"],
@@ -134,8 +135,11 @@ def plot_data(evaluation: Mapping[str, Any],
                 c = curve["metrics"][key]
                 acc_rows.append({**base, "epoch": epoch, "split": split, "accuracy": c["mean"][i],
                                  "low": c["low"][i], "high": c["high"][i]})
+    cv = cross_validation(evaluation)
     for label, s in configurations(evaluation).items():
         mean = {name: stat["mean"] for name, stat in s["metrics"].items()}
+        if cv is not None and label == cv["lambda"]:  # the folds have no test score; the refit has
+            mean.update(test_accuracy=cv["test_accuracy"], test_loss=cv["test_loss"])
         status = FINISHED if s["n"] else DIVERGED if s["diverged"] else FAILED
         lambda_rows.append({
             "lambda": label, "kind": s["kind"], "strength": s["strength"], "status": status,
