@@ -277,6 +277,8 @@ def test_cv_statistics_pair_by_seed_and_fold_and_name_the_refit():
 
 def test_cv_report_has_one_test_number_the_refits():
     text = report.render_report(cv(CHOSEN))
+    assert ("800 training and 200 validation images (pooled for 3-fold cross-validation); 500 "
+            "test images, untouched") in text
     header = text.split("## Summary")[1].split("\n")[2]
     assert "test" not in header and "val cross-entropy" in header
     section = text.split("## Cross-validation")[1].split("## Observations")[0]

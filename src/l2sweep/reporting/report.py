@@ -327,7 +327,8 @@ def _overview(ev: Evaluation) -> list[str]:
             f"regularizer `{sweep.get('regularizer', '?')}`, λ grid: {grid}"
             + (" (λ is the dropout rate)." if regularizer == "dropout" else ".")),
         f"- Dataset `{sweep.get('dataset', '?')}`: "
-        + (f"{sizes['train']} training and {sizes['val']} validation images; "
+        + (f"{sizes['train']} training and {sizes['val']} validation images"
+           + (f" (pooled for {sweep['folds']}-fold cross-validation); " if sweep.get("folds") else "; ")
            if sizes.get("train") and sizes.get("val") else "")
         + f"{sweep.get('test_examples', '?')} test images, untouched by training and model "
         "selection.",
