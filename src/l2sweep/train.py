@@ -136,8 +136,8 @@ def refit_runs(cfg: DictConfig, strength: float, n: int) -> list[Planned]:
     for seed in seeds:
         sub = cfg.copy()
         sub.regularizer.strength, sub.train.seed = strength, seed
-        sub.run_name = ("none" if cfg.regularizer.name == "none" else f"{cfg.regularizer.name}-{strength}") \
-            + "-refit" + (f"-s{seed}" if len(seeds) > 1 else "")
+        sub.run_name = configuration_name(cfg.regularizer.name, strength) + "-refit" + (
+            f"-s{seed}" if len(seeds) > 1 else "")
         out.append(Planned(sub, Fold(np.arange(n), None), refit=True))
     return out
 
@@ -175,6 +175,11 @@ def train_batch(job: Job, batch: list[Planned], data: tuple) -> dict[str, dict[s
         return {p.cfg.run_name: finish_run(p, run, t, job) for p, run, t in zip(batch, tracked, trained)}
 
 
+def configuration_name(kind: str, strength: float) -> str:
+    """The start of a run's name: ``<regularizer>-<λ>``; ``none`` (it has no λ)."""
+    return kind if kind == "none" else f"{kind}-{strength}"
+
+
 def lambda_configs(cfg: DictConfig) -> list[DictConfig]:
     """The configs this job trains: ``cfg``'s λ (with ``train.fused=true`` every λ of
     :func:`sweep_grid`), once per seed of ``sweep.seeds`` (null: ``train.seed`` alone), with
@@ -198,8 +203,7 @@ def lambda_configs(cfg: DictConfig) -> list[DictConfig]:
             sub = cfg.copy()
             sub.regularizer.strength, sub.train.seed = strength, seed
             if default_name:  # a composed config has its name resolved already
-                sub.run_name = ("none" if cfg.regularizer.name == "none" else
-                                f"{cfg.regularizer.name}-{strength}") + (
+                sub.run_name = configuration_name(cfg.regularizer.name, strength) + (
                     f"-s{seed}" if seeds and len(seeds) > 1 else "")
             configs.append(sub)
     names = [c.run_name for c in configs]

@@ -7,8 +7,8 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Optional, Sequence
 
-from l2sweep.reporting.summaries import (DIVERGED, EPOCH_FIELDS, FAILED, FINISHED, config_label,
-                                         curves_by_lambda, kinds_of, with_statistics)
+from l2sweep.reporting.summaries import (DIVERGED, EPOCH_FIELDS, FAILED, FINISHED, curves_by_lambda,
+                                         with_statistics)
 
 
 def json_safe(value: Any) -> Any:
@@ -100,32 +100,17 @@ def _value_key(by: str) -> str:
     return "val_ce" if by == "val_data_loss" else "val_loss"
 
 
-def curves_by_label(histories: Sequence[Mapping[str, Any]],
-                    names: Sequence[str]) -> list[dict[str, Any]]:
-    """:func:`curves_by_lambda` per configuration (:func:`config_label`), kind then strength
-    ascending, each curve with its ``kind`` and its label as ``lambda``: one line per (kind,
-    strength). A cross-validation's refits are left out (no validation data): a strength's curve
-    is the mean over its seeds and folds."""
-    used = [h for h in histories if not h.get("refit")]
-    compared = len(kinds_of(used)) > 1
-    groups: dict[str, list[Mapping[str, Any]]] = {}
-    for h in sorted(used, key=lambda h: (str(h.get("regularizer") or ""), float(h["strength"]))):
-        groups.setdefault(config_label(h, compared), []).append(h)
-    return [{**curves_by_lambda(group, names)[0], "lambda": label,
-             "kind": str(group[0].get("regularizer") or "")} for label, group in groups.items()]
-
-
 def plot_data(evaluation: Mapping[str, Any],
               histories: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, list[dict]]]:
     """The DVC plot files: file name -> ``{name: rows}``, each row with ``lambda`` (the
     configuration label: one line per (kind, strength)), ``kind`` and ``strength`` (number) for
     the templates in ``.dvc/plots/``: per configuration and epoch (``epochs.json``: the mean over
-    its seeds and folds, see :func:`curves_by_label`), and ``split`` (``accuracy.json``, with the
+    its seeds and folds, see :func:`curves_by_lambda`), and ``split`` (``accuracy.json``, with the
     95% interval as ``low``/``high``), per configuration (``by_lambda.json``: means over the
     finished seeds, ``n`` of them; see :func:`configurations`; in a cross-validation the test
     score is the chosen λ's refit's, the other λ have none)."""
     epoch_rows, acc_rows, lambda_rows = [], [], []
-    for curve in curves_by_label(histories, EPOCH_FIELDS + ("weight_norm",)):
+    for curve in curves_by_lambda(histories, EPOCH_FIELDS + ("weight_norm",)):
         base = {"lambda": curve["lambda"], "kind": curve["kind"], "strength": curve["strength"],
                 "n": curve["n"]}
         means = {name: c["mean"] for name, c in curve["metrics"].items()}

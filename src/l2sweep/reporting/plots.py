@@ -204,7 +204,7 @@ def _seeds_label(curve: Mapping[str, Any]) -> str:
 
 def plot_val_loss_by_lambda(histories: Sequence[Mapping[str, Any]]) -> Figure:
     """Validation loss per epoch, one line per configuration: the mean over its seeds (and
-    folds) with a 95% confidence band (:func:`l2sweep.reporting.dvc_data.curves_by_label`), each
+    folds) with a 95% confidence band (:func:`l2sweep.reporting.summaries.curves_by_lambda`), each
     mean's minimum starred.
 
     Left: ``val_loss`` (with the penalty); right, when the histories have it, ``val_data_loss``
@@ -213,7 +213,7 @@ def plot_val_loss_by_lambda(histories: Sequence[Mapping[str, Any]]) -> Figure:
     keys = [("val_loss", "val_loss (with penalty)")]
     if any(h["metrics"].get("val_data_loss") for h in histories):
         keys.append(("val_data_loss", "validation cross-entropy (no penalty)"))
-    curves = dvc_data.curves_by_label(histories, [key for key, _ in keys])
+    curves = summaries.curves_by_lambda(histories, [key for key, _ in keys])
     fig = Figure(figsize=(6.2 * len(keys), 4.6))
     axes = np.atleast_1d(fig.subplots(1, len(keys)))
     for ax, (key, title) in zip(axes, keys):
@@ -236,7 +236,7 @@ def plot_val_loss_by_lambda(histories: Sequence[Mapping[str, Any]]) -> Figure:
 def plot_accuracy_by_lambda(histories: Sequence[Mapping[str, Any]]) -> Figure:
     """Train vs validation accuracy per epoch, one panel per configuration (shared y axis, rows
     of :data:`PANELS_PER_ROW`): the mean over seeds (and folds) with a 95% confidence band."""
-    curves = dvc_data.curves_by_label(histories, ["accuracy", "val_accuracy"])
+    curves = summaries.curves_by_lambda(histories, ["accuracy", "val_accuracy"])
     rows = -(-max(len(curves), 1) // PANELS_PER_ROW)
     fig = Figure(figsize=(4.2 * min(max(len(curves), 1), PANELS_PER_ROW), 4.2 * rows))
     axes = _panels(fig, len(curves), sharey=True)

@@ -415,27 +415,31 @@ def epoch_values(history: Mapping[str, Any], name: str) -> list[Optional[float]]
 
 def curves_by_lambda(histories: Sequence[Mapping[str, Any]],
                      names: Sequence[str]) -> list[dict[str, Any]]:
-    """Per λ (ascending): ``strength``, ``lambda``, ``n`` (seeds averaged), ``diverged_epoch``
-    (the earliest, when every seed diverged), ``epochs`` and per metric of ``names``
-    (:func:`epoch_values`) ``{"mean", "low", "high"}`` lists: per epoch the mean over seeds and
-    its 95% t-interval (None with one seed). The finished seeds only, when the λ has one (a
-    diverged seed's values would drag the mean); else every seed, so a λ that diverged in every
-    seed still shows where."""
-    groups: dict[float, list[Mapping[str, Any]]] = {}
-    for h in histories:
-        groups.setdefault(float(h["strength"]), []).append(h)
+    """Per configuration (:func:`config_label`; kind, then λ ascending): ``strength``, ``kind``,
+    ``lambda`` (the label), ``n`` (runs averaged), ``diverged_epoch`` (the earliest, when every
+    run diverged), ``epochs`` and per metric of ``names`` (:func:`epoch_values`) ``{"mean",
+    "low", "high"}`` lists: per epoch the mean over seeds (and folds) and its 95% t-interval (None
+    with one). The finished runs only, when the configuration has one (a diverged seed's values
+    would drag the mean); else every run, so one that diverged in every seed still shows where.
+    A cross-validation's refits are left out (no validation data)."""
+    used = [h for h in histories if not h.get("refit")]
+    compared = len(kinds_of(used)) > 1
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for h in sorted(used, key=lambda h: (str(h.get("regularizer") or ""), float(h["strength"]))):
+        groups.setdefault(config_label(h, compared), []).append(h)
     out = []
-    for strength in sorted(groups):
-        finished = [h for h in groups[strength] if _finished_history(h)]
-        used = finished or groups[strength]
-        epochs = max((list(h.get("epochs", [])) for h in used), key=len)
+    for label, group in groups.items():
+        finished = [h for h in group if _finished_history(h)]
+        runs = finished or group
+        epochs = max((list(h.get("epochs", [])) for h in runs), key=len)
         curves: dict[str, dict[str, list]] = {}
         for name in names:
-            columns = [epoch_values(h, name) for h in used]
+            columns = [epoch_values(h, name) for h in runs]
             stats = [mean_ci(c[i] for c in columns if i < len(c)) for i in range(len(epochs))]
             curves[name] = {k: [st[k] for st in stats] for k in ("mean", "low", "high")}
-        diverged = [h["diverged_epoch"] for h in used if h.get("diverged_epoch") is not None]
-        out.append({"strength": strength, "lambda": format_strength(strength), "n": len(used),
+        diverged = [h["diverged_epoch"] for h in runs if h.get("diverged_epoch") is not None]
+        out.append({"strength": float(group[0]["strength"]), "kind": str(group[0].get("regularizer") or ""),
+                    "lambda": label, "n": len(runs),
                     "diverged_epoch": None if finished or not diverged else min(diverged),
                     "epochs": [int(e) for e in epochs], "metrics": curves})
     return out
